@@ -4,6 +4,18 @@
 """
 
 from vqprior.config import Config, ConfigError
+from vqprior.io import CheckpointError, load_pretrained
+from vqprior.models.pixelcnn import PixelCNN, PixelCNNConfig
+from vqprior.models.vqvae import VQVAE, VQVAEConfig
 
-__all__ = ["Config", "ConfigError"]
+__all__ = [
+    "VQVAE",
+    "CheckpointError",
+    "Config",
+    "ConfigError",
+    "PixelCNN",
+    "PixelCNNConfig",
+    "VQVAEConfig",
+    "load_pretrained",
+]
 __version__ = "0.1.0"

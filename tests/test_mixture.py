@@ -1,0 +1,486 @@
+"""Discretized logistic mixture and grid: normalisation, brute force, extremes, sampling fit."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+from vqprior.nn.grid import from_bins, to_bins
+from vqprior.nn.mixture import (
+    DiscretizedLogisticMixture,
+    draw_mixture_noise,
+    mixture_log_prob,
+    mixture_sample,
+    num_mixture_params,
+    split_mixture_params,
+)
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def chi2_quantile(p: float, dof: int) -> float:
+    """Upper quantile of chi-square: scipy when importable, else Wilson-Hilferty."""
+    try:
+        from scipy.stats import chi2  # type: ignore[import-untyped]
+
+        return float(chi2.ppf(p, dof))
+    except ImportError:
+        z = {0.999: 3.090232306167813, 0.99: 2.3263478740408408}[p]
+        k = float(dof)
+        return k * (1.0 - 2.0 / (9.0 * k) + z * math.sqrt(2.0 / (9.0 * k))) ** 3
+
+
+def chi2_statistic(counts: Tensor, probs: Tensor, min_expected: float = 5.0) -> tuple[float, int]:
+    """Pearson chi-square of counts vs probs; cells expected below ``min_expected`` are pooled."""
+    counts, probs = counts.double().flatten(), probs.double().flatten()
+    assert abs(float(probs.sum()) - 1.0) < 1e-6
+    expected = probs * counts.sum()
+    small = expected < min_expected
+    obs = torch.cat([counts[~small], counts[small].sum()[None]])
+    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = exp > 0
+    assert torch.all(obs[~keep] == 0), "a sample fell in a zero-probability cell"
+    obs, exp = obs[keep], exp[keep]
+    return float(((obs - exp) ** 2 / exp).sum()), int(obs.numel()) - 1
+
+
+def assert_fits(counts: Tensor, probs: Tensor) -> None:
+    stat, dof = chi2_statistic(counts, probs)
+    assert stat < chi2_quantile(0.999, dof), f"chi2 {stat:.1f} with {dof} dof"
+
+
+def random_params(
+    b: int,
+    c: int,
+    m: int,
+    h: int,
+    w: int,
+    *,
+    log_scale: tuple[float, float] = (-6.0, 3.0),
+    mean: tuple[float, float] = (-1.5, 1.5),
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> Tensor:
+    """Raw params [b, P, h, w] with log-scales and means uniform in the given ranges."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randn(b, num_mixture_params(c, m), h, w, generator=g, dtype=torch.float64)
+    lo, hi = mean
+    p[:, m : m + c * m] = lo + (hi - lo) * torch.rand(b, c * m, h, w, generator=g, dtype=p.dtype)
+    lo, hi = log_scale
+    p[:, m + c * m : m + 2 * c * m] = lo + (hi - lo) * torch.rand(
+        b, c * m, h, w, generator=g, dtype=p.dtype
+    )
+    return p.to(dtype)
+
+
+def all_values(c: int, n: int) -> Tensor:
+    """Every joint bin index of c channels, [n**c, c], channel 0 most significant."""
+    grids = torch.meshgrid(*[torch.arange(n)] * c, indexing="ij")
+    return torch.stack([g.flatten() for g in grids], dim=1)
+
+
+def enumerate_log_prob(params: Tensor, c: int, m: int, n: int) -> Tensor:
+    """lp for every joint value at every pixel of params [1, P, h, w] -> [n**c, c, h, w]."""
+    idx = all_values(c, n)
+    _, p, h, w = params.shape
+    x = from_bins(idx, n, dtype=params.dtype)[:, :, None, None].expand(-1, -1, h, w)
+    return mixture_log_prob(x, params.expand(idx.shape[0], -1, -1, -1), m, n)
+
+
+def reference_log_prob(x: Tensor, params: Tensor, c: int, m: int, n: int) -> Tensor:
+    """Independent float64 brute force: explicit loops, direct sigmoid differences."""
+    pr, x = params.double(), x.double()
+    half = 1.0 / (n - 1)
+    logits = pr[:, :m]
+    pi = torch.exp(logits) / torch.exp(logits).sum(dim=1, keepdim=True)  # [b, m, h, w]
+    pair = {}
+    for ci in range(c):
+        for cj in range(ci):
+            pair[(ci, cj)] = len(pair)
+    joint = []  # joint[ci] = sum_m pi_m prod_{c' <= ci} mass
+    prod = [torch.ones_like(x[:, 0]) for _ in range(m)]
+    for ci in range(c):
+        total = torch.zeros_like(x[:, 0])
+        for mi in range(m):
+            mu = pr[:, m + ci * m + mi]
+            for cj in range(ci):
+                raw = pr[:, m + 2 * c * m + pair[(ci, cj)] * m + mi]
+                mu = mu + torch.tanh(raw) * x[:, cj]
+            s = torch.exp(pr[:, m + c * m + ci * m + mi].clamp(-40, 40))
+            xc = x[:, ci]
+            up, lo = (xc + half - mu) / s, (xc - half - mu) / s
+            cdf_up = torch.where(xc > 1 - half, torch.ones_like(up), torch.sigmoid(up))
+            cdf_lo = torch.where(xc < -1 + half, torch.zeros_like(lo), torch.sigmoid(lo))
+            sf_up = torch.where(xc > 1 - half, torch.zeros_like(up), torch.sigmoid(-up))
+            sf_lo = torch.where(xc < -1 + half, torch.ones_like(lo), torch.sigmoid(-lo))
+            # Take the difference on the tail side so it does not cancel to zero.
+            mass = torch.where(xc > mu, sf_lo - sf_up, cdf_up - cdf_lo)
+            prod[mi] = prod[mi] * mass
+            total = total + pi[:, mi] * prod[mi]
+        joint.append(torch.log(total))
+    lp = [joint[0]] + [joint[i] - joint[i - 1] for i in range(1, c)]
+    return torch.stack(lp, dim=1)
+
+
+# ----------------------------------------------------------------------------- grid
+
+
+def test_grid_round_trip_and_8bit_mapping() -> None:
+    for n in (2, 8, 16, 256):
+        idx = torch.arange(n)
+        assert torch.equal(to_bins(from_bins(idx, n), n), idx)
+        assert torch.equal(to_bins(from_bins(idx, n, torch.float64), n), idx)
+    v = torch.arange(256)
+    assert torch.allclose(from_bins(v, 256, torch.float64), 2 * v.double() / 255 - 1, atol=1e-15)
+    assert from_bins(torch.tensor([0, 255]), 256).tolist() == [-1.0, 1.0]
+    # torchvision ToTensor output u = v / 255 maps as 2u - 1; bf16 keeps the 256 levels apart.
+    assert torch.equal(to_bins((v.float() / 255) * 2 - 1, 256), v)
+    assert torch.equal(to_bins(from_bins(v, 256).bfloat16(), 256), v)
+
+
+def test_grid_rounds_to_nearest_and_clamps() -> None:
+    n = 5  # levels -1, -0.5, 0, 0.5, 1
+    x = torch.tensor([-3.0, -1.0, -0.74, -0.76, 0.2, 0.26, 0.99, 7.0])
+    assert to_bins(x, n).tolist() == [0, 0, 1, 0, 2, 3, 4, 4]
+    assert to_bins(x, n).dtype == torch.long
+    with pytest.raises(ValueError):
+        to_bins(x, 1)
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def test_num_mixture_params() -> None:
+    assert num_mixture_params(3, 10) == 100  # PixelCNN++'s 10 * 10
+    assert num_mixture_params(1, 5) == 15
+    assert num_mixture_params(4, 2) == 2 + 16 + 12
+    with pytest.raises(ValueError):
+        num_mixture_params(0, 3)
+
+
+def test_split_layout() -> None:
+    c, m = 3, 2
+    p = num_mixture_params(c, m)
+    params = torch.arange(p, dtype=torch.float32).view(1, p, 1, 1) / 100
+    out = split_mixture_params(params, c, m)
+    assert out.logits.shape == (1, m, 1, 1)
+    assert out.means.shape == out.log_scales.shape == (1, m, c, 1, 1)
+    assert out.coeffs.shape == (1, m, 3, 1, 1)
+    for mi in range(m):
+        assert out.logits[0, mi, 0, 0] == params[0, mi, 0, 0]
+        for ci in range(c):
+            assert out.means[0, mi, ci, 0, 0] == params[0, m + ci * m + mi, 0, 0]
+            assert out.log_scales[0, mi, ci, 0, 0] == params[0, m + c * m + ci * m + mi, 0, 0]
+        for k in range(3):
+            raw = params[0, m + 2 * c * m + k * m + mi, 0, 0]
+            assert torch.allclose(out.coeffs[0, mi, k, 0, 0], torch.tanh(raw))
+    big = torch.full((1, p, 1, 1), 100.0)
+    assert split_mixture_params(big, c, m).log_scales.max() == 40.0
+    assert split_mixture_params(-big, c, m).log_scales.min() == -40.0
+    with pytest.raises(ValueError):
+        split_mixture_params(torch.zeros(1, p + 1, 1, 1), c, m)
+
+
+# ----------------------------------------------------------------------------- likelihood
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-4), (torch.float64, 1e-10)])
+def test_normalises_one_channel(dtype: torch.dtype, tol: float) -> None:
+    m, n = 5, 256
+    params = random_params(1, 1, m, 3, 4, dtype=dtype)
+    lp = enumerate_log_prob(params, 1, m, n)  # [256, 1, 3, 4]
+    assert lp.dtype == dtype
+    total = lp.exp().sum(dim=0)
+    assert torch.allclose(total, torch.ones_like(total), atol=tol, rtol=0), total
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-4), (torch.float64, 1e-10)])
+def test_normalises_three_channels_joint_and_conditionals(dtype: torch.dtype, tol: float) -> None:
+    c, m, n = 3, 4, 8
+    params = random_params(1, c, m, 2, 3, dtype=dtype, seed=1)
+    params[:, m + 2 * c * m :] *= 3  # strong channel coupling
+    lp = enumerate_log_prob(params, c, m, n).view(n, n, n, c, 2, 3)
+    joint = lp.sum(dim=3).exp().sum(dim=(0, 1, 2))
+    assert torch.allclose(joint, torch.ones_like(joint), atol=tol, rtol=0)
+    # Each conditional p(x_c | x_<c) sums to one over x_c, for every fixed earlier channel.
+    for ci in range(c):
+        cond = lp[..., ci, :, :].exp().sum(dim=ci)
+        assert torch.allclose(cond, torch.ones_like(cond), atol=tol, rtol=0), ci
+    # lp[c] does not depend on later channels of the same pixel.
+    assert torch.equal(lp[..., 0, :, :], lp[:, :1, :1, 0].expand_as(lp[..., 0, :, :]))
+    assert torch.equal(lp[..., 1, :, :], lp[:, :, :1, 1].expand_as(lp[..., 1, :, :]))
+
+
+def test_matches_float64_brute_force() -> None:
+    c, m, n = 3, 4, 256
+    params = random_params(6, c, m, 3, 3, log_scale=(-3.0, 1.0), mean=(-1.2, 1.2), seed=2)
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, n, (6, c, 3, 3), generator=g)
+    idx[0, :, 0, 0] = 0
+    idx[1, :, 0, 0] = n - 1  # both edges in every channel
+    x = from_bins(idx, n, torch.float64)
+    ref = reference_log_prob(x, params, c, m, n)
+    assert torch.isfinite(ref).all()
+    got64 = mixture_log_prob(x, params.double(), m, n)
+    assert torch.allclose(got64, ref, rtol=1e-9, atol=1e-9)
+    got32 = mixture_log_prob(x.float(), params.float(), m, n)
+    assert got32.dtype == torch.float32
+    assert torch.allclose(got32.double(), ref, rtol=1e-5, atol=2e-4)
+
+
+def test_gradients_match_finite_differences() -> None:
+    c, m, n = 3, 2, 16
+    params = random_params(2, c, m, 2, 2, log_scale=(-2.0, 0.5), seed=4).double()
+    idx = torch.randint(0, n, (2, c, 2, 2), generator=torch.Generator().manual_seed(5))
+    idx[0, 0, 0, 0], idx[0, 1, 0, 1] = 0, n - 1
+    x = from_bins(idx, n, torch.float64)
+    params.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda p: mixture_log_prob(x, p, m, n), (params,))
+
+
+def extreme_case() -> tuple[Tensor, Tensor, int]:
+    """Params and targets over all combos of extreme log-scales, means and edge targets."""
+    c, m = 3, 2
+    combos = list(
+        itertools.product(
+            [-20.0, -7.0, 0.0, 7.0, 20.0], [-50.0, -1.0, 0.0, 0.5, 50.0], [0, 77, 255]
+        )
+    )
+    w = len(combos)
+    params = torch.zeros(1, num_mixture_params(c, m), 1, w)
+    idx = torch.zeros(1, c, 1, w, dtype=torch.long)
+    for j, (ls, mu, target) in enumerate(combos):
+        for ci in range(c):
+            idx[0, ci, 0, j] = [target, 255 - target, 128][ci]
+            for mi in range(m):
+                sign = 1.0 if (ci + mi) % 2 == 0 else -1.0
+                params[0, m + ci * m + mi, 0, j] = sign * mu
+                params[0, m + c * m + ci * m + mi, 0, j] = ls if mi == 0 else -ls
+    params[0, :m] = torch.tensor([3.0, -2.0])[:, None, None]
+    params[0, m + 2 * c * m :] = 3.0 * torch.tensor([1.0, -1.0] * 3)[:, None, None]
+    return params, from_bins(idx, 256), m
+
+
+def test_extreme_params_finite_fp32() -> None:
+    params, x, m = extreme_case()
+    params.requires_grad_(True)
+    lp = mixture_log_prob(x, params, m)
+    assert torch.isfinite(lp).all()
+    assert (lp <= 1e-6).all()
+    (-lp.sum()).backward()
+    assert params.grad is not None and torch.isfinite(params.grad).all()
+    assert params.grad.abs().sum() > 0
+
+
+def test_extreme_params_finite_bf16_autocast() -> None:
+    params, x, m = extreme_case()
+    p16 = params.bfloat16().requires_grad_(True)
+    x16 = x.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp = mixture_log_prob(x16, p16, m)
+    assert lp.dtype == torch.float32
+    assert torch.isfinite(lp).all()
+    (-lp.sum()).backward()
+    assert p16.grad is not None and torch.isfinite(p16.grad).all()
+    # Inside, the math is plain fp32 on the upcast inputs.
+    assert torch.equal(lp, mixture_log_prob(x16.float(), p16.detach().float(), m))
+
+
+def test_extreme_params_match_asymptotics() -> None:
+    """One channel, one component: closed forms of the tails for tiny and huge scales."""
+    n, d = 256, 1.0 / 255
+    cases = [  # (log_scale, mean, bin, expected lp)
+        (-20.0, 50.0, 0, (-1 + d - 50) * math.exp(20)),  # lower tail, far: ~ a
+        (-20.0, 50.0, 255, 0.0),  # upper edge holds all the mass
+        (-20.0, -50.0, 255, -(1 - d + 50) * math.exp(20)),  # upper tail, far: ~ -b
+        (-20.0, -50.0, 128, -(0 + 50) * math.exp(20)),  # interior, lower edge of bin 128 is 0
+        (-20.0, 50.0, 127, (0 - 50) * math.exp(20)),  # interior, upper edge of bin 127 is 0
+        (-20.0, 1 / 255, 128, 0.0),  # tiny scale at the bin centre: all mass
+        (-20.0, 0.0, 128, math.log(0.5)),  # mean exactly on the bin edge
+        (20.0, 0.0, 128, math.log(d / 2) - 20.0),  # huge scale: mass ~ 2d * pdf(0)
+        (20.0, 50.0, 0, math.log(0.5)),  # huge scale: half the mass below -1
+    ]
+    p = torch.tensor([[0.0, mu, ls] for ls, mu, _, _ in cases]).view(-1, 3, 1, 1)
+    x = from_bins(torch.tensor([b for _, _, b, _ in cases]), n).view(-1, 1, 1, 1)
+    lp = mixture_log_prob(x, p, 1, n).flatten().double()
+    want = torch.tensor([e for *_, e in cases], dtype=torch.float64)
+    assert torch.allclose(lp, want, rtol=1e-5, atol=1e-5), (lp, want)
+
+
+def test_off_grid_inputs_snap_and_bad_shapes_raise() -> None:
+    c, m, n = 3, 2, 256
+    params = random_params(2, c, m, 2, 2, seed=6)
+    idx = torch.randint(0, n, (2, c, 2, 2), generator=torch.Generator().manual_seed(7))
+    x = from_bins(idx, n)
+    jitter = (torch.rand(x.shape, generator=torch.Generator().manual_seed(8)) - 0.5) * 0.6 / 255
+    assert torch.equal(mixture_log_prob(x + jitter, params, m), mixture_log_prob(x, params, m))
+    with pytest.raises(ValueError):
+        mixture_log_prob(x[:, :2], params, m)
+    with pytest.raises(ValueError):
+        mixture_log_prob(x[:1], params, m)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def fixed_one_channel_params() -> Tensor:
+    logits = [0.5, -0.3, 0.1]
+    means = [-0.6, 0.1, 0.7]
+    log_scales = [-1.5, -2.5, -1.0]
+    return torch.tensor(logits + means + log_scales, dtype=torch.float64).view(1, 9, 1, 1)
+
+
+def fixed_three_channel_params() -> Tensor:
+    c, m = 3, 2
+    p = torch.zeros(1, num_mixture_params(c, m), 1, 1, dtype=torch.float64)
+    p[0, :, 0, 0] = torch.tensor(
+        [0.3, -0.2]  # logits
+        + [-0.4, 0.5, 0.2, -0.3, 0.0, 0.1]  # means (c m)
+        + [-1.0, -0.7, -1.3, -0.8, -0.9, -1.2]  # log-scales (c m)
+        + [1.0, -0.8, 0.5, 0.6, -1.2, 0.9],  # raw coeffs (k m)
+        dtype=torch.float64,
+    )
+    return p
+
+
+def tempered(params: Tensor, c: int, m: int, t: float) -> Tensor:
+    """Params of the distribution that sampling at temperature t draws from."""
+    p = params.clone()
+    p[:, :m] /= t
+    p[:, m + c * m : m + 2 * c * m] += math.log(t)
+    return p
+
+
+def sample_counts(params: Tensor, c: int, m: int, n: int, t: float, seed: int) -> Tensor:
+    """Histogram over joint bins (channel 0 most significant) of 20000 samples."""
+    head = DiscretizedLogisticMixture(c, m, n)
+    g = torch.Generator().manual_seed(seed)
+    x = head.sample(params.float().expand(20000, -1, -1, -1), generator=g, temperature=t)
+    assert x.shape == (20000, c, 1, 1) and x.dtype == torch.float32
+    idx = to_bins(x, n)
+    assert torch.equal(from_bins(idx, n), x)  # on the grid
+    flat = torch.zeros(20000, dtype=torch.long)
+    for ci in range(c):
+        flat = flat * n + idx[:, ci, 0, 0]
+    return torch.bincount(flat, minlength=n**c)
+
+
+def exact_probs(params: Tensor, c: int, m: int, n: int) -> Tensor:
+    return enumerate_log_prob(params, c, m, n).sum(dim=1).exp().flatten()
+
+
+def test_sample_fits_one_channel() -> None:
+    params, m, n = fixed_one_channel_params(), 3, 16
+    assert_fits(sample_counts(params, 1, m, n, 1.0, seed=10), exact_probs(params, 1, m, n))
+
+
+def test_sample_fits_three_channel_joint() -> None:
+    params, c, m, n = fixed_three_channel_params(), 3, 2, 4
+    probs = exact_probs(params, c, m, n)
+    assert_fits(sample_counts(params, c, m, n, 1.0, seed=11), probs)
+
+
+@pytest.mark.parametrize("t", [0.5, 1.5])
+def test_sample_temperature_fits_tempered_distribution(t: float) -> None:
+    params, c, m, n = fixed_three_channel_params(), 3, 2, 4
+    counts = sample_counts(params, c, m, n, t, seed=12)
+    assert_fits(counts, exact_probs(tempered(params, c, m, t), c, m, n))
+    # Below one the samples concentrate: fewer distinct values, more on the top cell.
+    base = sample_counts(params, c, m, n, 1.0, seed=13)
+    if t < 1:
+        assert counts.max() > base.max() and (counts > 0).sum() <= (base > 0).sum()
+
+
+def test_chi2_check_has_power() -> None:
+    """The goodness-of-fit check rejects a sampler whose scale is off by 30 percent."""
+    params, m, n = fixed_one_channel_params(), 3, 16
+    counts = sample_counts(params, 1, m, n, 1.3, seed=14)
+    stat, dof = chi2_statistic(counts, exact_probs(params, 1, m, n))
+    assert stat > chi2_quantile(0.999, dof)
+
+
+def reference_mode(params: Tensor, c: int, m: int, n: int) -> Tensor:
+    """T = 0 by explicit loops: argmax component, chain of quantised means."""
+    b, _, h, w = params.shape
+    out = torch.zeros(b, c, h, w)
+    for bi, hi, wi in itertools.product(range(b), range(h), range(w)):
+        v = params[bi, :, hi, wi].double()
+        k = int(v[:m].argmax())
+        xs: list[float] = []
+        for ci in range(c):
+            mu = float(v[m + ci * m + k])
+            for cj in range(ci):
+                mu += (
+                    math.tanh(float(v[m + 2 * c * m + (ci * (ci - 1) // 2 + cj) * m + k])) * xs[cj]
+                )
+            q = min(max(round((mu + 1) * (n - 1) / 2), 0), n - 1)
+            xs.append(2 * q / (n - 1) - 1)
+        out[bi, :, hi, wi] = torch.tensor(xs)
+    return out
+
+
+def test_mode_is_argmax_component_mean_chain() -> None:
+    c, m, n = 3, 3, 256
+    params = random_params(2, c, m, 3, 3, mean=(-1.3, 1.3), seed=15)
+    params[:, m + 2 * c * m :] *= 2
+    head = DiscretizedLogisticMixture(c, m, n)
+    mode = head.mode(params)
+    assert torch.allclose(mode, reference_mode(params, c, m, n), atol=1e-6)
+    u_comp, u_val = draw_mixture_noise((2, c, 3, 3), torch.Generator().manual_seed(0))
+    assert torch.equal(mixture_sample(params, c, m, n, u_comp, u_val, 0.0), mode)
+    assert torch.equal(head.sample(params, temperature=0.0), mode)
+
+
+def test_sample_is_deterministic_given_noise_and_draw_order() -> None:
+    c, m, n = 3, 2, 256
+    params = random_params(4, c, m, 2, 3, seed=16)
+    head = DiscretizedLogisticMixture(c, m, n)
+    a = head.sample(params, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    u_comp = torch.rand((4, 2, 3), generator=g)  # the component uniforms come first
+    u_val = torch.rand((4, c, 2, 3), generator=g)
+    assert torch.equal(a, mixture_sample(params, c, m, n, u_comp, u_val))
+    uc2, uv2 = draw_mixture_noise((4, c, 2, 3), torch.Generator().manual_seed(5))
+    assert torch.equal(uc2, u_comp) and torch.equal(uv2, u_val) and uc2.dtype == torch.float32
+    assert not torch.equal(a, head.sample(params, generator=torch.Generator().manual_seed(6)))
+
+
+def test_sample_extreme_uniforms_and_bf16_params() -> None:
+    c, m, n = 3, 2, 256
+    params = random_params(2, c, m, 2, 2, seed=17)
+    shape = (2, c, 2, 2)
+    for value in (0.0, 1.0):
+        u_comp = torch.full((2, 2, 2), value)
+        x = mixture_sample(params, c, m, n, u_comp, torch.full(shape, value))
+        assert torch.isfinite(x).all() and torch.equal(from_bins(to_bins(x, n), n), x)
+    # u = 0 / 1 are clamped to the extreme logistic quantiles, not +-inf: the result is the edge.
+    wide = params.clone()
+    wide[:, m + c * m : m + 2 * c * m] = 2.0
+    x = mixture_sample(wide, c, m, n, torch.full((2, 2, 2), 0.5), torch.ones(shape))
+    assert (x == 1.0).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x16 = mixture_sample(
+            params.bfloat16(), c, m, n, torch.full((2, 2, 2), 0.3), torch.rand(shape)
+        )
+    assert x16.dtype == torch.float32
+    with pytest.raises(ValueError):
+        mixture_sample(params, c, m, n, torch.rand(2, 2, 2), torch.rand(shape), temperature=-1.0)
+    with pytest.raises(ValueError):
+        mixture_sample(params, c, m, n, torch.rand(2, 2), torch.rand(shape))
+
+
+def test_head_wrapper() -> None:
+    c, m, n = 3, 4, 16
+    head = DiscretizedLogisticMixture(c, m, n)
+    assert head.num_params == num_mixture_params(c, m) == 4 + 24 + 12
+    assert list(head.parameters()) == []
+    params = random_params(2, c, m, 2, 2, seed=18)
+    x = from_bins(torch.randint(0, n, (2, c, 2, 2)), n)
+    assert torch.equal(head.log_prob(x, params), mixture_log_prob(x, params, m, n))
+    assert torch.equal(head(x, params), mixture_log_prob(x, params, m, n))
+    with pytest.raises(ValueError):
+        head.log_prob(x[:, :1], params)

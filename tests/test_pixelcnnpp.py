@@ -1,0 +1,223 @@
+"""PixelCNN++ backbone: exact dependency sets of every shifted layer and of the whole network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from vqprior.nn.pixelcnnpp import (
+    DownRightShiftedConv2d,
+    DownRightShiftedDeconv2d,
+    DownShiftedConv2d,
+    DownShiftedDeconv2d,
+    PixelCNNPPBackbone,
+    concat_elu,
+    down_shift,
+    right_shift,
+)
+
+
+def _dependency(fn: nn.Module, x0: Tensor, out_hw: tuple[int, int], **kwargs: Tensor) -> Tensor:
+    """``dep[i, j, i', j']``: does the channel-summed output at (i, j) depend on input (i', j')?
+
+    One backward pass: the batch holds one copy of ``x0 [1, c, h, w]`` per output pixel and
+    copy ``n`` back-propagates only its own pixel (the network is per-example).
+    """
+    oh, ow = out_hw
+    n = oh * ow
+    x = x0.expand(n, -1, -1, -1).clone().requires_grad_(True)
+    extra = {k: v.expand(n, *v.shape[1:]) for k, v in kwargs.items()}
+    out = fn(x, **extra)
+    idx = torch.arange(n)
+    out[idx, :, idx // ow, idx % ow].sum().backward()
+    assert x.grad is not None
+    grad = x.grad.abs().sum(dim=1)  # [n, h, w]
+    return (grad != 0).reshape(oh, ow, *x0.shape[-2:])
+
+
+def _expected(out_hw: tuple[int, int], in_hw: tuple[int, int], reads) -> Tensor:
+    """Brute-force dependency set: ``reads(i, j)`` lists the input positions, clipped here."""
+    dep = torch.zeros(*out_hw, *in_hw, dtype=torch.bool)
+    for i in range(out_hw[0]):
+        for j in range(out_hw[1]):
+            for a, b in reads(i, j):
+                if 0 <= a < in_hw[0] and 0 <= b < in_hw[1]:
+                    dep[i, j, a, b] = True
+    return dep
+
+
+def _earlier(h: int, w: int) -> Tensor:
+    """``[h, w, h, w]``: is input pixel (i', j') strictly before (i, j) in raster order?"""
+    r = torch.arange(h * w)
+    return (r[None, :] < r[:, None]).reshape(h, w, h, w)
+
+
+def _backbone(h: int, w: int, scales: int, nr_resnet: int, cond_dim: int = 0) -> nn.Module:
+    torch.manual_seed(h * 100 + w * 10 + scales + nr_resnet)
+    model = PixelCNNPPBackbone(3, 8, nr_resnet, scales, dropout=0.5, cond_dim=cond_dim)
+    return model.double().eval()
+
+
+def _x(h: int, w: int, c: int = 3) -> Tensor:
+    return torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+
+
+# ---------------------------------------------------------------- pure helpers and layers
+
+
+def test_concat_elu_matches_definition():
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    elu = torch.where(x > 0, x, torch.expm1(x))
+    elu_neg = torch.where(-x > 0, -x, torch.expm1(-x))
+    torch.testing.assert_close(concat_elu(x), torch.cat([elu, elu_neg], dim=1))
+
+
+def test_shifts_move_by_one_and_fill_zero():
+    x = torch.arange(12.0).reshape(1, 1, 3, 4)
+    d, r = down_shift(x), right_shift(x)
+    assert d.shape == r.shape == x.shape
+    assert torch.equal(d[..., 0, :], torch.zeros(1, 1, 4))
+    assert torch.equal(d[..., 1:, :], x[..., :-1, :])
+    assert torch.equal(r[..., :, 0], torch.zeros(1, 1, 3))
+    assert torch.equal(r[..., :, 1:], x[..., :, :-1])
+
+
+@pytest.mark.parametrize("kernel", [(2, 3), (1, 3), (3, 5)])
+def test_down_shifted_conv_reads_rows_above_and_centred_columns(kernel):
+    kh, kw = kernel
+    conv = DownShiftedConv2d(2, 3, kernel).double()
+    dep = _dependency(conv, _x(5, 6, 2), (5, 6))
+    reads = lambda i, j: [  # noqa: E731
+        (i - a, j + b) for a in range(kh) for b in range(-(kw // 2), kw // 2 + 1)
+    ]
+    assert torch.equal(dep, _expected((5, 6), (5, 6), reads))
+
+
+@pytest.mark.parametrize("kernel", [(2, 2), (2, 1), (3, 2)])
+def test_down_right_shifted_conv_reads_above_and_left(kernel):
+    kh, kw = kernel
+    conv = DownRightShiftedConv2d(2, 3, kernel).double()
+    dep = _dependency(conv, _x(5, 6, 2), (5, 6))
+    reads = lambda i, j: [(i - a, j - b) for a in range(kh) for b in range(kw)]  # noqa: E731
+    assert torch.equal(dep, _expected((5, 6), (5, 6), reads))
+
+
+def test_strided_shifted_convs_halve_and_read_the_block_corner():
+    x = _x(6, 8, 2)
+    down = DownShiftedConv2d(2, 3, (2, 3), stride=2).double()
+    dep = _dependency(down, x, (3, 4))
+    reads = lambda p, q: [(2 * p - a, 2 * q + b) for a in (0, 1) for b in (-1, 0, 1)]  # noqa: E731
+    assert torch.equal(dep, _expected((3, 4), (6, 8), reads))
+    down_right = DownRightShiftedConv2d(2, 3, (2, 2), stride=2).double()
+    dep = _dependency(down_right, x, (3, 4))
+    reads = lambda p, q: [(2 * p - a, 2 * q - b) for a in (0, 1) for b in (0, 1)]  # noqa: E731
+    assert torch.equal(dep, _expected((3, 4), (6, 8), reads))
+
+
+def test_shifted_deconvs_double_and_read_the_parent_row():
+    x = _x(3, 4, 2)
+    up = DownShiftedDeconv2d(2, 3).double()
+    dep = _dependency(up, x, (6, 8))
+    reads = lambda y, c: [(y // 2, b) for b in range(c // 2, (c + 1) // 2 + 1)]  # noqa: E731
+    assert torch.equal(dep, _expected((6, 8), (3, 4), reads))
+    up_right = DownRightShiftedDeconv2d(2, 3).double()
+    dep = _dependency(up_right, x, (6, 8))
+    assert torch.equal(dep, _expected((6, 8), (3, 4), lambda y, c: [(y // 2, c // 2)]))
+
+
+# ---------------------------------------------------------------- the whole backbone
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "scales", "nr_resnet"),
+    [(8, 8, 3, 1), (4, 6, 2, 2), (8, 8, 1, 1), (6, 6, 1, 2), (4, 8, 3, 1)],
+)
+def test_backbone_is_strictly_causal_without_a_local_blind_spot(h, w, scales, nr_resnet):
+    model = _backbone(h, w, scales, nr_resnet)
+    dep = _dependency(model, _x(h, w), (h, w))
+    earlier = _earlier(h, w)
+    assert not (dep & ~earlier).any(), "an output sees its own pixel or a later one"
+    # every config sees the row above (j-1..j+1) and the pixel to the left: no blind spot
+    local = [(-1, -1), (-1, 0), (-1, 1), (0, -1)]
+    near = _expected((h, w), (h, w), lambda i, j: [(i + a, j + b) for a, b in local])
+    assert dep[near].all(), "a nearby earlier pixel is invisible (blind spot)"
+
+
+@pytest.mark.parametrize(("h", "w", "scales", "nr_resnet"), [(4, 6, 2, 2), (6, 6, 1, 2)])
+def test_backbone_sees_every_earlier_pixel_when_the_field_covers_the_image(h, w, scales, nr_resnet):
+    model = _backbone(h, w, scales, nr_resnet)
+    dep = _dependency(model, _x(h, w), (h, w))
+    assert torch.equal(dep, _earlier(h, w))
+
+
+def test_backbone_output_shape_and_all_input_channels_used():
+    model = _backbone(4, 6, 2, 2)
+    x = _x(4, 6).requires_grad_(True)
+    out = model(x)
+    assert out.shape == (1, 8, 4, 6)
+    out[:, :, -1, -1].sum().backward()
+    assert x.grad is not None
+    assert (x.grad[0, :, :-1].abs().sum(dim=(1, 2)) > 0).all()  # every channel of earlier rows
+
+
+# ---------------------------------------------------------------- conditioning
+
+
+def test_conditioning_changes_every_output_and_keeps_causality():
+    h, w = 4, 8
+    model = _backbone(h, w, 3, 1, cond_dim=5)
+    g = torch.Generator().manual_seed(3)
+    c1 = torch.randn(1, 5, generator=g, dtype=torch.float64)
+    c2 = torch.randn(1, 5, generator=g, dtype=torch.float64)
+    x = _x(h, w)
+    with torch.no_grad():
+        diff = (model(x, c1) - model(x, c2)).abs().amax(dim=1)
+    assert (diff > 0).all(), "cond must reach every pixel, including (0, 0)"
+    dep = _dependency(model, x, (h, w), cond=c1)
+    assert not (dep & ~_earlier(h, w)).any()
+
+
+def test_cond_is_required_exactly_when_cond_dim_is_positive():
+    x = torch.zeros(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="cond of shape"):
+        PixelCNNPPBackbone(3, 8, 1, 1, cond_dim=4)(x)
+    with pytest.raises(ValueError, match="cond of shape"):
+        PixelCNNPPBackbone(3, 8, 1, 1, cond_dim=4)(x, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="cond_dim=0"):
+        PixelCNNPPBackbone(3, 8, 1, 1)(x, torch.zeros(2, 4))
+
+
+# ---------------------------------------------------------------- errors and dropout
+
+
+def test_size_not_divisible_by_the_scales_is_a_clear_error():
+    model = PixelCNNPPBackbone(1, 8, 1, 3)
+    with pytest.raises(ValueError, match=r"divisible by 4, got H=6, W=8"):
+        model(torch.zeros(1, 1, 6, 8))
+    with pytest.raises(ValueError, match=r"divisible by 4, got H=8, W=10"):
+        model(torch.zeros(1, 1, 8, 10))
+    with pytest.raises(ValueError, match=r"\[b, 1, H, W\]"):
+        model(torch.zeros(1, 3, 8, 8))
+    assert model(torch.zeros(1, 1, 4, 12)).shape == (1, 8, 4, 12)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"channels": 0}, {"nr_resnet": 0}, {"num_scales": 0}, {"dropout": 1.0}, {"cond_dim": -1}],
+)
+def test_bad_constructor_arguments_raise(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        PixelCNNPPBackbone(3, **kwargs)
+
+
+def test_dropout_is_stochastic_in_train_mode_only():
+    torch.manual_seed(0)
+    model = PixelCNNPPBackbone(3, 8, 1, 2, dropout=0.5)
+    x = torch.randn(2, 3, 4, 4)
+    model.train()
+    assert not torch.equal(model(x), model(x))
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    no_dropout = PixelCNNPPBackbone(3, 8, 1, 2, dropout=0.0).train()
+    assert torch.equal(no_dropout(x), no_dropout(x))

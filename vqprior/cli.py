@@ -1,0 +1,222 @@
+"""The ``vqprior`` command line: thin click commands over vqprior.train's stage functions.
+
+A user error (bad config key or value, missing file, mismatched checkpoint, bad data) prints
+one line ``error: <message>`` to stderr and exits with status 2; ``--debug`` shows the
+traceback instead. A training run stopped by a non-finite loss exits with status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from vqprior.config import ConfigError, apply_overrides
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class _Group(click.Group):
+    """Turns user errors into one line on stderr and exit status 2 (1 for a failed run)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from vqprior.train.callbacks import NonFiniteLossError
+
+        try:
+            return super().invoke(ctx)
+        except (NonFiniteLossError, *USER_ERRORS) as err:
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"error: {_one_line(err)}", err=True)
+            ctx.exit(1 if isinstance(err, NonFiniteLossError) else 2)
+
+
+def _load_config(path: str | None, sets: tuple[str, ...]) -> dict[str, Any]:
+    raw: Any = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML ({_one_line(err)})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping with sections model, data, train")
+    return apply_overrides(raw, sets)
+
+
+def _device_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--accelerator", default="auto", show_default=True, help="cpu, gpu, auto, ..."),
+        click.option("--devices", default="auto", show_default=True, help="a count or a list like 0,1"),
+        click.option("--num-nodes", type=int, default=1, show_default=True),
+        click.option("--strategy", default="auto", show_default=True, help="auto, ddp, ..."),
+        click.option("--precision", default=None, help="default: bf16-mixed on CUDA, 32-true otherwise"),
+        click.option("--compile/--no-compile", "compile_", default=False, help="torch.compile the model"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _stage_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="a YAML in configs/"),
+        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="dotted override, repeatable"),
+        click.option("--out", required=True, type=click.Path(file_okay=False), help="run directory"),
+        click.option("--seed", type=int, default=None, help="overrides train.seed"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return _device_options(f)
+
+
+def _devices(kw: dict[str, Any]) -> Any:
+    from vqprior.train.config import DeviceOptions
+
+    return DeviceOptions(
+        accelerator=kw["accelerator"],
+        devices=str(kw["devices"]),
+        num_nodes=kw["num_nodes"],
+        strategy=kw["strategy"],
+        precision=kw["precision"],
+        compile=kw["compile_"],
+    )
+
+
+def _report(result: dict[str, Any]) -> None:
+    click.echo(json.dumps(result, sort_keys=True, default=str))
+
+
+@click.group(cls=_Group)
+@click.option("--debug", is_flag=True, help="show tracebacks and debug logs")
+def cli(debug: bool) -> None:
+    """vqprior: VQ-VAE + PixelCNN priors (train-vae -> encode -> train-prior -> generate)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    log = logging.getLogger("vqprior")
+    if not log.handlers:
+        log.addHandler(handler)
+    log.setLevel(logging.DEBUG if debug else logging.WARNING)
+
+
+@cli.command("train-vae")
+@_stage_options
+def train_vae_cmd(config_path: str | None, sets: tuple[str, ...], out: str, seed: int | None, **kw: Any) -> None:
+    """Stage one: fit a VQ-VAE; rerun on the same --out to resume."""
+    from vqprior.train.stages import train_vae
+
+    _report(train_vae(_load_config(config_path, sets), out, _devices(kw), seed))
+
+
+@cli.command("train-prior")
+@_stage_options
+@click.option("--vae", "vae_dir", default=None, help="train-vae run dir (same as --set vae=DIR)")
+@click.option("--codes", "codes_dir", default=None, type=click.Path(file_okay=False), help="codes from `vqprior encode`")
+def train_prior_cmd(
+    config_path: str | None, sets: tuple[str, ...], out: str, seed: int | None,
+    vae_dir: str | None, codes_dir: str | None, **kw: Any,
+) -> None:
+    """Stage two: fit a PixelCNN on a VAE's codes (vae set) or on pixels."""
+    from vqprior.train.stages import train_prior
+
+    cfg = _load_config(config_path, sets + ((f"vae={vae_dir}",) if vae_dir else ()))
+    _report(train_prior(cfg, out, _devices(kw), seed, codes_dir=codes_dir))
+
+
+@cli.command("encode")
+@click.option("--vae", "vae_dir", required=True, type=click.Path(exists=True, file_okay=False), help="train-vae run dir")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML whose data section to encode")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="e.g. data.limit=100")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="directory for {train,val,test}.safetensors")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
+def encode_cmd(
+    vae_dir: str, config_path: str | None, sets: tuple[str, ...], out: str, batch_size: int, device: str | None
+) -> None:
+    """Encode a dataset into code maps with a trained VAE (data defaults to the VAE run's)."""
+    from vqprior.train.codes import encode_codes
+
+    if config_path is None and (Path(vae_dir) / "config.yaml").is_file():
+        config_path = str(Path(vae_dir) / "config.yaml")
+    data = _load_config(config_path, sets).get("data") or {}
+    _report({k: str(v) for k, v in encode_codes(vae_dir, data, out, batch_size, device).items()})
+
+
+@cli.command("generate")
+@click.option("--prior", "prior_dir", required=True, type=click.Path(exists=True, file_okay=False), help="train-prior run dir")
+@click.option("--vae", "vae_dir", default=None, type=click.Path(exists=True, file_okay=False), help="train-vae run dir (codes prior)")
+@click.option("--num", type=int, default=64, show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG path; raw samples go beside it")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--label", type=int, default=None, help="class label (conditional prior)")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
+@click.option("--method", default="auto", show_default=True, help="sampler: auto or naive")
+def generate_cmd(**kw: Any) -> None:
+    """Sample from a prior (decoding codes through the VAE) into a PNG grid and tensors."""
+    from vqprior.train.inference import generate
+
+    _report(generate(out_png=kw.pop("out"), **kw))
+
+
+@cli.command("evaluate")
+@click.option("--prior", "prior_dir", required=True, type=click.Path(exists=True, file_okay=False), help="train-prior run dir")
+@click.option("--vae", "vae_dir", default=None, type=click.Path(exists=True, file_okay=False))
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--device", default=None)
+def evaluate_cmd(**kw: Any) -> None:
+    """Bits per dimension on a split (pixels prior, or prior + decoder for codes)."""
+    from vqprior.train.inference import evaluate
+
+    _report(evaluate(**kw))
+
+
+@cli.command("export")
+@click.argument("ckpt", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+def export_cmd(ckpt: str, out: str) -> None:
+    """Turn a Lightning checkpoint into an exported model dir (safetensors)."""
+    from vqprior.train.inference import export
+
+    _report({"model_dir": str(export(ckpt, out))})
+
+
+@cli.command("pipeline")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE")
+@_device_options
+def pipeline_cmd(file: str, sets: tuple[str, ...], **kw: Any) -> None:
+    """Chain the stages a pipelines/*.yaml file describes, skipping finished ones."""
+    try:
+        from vqprior.pipeline import run_pipeline
+    except ImportError as err:
+        raise click.ClickException(f"the pipeline command is unavailable ({err})") from None
+    result = run_pipeline(file, overrides=list(sets), device=_devices(kw))
+    if isinstance(result, dict):
+        _report(result)
+
+
+@cli.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_cmd(args: tuple[str, ...]) -> None:
+    """Speed benchmarks (ratios against a baseline measured in the same run)."""
+    try:
+        from vqprior.bench import main as bench_main
+    except ImportError as err:
+        raise click.ClickException(f"the bench command is unavailable ({err})") from None
+    bench_main(list(args))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point."""
+    cli.main(args=argv, prog_name="vqprior")

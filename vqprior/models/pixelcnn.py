@@ -1,0 +1,225 @@
+"""PixelCNN(config): one autoregressive prior for code maps and for pixels.
+
+- codes: long [b, h, w] in [0, K); an embedding, one channel group, a K-way categorical head.
+- pixels: float [b, c, H, W] in [-1, 1] on the ``num_bins`` grid; the discretized logistic
+  mixture head (pixel-level masks, channels coupled by the mixture's coefficients) or a
+  ``num_bins``-way categorical head per channel (``c`` channel groups in the masks).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from vqprior.config import Config, ConfigError, check_choice
+from vqprior.io import PretrainedMixin
+from vqprior.nn.categorical import categorical_log_prob
+from vqprior.nn.gated import CausalHead, GatedStack
+from vqprior.nn.grid import to_bins
+from vqprior.nn.masked import channel_groups
+from vqprior.nn.mixture import mixture_log_prob, num_mixture_params
+
+Reduction = Literal["none", "sum", "mean"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PixelCNNConfig(Config):
+    """Every field has a default; ``data`` picks codes or pixels."""
+
+    data: str = "pixels"  # "pixels" | "codes"
+    in_channels: int = 3  # pixels only
+    num_codes: int = 512  # codes only
+    height: int = 32
+    width: int = 32
+    num_classes: int = 0  # 0: unconditional; else class-conditional (Conditional PixelCNN)
+    backbone: str = "gated"  # "gated" | "pixelcnnpp" (pixels)
+    head: str = "mixture"  # pixels: "mixture" | "categorical"; codes are always categorical
+    channels: int = 64
+    num_layers: int = 8  # gated backbone
+    kernel_size: int = 3  # gated backbone, odd >= 3
+    num_mixtures: int = 5
+    num_bins: int = 256
+    nr_resnet: int = 5  # pixelcnnpp backbone: blocks per scale
+    num_scales: int = 3  # pixelcnnpp backbone
+    dropout: float = 0.0  # pixelcnnpp backbone
+    cond_dim: int = 32  # class embedding width (when num_classes > 0)
+    spatial_cond_channels: int = 0  # hook: a [b, s, H, W] map given to every gated layer
+
+    def __post_init__(self) -> None:
+        check_choice("data", self.data, ("pixels", "codes"))
+        check_choice("backbone", self.backbone, ("gated", "pixelcnnpp"))
+        check_choice("head", self.head, ("mixture", "categorical"))
+        for name in ("in_channels", "num_codes", "height", "width", "channels", "num_layers",
+                     "num_mixtures", "nr_resnet", "num_scales", "cond_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.num_bins < 2:
+            raise ConfigError(f"num_bins={self.num_bins} must be >= 2")
+        if self.num_classes < 0 or self.spatial_cond_channels < 0:
+            raise ConfigError("num_classes and spatial_cond_channels must be >= 0")
+        if self.kernel_size < 3 or self.kernel_size % 2 == 0:
+            raise ConfigError(f"kernel_size={self.kernel_size} must be odd and >= 3")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout} must lie in [0, 1)")
+        if self.backbone == "pixelcnnpp":
+            if self.data != "pixels":
+                raise ConfigError("backbone=pixelcnnpp models pixels only; use backbone=gated for codes")
+            if self.head == "categorical" and self.in_channels > 1:
+                raise ConfigError("backbone=pixelcnnpp with several channels needs head=mixture")
+            if self.spatial_cond_channels:
+                raise ConfigError("spatial_cond_channels is supported by backbone=gated only")
+        if self.channels % self.groups:
+            raise ConfigError(f"channels={self.channels} must be divisible by {self.groups} channel groups")
+
+    @property
+    def groups(self) -> int:
+        """Channel groups in the masks: one per channel for a categorical pixel head."""
+        return self.in_channels if self.data == "pixels" and self.head == "categorical" else 1
+
+    @property
+    def mixture(self) -> bool:
+        return self.data == "pixels" and self.head == "mixture"
+
+
+class PixelCNN(nn.Module, PretrainedMixin):
+    """Autoregressive prior over code maps or pixels; see :class:`PixelCNNConfig`."""
+
+    model_type = "PixelCNN"
+    config_class = PixelCNNConfig
+
+    def __init__(self, config: PixelCNNConfig | None = None) -> None:
+        super().__init__()
+        cfg = config or PixelCNNConfig()
+        self.config = cfg
+        f = cfg.channels
+        self.embed = nn.Embedding(cfg.num_codes, f) if cfg.data == "codes" else None
+        in_ch = f if cfg.data == "codes" else cfg.in_channels
+        cond_dim = cfg.cond_dim if cfg.num_classes else 0
+        self.class_embed = nn.Embedding(cfg.num_classes, cond_dim) if cfg.num_classes else None
+        out_ch, out_groups = self._head_layout()
+        self.backbone: nn.Module
+        if cfg.backbone == "gated":
+            self.backbone = GatedStack(in_ch, f, cfg.num_layers, cfg.kernel_size, cfg.groups,
+                                       cond_dim, cfg.spatial_cond_channels)
+            self.head: nn.Module = CausalHead(f, out_ch, cfg.groups, out_groups)
+        else:
+            from vqprior.nn.pixelcnnpp import PixelCNNPPBackbone
+
+            self.backbone = PixelCNNPPBackbone(in_ch, f, cfg.nr_resnet, cfg.num_scales, cfg.dropout, cond_dim)
+            self.head = nn.Sequential(nn.ELU(), nn.Conv2d(f, out_ch, 1))
+
+    def _head_layout(self) -> tuple[int, Tensor]:
+        cfg = self.config
+        if cfg.data == "codes":
+            return cfg.num_codes, torch.zeros(cfg.num_codes, dtype=torch.long)
+        if cfg.head == "mixture":
+            n = num_mixture_params(cfg.in_channels, cfg.num_mixtures)
+            return n, torch.zeros(n, dtype=torch.long)
+        # "(c n)" layout: logits of channel c form group c
+        return cfg.in_channels * cfg.num_bins, channel_groups(cfg.in_channels * cfg.num_bins, cfg.in_channels)
+
+    # ----------------------------------------------------------------------------- shapes
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        cfg = self.config
+        if cfg.data == "codes":
+            return (cfg.height, cfg.width)
+        return (cfg.in_channels, cfg.height, cfg.width)
+
+    @property
+    def num_dims(self) -> int:
+        """Elements per example (codes, or pixel values)."""
+        return math.prod(self.data_shape)
+
+    def validate_input(self, x: Tensor, cond: Tensor | None = None) -> None:
+        """Raise ValueError with one clear line if ``x`` or ``cond`` does not fit this model."""
+        cfg = self.config
+        want = self.data_shape
+        if tuple(x.shape[1:]) != want or x.dim() != len(want) + 1:
+            layout = "[b, h, w] codes" if cfg.data == "codes" else "[b, c, H, W] pixels"
+            raise ValueError(f"input of shape {tuple(x.shape)} does not fit this prior: expected {layout} with trailing shape {want}")
+        if cfg.data == "codes":
+            if x.dtype.is_floating_point:
+                raise ValueError("codes must be an integer tensor")
+            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= cfg.num_codes):
+                raise ValueError(f"codes must lie in [0, {cfg.num_codes}); got [{int(x.min())}, {int(x.max())}]")
+        elif not x.dtype.is_floating_point:
+            raise ValueError("pixels must be floats in [-1, 1]")
+        if cfg.num_classes:
+            if cond is None:
+                raise ValueError(f"this prior is class-conditional ({cfg.num_classes} classes): pass cond")
+            if cond.shape != (x.shape[0],) or cond.dtype.is_floating_point:
+                raise ValueError(f"cond must be an integer tensor of shape [{x.shape[0]}]")
+            if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= cfg.num_classes):
+                raise ValueError(f"class labels must lie in [0, {cfg.num_classes})")
+        elif cond is not None:
+            raise ValueError("this prior is unconditional (num_classes=0): cond must be None")
+
+    # --------------------------------------------------------------------------- network
+    def embed_input(self, x: Tensor) -> Tensor:
+        """Network input: code embeddings [b, F, h, w] or pixels [b, c, H, W]."""
+        if self.embed is not None:
+            return rearrange(self.embed(x), "b h w f -> b f h w")
+        return x.to(self.head_dtype())
+
+    def head_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def class_vector(self, cond: Tensor | None) -> Tensor | None:
+        return None if self.class_embed is None or cond is None else self.class_embed(cond)
+
+    def forward(self, x: Tensor, cond: Tensor | None = None, spatial_cond: Tensor | None = None) -> Tensor:
+        """Raw head output [b, P, H, W]: logits or mixture parameters at every position."""
+        h = self.embed_input(x)
+        c = self.class_vector(cond)
+        feats = self.backbone(h, c, spatial_cond) if self.config.backbone == "gated" else self.backbone(h, c)
+        return self.head(feats)
+
+    def element_log_prob(self, x: Tensor, out: Tensor) -> Tensor:
+        """Per-element log-probabilities (nats) of ``x`` under head output ``out``."""
+        cfg = self.config
+        if cfg.data == "codes":
+            return categorical_log_prob(out, x)
+        if cfg.head == "mixture":
+            return mixture_log_prob(x, out, cfg.num_mixtures, cfg.num_bins)
+        logits = rearrange(out, "b (c n) h w -> b n c h w", c=cfg.in_channels)
+        return categorical_log_prob(logits, to_bins(x, cfg.num_bins))
+
+    def log_prob(
+        self,
+        x: Tensor,
+        cond: Tensor | None = None,
+        reduction: Reduction = "sum",
+        spatial_cond: Tensor | None = None,
+    ) -> Tensor:
+        """Log-likelihood in nats: "none" per element (shape of x), "sum" per example [b],
+        "mean" the mean per element (a scalar)."""
+        check_choice("reduction", reduction, ("none", "sum", "mean"))
+        self.validate_input(x, cond)
+        lp = self.element_log_prob(x, self(x, cond, spatial_cond))
+        if reduction == "none":
+            return lp
+        per_example = lp.flatten(1).sum(1)
+        return per_example if reduction == "sum" else per_example.mean() / self.num_dims
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        cond: Tensor | None = None,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        method: str = "auto",
+        spatial_cond: Tensor | None = None,
+    ) -> Tensor:
+        """Draw ``n`` samples; ``method`` "auto" (fast and exact), "cached", "fixed_point" or
+        "naive" (the reference loop). For the same generator every method returns the same
+        samples."""
+        from vqprior.sampling import sample as run_sampler
+
+        return run_sampler(self, n, cond, temperature, generator, method, spatial_cond)

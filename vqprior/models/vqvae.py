@@ -1,0 +1,273 @@
+"""VQ-VAE (van den Oord et al. 2017): conv encoder, vector quantizer, conv decoder.
+
+``encode`` maps images [b, c, H, W] in [-1, 1] to code maps long [b, h, w] with
+``h = H / downsample``; ``decode`` maps code maps back to images in [-1, 1]. The decoder either
+regresses pixels (``recon="mse"``) or outputs a discretized logistic mixture
+(``recon="mixture"``), whose mode is the reconstruction and whose NLL gives bits per dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from vqprior.config import Config, ConfigError, check_choice, check_range
+from vqprior.io import PretrainedMixin
+from vqprior.nn.mixture import mixture_log_prob, mixture_sample, num_mixture_params
+from vqprior.nn.quantize import VectorQuantizer
+
+DOWNSAMPLES = (2, 4, 8)
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    check_range(name, value, low, None)
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VQVAEConfig(Config):
+    """VQ-VAE architecture, codebook and reconstruction settings (every field has a default)."""
+
+    in_channels: int = 3
+    hidden_channels: int = 128
+    res_channels: int = 64
+    num_res_blocks: int = 2
+    downsample: int = 4
+    num_codes: int = 512
+    code_dim: int = 64
+    beta: float = 0.25
+    codebook: str = "ema"
+    ema_decay: float = 0.99
+    dead_code_threshold: float = 1.0
+    restart_dead_codes: bool = True
+    kmeans_init: bool = False
+    kmeans_iters: int = 10
+    recon: str = "mse"
+    num_mixtures: int = 5
+    num_bins: int = 256
+
+    def __post_init__(self) -> None:
+        for name, low in (
+            ("in_channels", 1),
+            ("hidden_channels", 2),
+            ("res_channels", 1),
+            ("num_res_blocks", 0),
+            ("num_codes", 2),
+            ("code_dim", 1),
+            ("kmeans_iters", 1),
+            ("num_mixtures", 1),
+            ("num_bins", 2),
+        ):
+            _check_int(name, getattr(self, name), low)
+        check_choice("downsample", self.downsample, DOWNSAMPLES)
+        check_choice("codebook", self.codebook, ("ema", "learned"))
+        check_choice("recon", self.recon, ("mse", "mixture"))
+        for name in ("restart_dead_codes", "kmeans_init"):
+            _check_bool(name, getattr(self, name))
+        for name in ("beta", "ema_decay", "dead_code_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ConfigError(f"{name}={value!r} must be finite")
+        check_range("beta", self.beta, 0.0, None)
+        check_range("dead_code_threshold", self.dead_code_threshold, 0.0, None)
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay={self.ema_decay!r} must lie in [0, 1)")
+
+
+class VQVAEOutput(NamedTuple):
+    """Everything one forward pass produces; losses are scalars, ``bits_per_dim`` NaN for mse."""
+
+    recon: torch.Tensor  # [b, c, H, W] in [-1, 1], what decode(codes) returns
+    codes: torch.Tensor  # long [b, h, w]
+    loss: torch.Tensor  # recon_loss + commit_loss + codebook_loss
+    recon_loss: torch.Tensor  # mse: mean squared error; mixture: NLL nats per dim
+    commit_loss: torch.Tensor
+    codebook_loss: torch.Tensor
+    bits_per_dim: torch.Tensor
+    perplexity: torch.Tensor
+
+
+class ResidualBlock(nn.Module):
+    """x + 1x1conv(ReLU(3x3conv(ReLU(x)))): [b, hidden, h, w] -> same."""
+
+    def __init__(self, channels: int, res_channels: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.ReLU(),
+            nn.Conv2d(channels, res_channels, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(res_channels, channels, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+def _stride_channels(cfg: VQVAEConfig) -> list[int]:
+    """Channels after each stride-2 stage: hidden/2 for all but the last, hidden for the last."""
+    n = int(math.log2(cfg.downsample))
+    half = max(cfg.hidden_channels // 2, 1)
+    return [half] * (n - 1) + [cfg.hidden_channels]
+
+
+def build_encoder(cfg: VQVAEConfig) -> nn.Sequential:
+    """[b, in, H, W] -> [b, code_dim, H/ds, W/ds]."""
+    layers: list[nn.Module] = []
+    ch = cfg.in_channels
+    for out in _stride_channels(cfg):
+        layers += [nn.Conv2d(ch, out, 4, stride=2, padding=1), nn.ReLU()]
+        ch = out
+    layers.append(nn.Conv2d(ch, cfg.hidden_channels, 3, padding=1))
+    layers += [
+        ResidualBlock(cfg.hidden_channels, cfg.res_channels) for _ in range(cfg.num_res_blocks)
+    ]
+    layers += [nn.ReLU(), nn.Conv2d(cfg.hidden_channels, cfg.code_dim, 1)]
+    return nn.Sequential(*layers)
+
+
+def build_decoder(cfg: VQVAEConfig, out_channels: int) -> nn.Sequential:
+    """[b, code_dim, h, w] -> [b, out_channels, h*ds, w*ds]; mirrors :func:`build_encoder`."""
+    layers: list[nn.Module] = [nn.Conv2d(cfg.code_dim, cfg.hidden_channels, 3, padding=1)]
+    layers += [
+        ResidualBlock(cfg.hidden_channels, cfg.res_channels) for _ in range(cfg.num_res_blocks)
+    ]
+    layers.append(nn.ReLU())
+    chans = list(reversed(_stride_channels(cfg)))  # hidden, hidden/2, ...
+    for i, ch in enumerate(chans):
+        last = i == len(chans) - 1
+        out = out_channels if last else chans[i + 1]
+        layers.append(nn.ConvTranspose2d(ch, out, 4, stride=2, padding=1))
+        if not last:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class VQVAE(nn.Module, PretrainedMixin):
+    """Encoder -> VectorQuantizer -> decoder; see the module docstring."""
+
+    model_type = "VQVAE"
+    config_class = VQVAEConfig
+    config: VQVAEConfig
+
+    def __init__(self, config: VQVAEConfig | None = None) -> None:
+        super().__init__()
+        self.config = config if config is not None else VQVAEConfig()
+        cfg = self.config
+        self.out_channels = (
+            cfg.in_channels
+            if cfg.recon == "mse"
+            else num_mixture_params(cfg.in_channels, cfg.num_mixtures)
+        )
+        self.encoder = build_encoder(cfg)
+        self.quantizer = VectorQuantizer(
+            cfg.num_codes,
+            cfg.code_dim,
+            beta=cfg.beta,
+            kind=cfg.codebook,
+            decay=cfg.ema_decay,
+            dead_code_threshold=cfg.dead_code_threshold,
+            restart_dead_codes=cfg.restart_dead_codes,
+            kmeans_init=cfg.kmeans_init,
+            kmeans_iters=cfg.kmeans_iters,
+        )
+        self.decoder = build_decoder(cfg, self.out_channels)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int]:
+        """Code-map size (h, w) for images of size (height, width)."""
+        ds = self.config.downsample
+        if height % ds or width % ds or height <= 0 or width <= 0:
+            raise ValueError(
+                f"image size {height}x{width} must be positive and divisible by downsample={ds}"
+            )
+        return height // ds, width // ds
+
+    def _check_images(self, x: torch.Tensor) -> None:
+        c = self.config.in_channels
+        if x.dim() != 4:
+            raise ValueError(f"images must have shape [b, {c}, H, W], got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"images must be floats in [-1, 1], got dtype {x.dtype}")
+        if x.shape[1] != c:
+            raise ValueError(f"images have {x.shape[1]} channels but the model expects {c}")
+        self.latent_shape(x.shape[2], x.shape[3])
+
+    def _check_codes(self, codes: torch.Tensor) -> None:
+        k = self.config.num_codes
+        if codes.dim() != 3:
+            raise ValueError(f"codes must have shape [b, h, w], got {tuple(codes.shape)}")
+        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+            raise ValueError(f"codes must be integers, got dtype {codes.dtype}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= k):
+            raise ValueError(
+                f"codes must lie in [0, {k}), got values in [{int(codes.min())}, {int(codes.max())}]"
+            )
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images float [b, c, H, W] in [-1, 1] -> codes long [b, H/ds, W/ds]."""
+        self._check_images(x)
+        z = self.encoder(x)
+        b, _, h, w = z.shape
+        codes = self.quantizer.nearest(rearrange(z, "b d h w -> (b h w) d"))
+        return rearrange(codes, "(b h w) -> b h w", b=b, h=h, w=w)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes long [b, h, w] -> images float [b, c, h*ds, w*ds] in [-1, 1]."""
+        self._check_codes(codes)
+        out = self.decoder(self.quantizer.lookup(codes.long()))
+        return self._output_to_image(out)
+
+    def _output_to_image(self, out: torch.Tensor) -> torch.Tensor:
+        """Decoder output [b, out_channels, H, W] -> reconstruction in [-1, 1]."""
+        cfg = self.config
+        if cfg.recon == "mse":
+            return out.clamp(-1.0, 1.0)
+        b, _, h, w = out.shape
+        u_comp = torch.full((b, h, w), 0.5, device=out.device)
+        u_val = torch.full((b, cfg.in_channels, h, w), 0.5, device=out.device)
+        return mixture_sample(
+            out.detach(), cfg.in_channels, cfg.num_mixtures, cfg.num_bins, u_comp, u_val, 0.0
+        )
+
+    def recon_loss(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """mse: mean squared error; mixture: NLL in nats per dimension (fp32)."""
+        cfg = self.config
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            if cfg.recon == "mse":
+                return F.mse_loss(out.float(), x.float())
+            lp = mixture_log_prob(x.float(), out.float(), cfg.num_mixtures, cfg.num_bins)
+            return -lp.mean()
+
+    def forward(self, x: torch.Tensor) -> VQVAEOutput:
+        """Images [b, c, H, W] in [-1, 1] -> :class:`VQVAEOutput` (updates the EMA codebook)."""
+        self._check_images(x)
+        q = self.quantizer(self.encoder(x))
+        out = self.decoder(q.quantized)
+        recon_loss = self.recon_loss(out, x)
+        if self.config.recon == "mixture":
+            bits_per_dim = recon_loss.detach() / math.log(2.0)
+        else:
+            bits_per_dim = torch.full((), float("nan"), device=x.device)
+        return VQVAEOutput(
+            recon=self._output_to_image(out.detach()),
+            codes=q.codes,
+            loss=recon_loss + q.commit_loss + q.codebook_loss,
+            recon_loss=recon_loss,
+            commit_loss=q.commit_loss,
+            codebook_loss=q.codebook_loss,
+            bits_per_dim=bits_per_dim,
+            perplexity=q.perplexity,
+        )

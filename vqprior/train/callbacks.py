@@ -1,0 +1,123 @@
+"""Training callbacks: the non-finite loss guard and periodic image grids."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+from lightning_utilities.core.apply_func import apply_to_collection
+
+from vqprior.data import save_image_grid
+from vqprior.io import atomic_torch_save
+
+logger = logging.getLogger(__name__)
+
+NONFINITE_BATCH = "nonfinite_batch.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped because the loss became NaN or infinite."""
+
+
+class NonFiniteGuard(Callback):
+    """Stop at the first non-finite loss, before its backward pass and optimizer step.
+
+    The offending batch goes to ``<out>/nonfinite_batch.pt`` (atomically); the checkpoints
+    already written are left as they are. Under DDP every rank stops together.
+    """
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.out_dir = Path(out_dir)
+        self._batch: Any = None
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch = batch
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        bad_here = not bool(torch.isfinite(loss.detach()).all())
+        if not trainer.strategy.reduce_boolean_decision(bad_here, all=False):
+            return
+        step = trainer.global_step
+        where = self.out_dir / NONFINITE_BATCH
+        if trainer.global_rank:
+            where = where.with_name(f"nonfinite_batch.rank{trainer.global_rank}.pt")
+        if bad_here:
+            batch = apply_to_collection(self._batch, torch.Tensor, lambda t: t.detach().cpu())
+            atomic_torch_save({"step": step, "loss": float(loss.detach()), "batch": batch}, where)
+        last = self.out_dir / "checkpoints" / "last.ckpt"
+        kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+        raise NonFiniteLossError(
+            f"non-finite loss ({float(loss.detach())}) at step {step}; training stopped, {kept}; "
+            f"the batch is saved in {where}: lower train.lr or set train.grad_clip"
+        )
+
+
+class PruneCheckpoints(Callback):
+    """Keep only the newest ``keep`` periodic ``step=*.ckpt`` files (``last.ckpt`` is never pruned)."""
+
+    def __init__(self, ckpt_dir: str | Path, keep: int) -> None:
+        self.ckpt_dir, self.keep = Path(ckpt_dir), keep
+
+    @rank_zero_only
+    def prune(self) -> None:
+        files = sorted(self.ckpt_dir.glob("step=*.ckpt"))
+        for old in files[: max(0, len(files) - self.keep)]:
+            old.unlink(missing_ok=True)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.prune()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.prune()
+
+
+class ImageGrids(Callback):
+    """Every ``every_n_steps`` (and at the end of training) write ``make()``'s grid as a PNG.
+
+    ``make(pl_module)`` returns images [b, c, H, W] in [-1, 1] and the images per row.
+    """
+
+    def __init__(
+        self,
+        image_dir: str | Path,
+        prefix: str,
+        make: Callable[[L.LightningModule], tuple[torch.Tensor, int]],
+        every_n_steps: int,
+    ) -> None:
+        self.image_dir, self.prefix, self.make, self.every = Path(image_dir), prefix, make, every_n_steps
+        self._last_step = -1
+
+    @rank_zero_only
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if step == self._last_step:
+            return
+        self._last_step = step
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            images, nrow = self.make(pl_module)
+        finally:
+            pl_module.train(was_training)
+        path = self.image_dir / f"{self.prefix}_step{step:07d}.png"
+        save_image_grid(path, images.float().cpu(), nrow=nrow)
+        logger.info("wrote %s", path)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.every and trainer.global_step % self.every == 0:
+            self._write(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer, pl_module)

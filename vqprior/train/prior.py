@@ -1,0 +1,104 @@
+"""PriorModule: likelihood losses, metrics, Polyak EMA weights and the optimizer around a PixelCNN."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from vqprior.models.pixelcnn import PixelCNN, PixelCNNConfig
+from vqprior.train.common import configure_adamw
+from vqprior.train.config import TrainConfig
+from vqprior.train.vae import channels_last
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+LN2 = math.log(2.0)
+
+
+class PriorModule(L.LightningModule):
+    """Trains one PixelCNN (codes or pixels); validation, sampling and export use the EMA weights.
+
+    ``vae`` (a plain dict, or None for pixels) records which VAE produced the codes.
+    """
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        train: dict[str, Any],
+        vae: dict[str, Any] | None = None,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters({"kind": "prior", "model": model, "train": train, "vae": vae})
+        self.model = PixelCNN(PixelCNNConfig.from_dict(model))
+        self.train_cfg = TrainConfig.from_dict(train)
+        self.ema: AveragedModel | None = None
+        if self.train_cfg.ema_decay > 0:
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.train_cfg.ema_decay))
+            self.ema.requires_grad_(False)
+        self._log_prob = {"fn": torch.compile(self.model.log_prob) if compile else self.model.log_prob}
+
+    @property
+    def eval_model(self) -> PixelCNN:
+        """The Polyak-averaged model (or the raw one when EMA is off)."""
+        if self.ema is None:
+            return self.model
+        module = self.ema.module
+        assert isinstance(module, PixelCNN)
+        return module
+
+    def on_fit_start(self) -> None:
+        if self.device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+    def _step(self, batch: Batch, stage: str) -> torch.Tensor:
+        x, y = channels_last(batch[0]), batch[1]
+        train = stage == "train"
+        model = self.model if train else self.eval_model
+        cond = y if model.config.num_classes else None
+        log_prob = self._log_prob["fn"] if train else model.log_prob
+        nll = -log_prob(x, cond).float()  # nats per example [b]
+        loss = nll.mean() / model.num_dims  # nats per element
+        if model.config.data == "pixels":
+            metrics = {"nats_per_dim": loss, "bits_per_dim": loss / LN2}
+        else:
+            metrics = {"nats_per_code": loss, "bits_per_image": nll.mean() / LN2}
+        self.log_dict(
+            {f"{stage}/{k}": v.detach() for k, v in {"loss": loss, **metrics}.items()},
+            on_step=train,
+            on_epoch=not train,
+            batch_size=x.shape[0],
+            sync_dist=not train,
+            prog_bar=True,
+        )
+        return loss
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "test")
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
+        """``n`` samples from the EMA model: codes long [n, h, w] or pixels [n, c, H, W].
+
+        A conditional prior draws labels 0, 1, ..., num_classes - 1 in turn.
+        """
+        model = self.eval_model
+        k = model.config.num_classes
+        cond = torch.arange(n, device=self.device) % k if k else None
+        return model.sample(n, cond=cond, temperature=temperature, generator=generator)
+
+    def configure_optimizers(self) -> Any:
+        return configure_adamw(self.model.parameters(), self.train_cfg)

@@ -1,0 +1,242 @@
+"""Training stages as library functions (no click): train_vae and train_prior.
+
+Run directory of a stage::
+
+    config.yaml              the resolved config (a rerun with the same config resumes)
+    checkpoints/last.ckpt    full training state (+ periodic step=*.ckpt)
+    model/                   the exported model (config.json + model.safetensors; vae.json for codes)
+    metrics.csv              one row per logged step
+    images/*.png             reconstruction or sample grids
+    summary.json             key figures at the end
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from vqprior.config import apply_overrides
+from vqprior.data import DataConfig, ImageSplits, load_image_splits
+from vqprior.models.vqvae import VQVAE
+from vqprior.train.callbacks import ImageGrids
+from vqprior.train.codes import (
+    VAE_RECORD,
+    Codes,
+    check_vae_channels,
+    encode_splits,
+    load_vae,
+    stored_codes,
+    vae_record,
+)
+from vqprior.train.common import (
+    IMAGES_DIR,
+    MODEL_DIR,
+    build_trainer,
+    prepare_run_dir,
+    read_json,
+    run_training,
+    write_json,
+)
+from vqprior.train.config import (
+    DeviceOptions,
+    PriorStageConfig,
+    TrainConfig,
+    VAEStageConfig,
+    check_sections,
+    fill_field,
+    fill_num_classes,
+)
+from vqprior.train.datamodule import codes_datamodule, image_datamodule
+from vqprior.train.prior import PriorModule
+from vqprior.train.vae import VQVAEModule
+
+logger = logging.getLogger(__name__)
+
+
+def _with_seed(cfg_dict: dict[str, Any], seed: int | None) -> dict[str, Any]:
+    return apply_overrides(cfg_dict, [f"train.seed={seed}"]) if seed is not None else dict(cfg_dict)
+
+
+def resolve_vae_stage(raw: dict[str, Any]) -> tuple[VAEStageConfig, ImageSplits]:
+    """Check keys, load the data, fill ``model.in_channels``; the resolved config and splits."""
+    check_sections(raw, "vae")
+    data = DataConfig.from_dict(raw.get("data"), prefix="data.")
+    TrainConfig.from_dict(raw.get("train"), prefix="train.")  # fail fast, before loading data
+    splits = load_image_splits(data)
+    model = dict(raw.get("model") or {})
+    fill_field(model, "in_channels", splits.channels, "the images' channels")
+    cfg = VAEStageConfig.from_dict({**raw, "model": model})
+    VQVAE(cfg.model).latent_shape(splits.height, splits.width)  # image size fits the downsampling
+    return cfg, splits
+
+
+def _finish(
+    out: Path, stage: str, trainer: L.Trainer, model: torch.nn.Module, metrics: dict[str, float],
+    started: float, extra: dict[str, Any],
+) -> dict[str, Any]:
+    summary = {
+        "stage": stage,
+        "global_step": trainer.global_step,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "wall_time_s": round(time.time() - started, 2),
+        "metrics": {k: v for k, v in sorted(metrics.items()) if math.isfinite(v)},
+        "model_dir": str(out / MODEL_DIR),
+        **extra,
+    }
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def train_vae(
+    cfg_dict: dict[str, Any],
+    out_dir: str | Path,
+    device: DeviceOptions | None = None,
+    seed: int | None = None,
+    callbacks: list[Callback] | None = None,
+) -> dict[str, Any]:
+    """Stage one: fit a VQ-VAE; rerunning with the same config resumes. Returns the summary."""
+    started, device, out = time.time(), device or DeviceOptions(), Path(out_dir)
+    cfg, splits = resolve_vae_stage(_with_seed(cfg_dict, seed))
+    resume = prepare_run_dir(out, cfg.to_dict())
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    module = VQVAEModule(cfg.model.to_dict(), cfg.train.to_dict(), compile=device.compile)
+    has_val = len(splits.val) > 0  # type: ignore[arg-type]
+    fixed = _fixed_images(splits, min(cfg.train.num_sample_images, 32))
+    grids = ImageGrids(
+        out / IMAGES_DIR, "recon", lambda m: m.reconstruction_grid(fixed), cfg.train.image_every_n_steps
+    )
+    trainer = build_trainer(out, cfg.train, device, [grids, *(callbacks or [])], has_val)
+    dm = image_datamodule(splits, cfg.train.batch_size, cfg.train.num_workers)
+    metrics = run_training(trainer, module, dm, resume, out, has_val)
+    if not trainer.is_global_zero:
+        return {}
+    module.model.save_pretrained(out / MODEL_DIR)
+    return _finish(out, "train-vae", trainer, module.model, metrics, started, {})
+
+
+def _fixed_images(splits: ImageSplits, n: int) -> torch.Tensor:
+    """The first ``n`` val images (train when val is empty): [n, c, H, W]."""
+    ds = splits.val if len(splits.val) > 0 else splits.train  # type: ignore[arg-type]
+    n = min(n, len(ds))  # type: ignore[arg-type]
+    return torch.stack([ds[i][0] for i in range(n)])
+
+
+def resolve_prior_stage(
+    raw: dict[str, Any],
+) -> tuple[PriorStageConfig, ImageSplits, VQVAE | None, dict[str, Any] | None]:
+    """Check keys, load data (and the VAE), fill the data-dependent model fields."""
+    check_sections(raw, "prior")
+    data = DataConfig.from_dict(raw.get("data"), prefix="data.")
+    TrainConfig.from_dict(raw.get("train"), prefix="train.")
+    splits = load_image_splits(data)
+    model = dict(raw.get("model") or {})
+    vae, record = None, None
+    if raw.get("vae") is not None:
+        vae, export = load_vae(str(raw["vae"]))
+        check_vae_channels(vae, splits)
+        record = vae_record(vae, export, (splits.channels, splits.height, splits.width))
+        fill_field(model, "data", "codes", "vae (set: a prior on codes)")
+        fill_field(model, "num_codes", record["num_codes"], "the VAE's codebook size")
+        fill_field(model, "height", record["grid"][0], "the VAE's code-map height")
+        fill_field(model, "width", record["grid"][1], "the VAE's code-map width")
+    else:
+        fill_field(model, "data", "pixels", "vae (null: a prior on pixels)")
+        fill_field(model, "in_channels", splits.channels, "the images' channels")
+        fill_field(model, "height", splits.height, "the image height")
+        fill_field(model, "width", splits.width, "the image width")
+    fill_num_classes(model, splits.num_classes)
+    return PriorStageConfig.from_dict({**raw, "model": model}), splits, vae, record
+
+
+def _prior_codes(
+    cfg: PriorStageConfig, splits: ImageSplits, vae: VQVAE, record: dict[str, Any],
+    out: Path, codes_dir: Path | None, device: DeviceOptions,
+) -> Codes:
+    """Stored codes when they match the VAE (an explicit ``codes_dir`` must), else encode now."""
+    if codes_dir is not None:
+        found = stored_codes(codes_dir, record, cfg.data, strict=True)
+        assert found is not None
+        return found
+    cache = out / "codes"
+    found = stored_codes(cache, record, cfg.data, strict=False)
+    if found is not None:
+        return found
+    dev = "cpu" if device.accelerator == "cpu" else None
+    return encode_splits(vae, record, splits, cfg.data, cache, cfg.train.batch_size, dev)
+
+
+def train_prior(
+    cfg_dict: dict[str, Any],
+    out_dir: str | Path,
+    device: DeviceOptions | None = None,
+    seed: int | None = None,
+    codes_dir: str | Path | None = None,
+    callbacks: list[Callback] | None = None,
+) -> dict[str, Any]:
+    """Stage two: fit a PixelCNN on the VAE's codes (``vae`` set) or on pixels. Returns the summary.
+
+    Codes come from ``codes_dir`` (refused unless encoded by this VAE from this data), else
+    from ``<out>/codes`` when still valid, else they are encoded now.
+    """
+    started, device, out = time.time(), device or DeviceOptions(), Path(out_dir)
+    cfg, splits, vae, record = resolve_prior_stage(_with_seed(cfg_dict, seed))
+    resume = prepare_run_dir(out, cfg.to_dict())
+    _check_vae_unchanged(out, record)
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    if vae is not None and record is not None:
+        codes = _prior_codes(cfg, splits, vae, record, out, Path(codes_dir) if codes_dir else None, device)
+        dm = codes_datamodule(codes, cfg.train.batch_size, cfg.train.num_workers)
+        has_val = len(codes["val"][0]) > 0
+    else:
+        dm = image_datamodule(splits, cfg.train.batch_size, cfg.train.num_workers)
+        has_val = len(splits.val) > 0  # type: ignore[arg-type]
+    module = PriorModule(cfg.model.to_dict(), cfg.train.to_dict(), record, compile=device.compile)
+    grids = ImageGrids(out / IMAGES_DIR, "samples", _sampler(cfg, vae), cfg.train.image_every_n_steps)
+    trainer = build_trainer(out, cfg.train, device, [grids, *(callbacks or [])], has_val)
+    metrics = run_training(trainer, module, dm, resume, out, has_val)
+    if not trainer.is_global_zero:
+        return {}
+    module.eval_model.save_pretrained(out / MODEL_DIR)
+    if record is not None:
+        write_json(out / MODEL_DIR / VAE_RECORD, record)
+    extra = {"vae_hash": record["vae_hash"]} if record else {}
+    return _finish(out, "train-prior", trainer, module.eval_model, metrics, started, extra)
+
+
+def _check_vae_unchanged(out: Path, record: dict[str, Any] | None) -> None:
+    """Record the VAE in ``<out>/vae.json``; a resumed run must see the same VAE."""
+    if record is None:
+        return
+    path = out / VAE_RECORD
+    if path.is_file():
+        old = read_json(path).get("vae_hash")
+        if old != record["vae_hash"]:
+            raise ValueError(
+                f"{out} was trained on codes of VAE {old} but {record['vae_path']} is now "
+                f"{record['vae_hash']}: use another --out for the new VAE"
+            )
+    else:
+        write_json(path, record)
+
+
+def _sampler(cfg: PriorStageConfig, vae: VQVAE | None) -> Any:
+    """The image-grid function of a prior: EMA samples (decoded through the VAE for codes)."""
+    n = cfg.train.num_sample_images
+    k = cfg.model.num_classes
+    nrow = k if 0 < k <= 16 else max(1, int(math.sqrt(n)))
+
+    def make(module: PriorModule) -> tuple[torch.Tensor, int]:
+        gen = torch.Generator(device=module.device).manual_seed(cfg.train.seed)
+        samples = module.sample(n, generator=gen)
+        if vae is None:
+            return samples, nrow
+        return vae.to(module.device).decode(samples), nrow
+
+    return make

@@ -1,0 +1,106 @@
+"""VQVAEModule: losses, metrics and the optimizer around a VQVAE (no model code here)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from vqprior.models.vqvae import VQVAE, VQVAEConfig, VQVAEOutput
+from vqprior.train.common import configure_adamw
+from vqprior.train.config import TrainConfig
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """Images [b, c, H, W] in channels-last memory on CUDA; anything else unchanged."""
+    if x.device.type == "cuda" and x.dim() == 4 and x.is_floating_point():
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+class VQVAEModule(L.LightningModule):
+    """Trains one VQVAE; hparams hold plain dicts only (weights_only checkpoints)."""
+
+    def __init__(self, model: dict[str, Any], train: dict[str, Any], compile: bool = False) -> None:
+        super().__init__()
+        self.save_hyperparameters({"kind": "vae", "model": model, "train": train})
+        self.model = VQVAE(VQVAEConfig.from_dict(model))
+        self.train_cfg = TrainConfig.from_dict(train)
+        forward: Callable[[torch.Tensor], VQVAEOutput] = self.model
+        self._forward = {"fn": torch.compile(self.model) if compile else forward}
+        self._saved_usage: torch.Tensor | None = None
+
+    def on_fit_start(self) -> None:
+        if self.device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+    def _step(self, batch: Batch, stage: str) -> torch.Tensor:
+        x = channels_last(batch[0])
+        out: VQVAEOutput = self._forward["fn"](x)
+        metrics = {
+            "loss": out.loss,
+            "recon_loss": out.recon_loss,
+            "commit_loss": out.commit_loss,
+            "codebook_loss": out.codebook_loss,
+            "recon_mse": F.mse_loss(out.recon.detach().float(), x.float()),
+            "batch_perplexity": out.perplexity,
+        }
+        if self.model.config.recon == "mixture":
+            metrics["bits_per_dim"] = out.bits_per_dim
+        train = stage == "train"
+        self.log_dict(
+            {f"{stage}/{k}": v.detach().float() for k, v in metrics.items()},
+            on_step=train,
+            on_epoch=not train,
+            batch_size=x.shape[0],
+            sync_dist=not train,
+            prog_bar=True,
+        )
+        return out.loss
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "test")
+
+    # Codebook usage over each epoch, from the quantizer's counters (summed over ranks).
+    def on_train_epoch_start(self) -> None:
+        self.model.quantizer.reset_usage()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_usage("train")
+
+    def on_validation_epoch_start(self) -> None:
+        # validation shares the counters: set the training counts aside until it ends
+        self._saved_usage = self.model.quantizer.usage_counts.clone()
+        self.model.quantizer.reset_usage()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_usage("val")
+        if self._saved_usage is not None:
+            self.model.quantizer.usage_counts.copy_(self._saved_usage)
+            self._saved_usage = None
+
+    def _log_usage(self, stage: str) -> None:
+        used, perplexity = self.model.quantizer.usage_stats()
+        self.log(f"{stage}/codes_used", float(used), rank_zero_only=True)
+        self.log(f"{stage}/perplexity", perplexity, rank_zero_only=True)
+
+    @torch.no_grad()
+    def reconstruction_grid(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Images x [b, c, H, W] -> [2b, c, H, W]: the inputs' row above their reconstructions."""
+        x = x.to(self.device)
+        recon = self.model.decode(self.model.encode(x))
+        return torch.cat([x, recon.float()]), x.shape[0]
+
+    def configure_optimizers(self) -> Any:
+        return configure_adamw(self.model.parameters(), self.train_cfg)
