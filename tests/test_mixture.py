@@ -97,7 +97,7 @@ def reference_log_prob(x: Tensor, params: Tensor, c: int, m: int, n: int) -> Ten
     half = 1.0 / (n - 1)
     logits = pr[:, :m]
     pi = torch.exp(logits) / torch.exp(logits).sum(dim=1, keepdim=True)  # [b, m, h, w]
-    pair = {}
+    pair: dict[tuple[int, int], int] = {}
     for ci in range(c):
         for cj in range(ci):
             pair[(ci, cj)] = len(pair)

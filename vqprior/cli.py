@@ -21,6 +21,13 @@ from vqprior.config import ConfigError, apply_overrides
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
 
 
+class _EchoHandler(logging.Handler):
+    """Log records to the current stderr (click.echo), so test runners can capture them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record), err=True)
+
+
 def _one_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
@@ -30,7 +37,7 @@ class _Group(click.Group):
     """Turns user errors into one line on stderr and exit status 2 (1 for a failed run)."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from vqprior.train.callbacks import NonFiniteLossError
+        from vqprior.train.errors import NonFiniteLossError
 
         try:
             return super().invoke(ctx)
@@ -100,10 +107,10 @@ def _report(result: dict[str, Any]) -> None:
 @click.option("--debug", is_flag=True, help="show tracebacks and debug logs")
 def cli(debug: bool) -> None:
     """vqprior: VQ-VAE + PixelCNN priors (train-vae -> encode -> train-prior -> generate)."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     log = logging.getLogger("vqprior")
-    if not log.handlers:
+    if not any(isinstance(h, _EchoHandler) for h in log.handlers):
+        handler = _EchoHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         log.addHandler(handler)
     log.setLevel(logging.DEBUG if debug else logging.WARNING)
 

@@ -1,19 +1,32 @@
-"""The training layer (Lightning + the stage functions); ``import vqprior`` does not load it."""
+"""The training layer: Lightning modules and the stage functions.
 
-from vqprior.train.codes import encode_codes
-from vqprior.train.config import DeviceOptions, PriorStageConfig, TrainConfig, VAEStageConfig
-from vqprior.train.inference import evaluate, export, generate
-from vqprior.train.stages import train_prior, train_vae
+``import vqprior`` does not load it, and importing this package is cheap: the names below
+are imported on first use (the stages pull in Lightning).
+"""
 
-__all__ = [
-    "DeviceOptions",
-    "PriorStageConfig",
-    "TrainConfig",
-    "VAEStageConfig",
-    "encode_codes",
-    "evaluate",
-    "export",
-    "generate",
-    "train_prior",
-    "train_vae",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DeviceOptions": "vqprior.train.config",
+    "PriorStageConfig": "vqprior.train.config",
+    "TrainConfig": "vqprior.train.config",
+    "VAEStageConfig": "vqprior.train.config",
+    "encode_codes": "vqprior.train.codes",
+    "evaluate": "vqprior.train.inference",
+    "export": "vqprior.train.inference",
+    "generate": "vqprior.train.inference",
+    "train_prior": "vqprior.train.stages",
+    "train_vae": "vqprior.train.stages",
+    "NonFiniteLossError": "vqprior.train.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vqprior.train' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

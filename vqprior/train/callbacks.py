@@ -15,14 +15,11 @@ from lightning_utilities.core.apply_func import apply_to_collection
 
 from vqprior.data import save_image_grid
 from vqprior.io import atomic_torch_save
+from vqprior.train.errors import NonFiniteLossError
 
 logger = logging.getLogger(__name__)
 
 NONFINITE_BATCH = "nonfinite_batch.pt"
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training stopped because the loss became NaN or infinite."""
 
 
 class NonFiniteGuard(Callback):

@@ -81,6 +81,9 @@ def _finish(
     out: Path, stage: str, trainer: L.Trainer, model: torch.nn.Module, metrics: dict[str, float],
     started: float, extra: dict[str, Any],
 ) -> dict[str, Any]:
+    old = out / "summary.json"
+    if old.is_file():  # a resumed run keeps the figures that the new launch did not log again
+        metrics = {**read_json(old).get("metrics", {}), **metrics}
     summary = {
         "stage": stage,
         "global_step": trainer.global_step,

@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from vqprior.models.vqvae import VQVAE, VQVAEConfig, VQVAEOutput
 from vqprior.train.common import configure_adamw
@@ -96,11 +97,14 @@ class VQVAEModule(L.LightningModule):
         self.log(f"{stage}/perplexity", perplexity, rank_zero_only=True)
 
     @torch.no_grad()
-    def reconstruction_grid(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Images x [b, c, H, W] -> [2b, c, H, W]: the inputs' row above their reconstructions."""
-        x = x.to(self.device)
-        recon = self.model.decode(self.model.encode(x))
-        return torch.cat([x, recon.float()]), x.shape[0]
+    def reconstruction_grid(self, x: torch.Tensor, per_row: int = 8) -> tuple[torch.Tensor, int]:
+        """Images x [b, c, H, W] -> grid images [2b', c, H, W] and images per row: each row of
+        inputs sits above the row of their reconstructions (b' = b rounded down to full rows)."""
+        nrow = min(len(x), per_row)
+        x = x[: len(x) // nrow * nrow].to(self.device)
+        recon = self.model.decode(self.model.encode(x)).float()
+        both = torch.stack([x.float(), recon])  # [2, b', c, H, W]
+        return rearrange(both, "two (r n) c h w -> (r two n) c h w", n=nrow), nrow
 
     def configure_optimizers(self) -> Any:
         return configure_adamw(self.model.parameters(), self.train_cfg)

@@ -1,0 +1,162 @@
+"""train_vae on configs/tiny: run-dir artefacts, resume, the non-finite guard, export."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torchvision
+import yaml
+
+from vqprior.config import ConfigError
+from vqprior.data import DataConfig, float_to_uint8, load_image_splits
+from vqprior.io import content_hash, load_pretrained
+from vqprior.models.vqvae import VQVAE
+from vqprior.train.config import DeviceOptions
+from vqprior.train.errors import NonFiniteLossError
+from vqprior.train.inference import export
+from vqprior.train.stages import train_vae
+from vqprior.train.vae import VQVAEModule
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
+CPU = DeviceOptions(accelerator="cpu", devices="1", progress=False)
+
+
+def tiny(name: str = "vae.yaml") -> dict[str, Any]:
+    return yaml.safe_load((TINY / name).read_text())
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("vae")
+    return out, train_vae(tiny(), out, CPU)
+
+
+def test_run_dir_holds_every_artefact(run: tuple[Path, dict[str, Any]]) -> None:
+    out, summary = run
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["model"]["in_channels"] == 1  # filled in from the digits
+    assert resolved["train"]["max_steps"] == 6
+    assert summary["global_step"] == 6 == json.loads((out / "summary.json").read_text())["global_step"]
+    assert {"val/loss", "val/recon_mse", "val/codes_used", "train/loss"} <= set(summary["metrics"])
+    assert 1 <= summary["metrics"]["val/codes_used"] <= 16
+    rows = read_rows(out / "metrics.csv")
+    steps = [int(r["step"]) for r in rows]
+    assert steps == sorted(set(steps)) and len(steps) >= 5  # one row per step
+    assert all(r["train/loss"] for r in rows[:5])
+    assert any(r.get("val/loss") for r in rows)
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.ckpt")) == [
+        "last.ckpt",
+        "step=0000002.ckpt",
+        "step=0000004.ckpt",
+        "step=0000006.ckpt",
+    ]
+
+
+def test_checkpoint_loads_with_weights_only_and_matches_export(run: tuple[Path, dict[str, Any]]) -> None:
+    out, _ = run
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 6
+    assert ckpt["hyper_parameters"]["kind"] == "vae"
+    assert ckpt["optimizer_states"][0]["state"]  # full training state, not weights only
+    model = load_pretrained(out / "model")
+    assert isinstance(model, VQVAE)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ckpt["state_dict"][f"model.{k}"]), k
+    # the codebook buffers travel in the checkpoint too
+    assert "model.quantizer.embed" in ckpt["state_dict"] and "model.quantizer.cluster_size" in ckpt["state_dict"]
+
+
+def test_export_from_checkpoint_equals_run_export(run: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    out, _ = run
+    exported = export(out / "checkpoints" / "last.ckpt", tmp_path / "m")
+    assert content_hash(exported) == content_hash(out / "model")
+
+
+def test_reconstruction_grid_puts_inputs_above_reconstructions(run: tuple[Path, dict[str, Any]]) -> None:
+    out, _ = run
+    png = out / "images" / "recon_step0000006.png"
+    grid = torchvision.io.decode_png(torchvision.io.read_file(str(png)))  # uint8 [1, H', W']
+    assert grid.shape == (1, 2 * 10 + 2, 8 * 10 + 2)  # 8 images per row, padding 2
+    cfg = DataConfig.from_dict(tiny()["data"])
+    val = load_image_splits(cfg).val
+    vae = load_pretrained(out / "model")
+    assert isinstance(vae, VQVAE)
+    for i in range(8):
+        x = val[i][0]
+        col = 2 + i * 10
+        assert torch.equal(grid[:, 2:10, col : col + 8], float_to_uint8(x))
+        recon = vae.decode(vae.encode(x[None]))[0]
+        assert torch.equal(grid[:, 12:20, col : col + 8], float_to_uint8(recon))
+
+
+class _Killed(Exception):
+    pass
+
+
+class _Crash(L.Callback):
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == 3:
+            raise _Killed  # the job dies between checkpoints
+
+
+def test_rerun_resumes_from_last_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(_Killed):
+        train_vae(tiny(), out, CPU, callbacks=[_Crash()])
+    first = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert first["global_step"] == 2  # the step-2 checkpoint; steps 3.. never happened
+    summary = train_vae(tiny(), out, CPU)
+    assert summary["global_step"] == 6
+    second = read_rows(out / "logs" / "version_1" / "metrics.csv")
+    trained = sorted({int(r["step"]) for r in second if r.get("train/loss")})
+    assert trained == [2, 3, 4, 5]  # continued at step 2, not restarted at 0
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    adam_steps = {int(s["step"]) for s in ckpt["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {6}  # optimizer state carried across the restart
+
+
+def test_other_config_in_same_out_dir_is_refused(run: tuple[Path, dict[str, Any]]) -> None:
+    out, _ = run
+    cfg = tiny()
+    cfg["train"]["lr"] = 1e-2
+    with pytest.raises(ConfigError, match="train.lr"):
+        train_vae(cfg, out, CPU)
+
+
+def test_explicit_field_contradicting_data_is_refused(tmp_path: Path) -> None:
+    cfg = tiny()
+    cfg["model"]["in_channels"] = 3
+    with pytest.raises(ConfigError, match="model.in_channels"):
+        train_vae(cfg, tmp_path, CPU)
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    step = VQVAEModule._step
+
+    def poisoned(self: VQVAEModule, batch: Any, stage: str) -> torch.Tensor:
+        loss = step(self, batch, stage)
+        return loss * float("nan") if stage == "train" and self.global_step >= 3 else loss
+
+    monkeypatch.setattr(VQVAEModule, "_step", poisoned)
+    with pytest.raises(NonFiniteLossError, match="at step 3"):
+        train_vae(tiny(), tmp_path, CPU)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    bad = torch.load(tmp_path / "nonfinite_batch.pt", weights_only=True)
+    assert bad["step"] == 3 and bad["batch"][0].shape == (16, 1, 8, 8)
+    assert (tmp_path / "metrics.csv").is_file()
