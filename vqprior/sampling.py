@@ -173,7 +173,7 @@ class _LayerCache(NamedTuple):
 
 def _layer_caches(stack: GatedStack, cvec: Tensor | None, spatial: Tensor | None) -> list[_LayerCache]:
     caches = []
-    for layer in stack.layers:
+    for layer in stack.gated_layers:
         bv, bh = layer.biases(cvec, spatial)
         caches.append(_LayerCache(
             rearrange(layer.h_conv.masked_weight(), "o i 1 k -> o (i k)"), layer.h_conv.bias,
@@ -198,7 +198,7 @@ def sample_cached(model: PixelCNN, n: int, cond: Tensor | None, temperature: flo
     H, W, p, f = cfg.height, cfg.width, cfg.kernel_size // 2, cfg.channels
     device, dtype = next(model.parameters()).device, model.head_dtype()
     x = _empty(model, n, device)
-    in_ch = stack.layers[0].h_conv.in_channels
+    in_ch = stack.gated_layers[0].h_conv.in_channels
     xpad = torch.zeros(n, in_ch, H + p, W + 2 * p, device=device, dtype=dtype)  # input, padded
     vpad = [torch.zeros(n, f, H + p, W + 2 * p, device=device, dtype=dtype) for _ in stack.layers]
     hpad = [torch.zeros(n, f, W + p, device=device, dtype=dtype) for _ in stack.layers]
@@ -220,7 +220,7 @@ def _vertical_row(stack: GatedStack, caches: list[_LayerCache], xpad: Tensor, vp
     """Vertical features of row r for every layer; returns each layer's horizontal bias row
     (link from the vertical pre-activation plus conditioning), [n, 2F, W]."""
     hrows = []
-    for i, (layer, cache) in enumerate(zip(stack.layers, caches, strict=True)):
+    for i, (layer, cache) in enumerate(zip(stack.gated_layers, caches, strict=True)):
         rows = xpad[:, :, r : r + p] if i == 0 else vpad[i - 1][:, :, r : r + p + 1]
         v_pre = F.conv2d(rows, layer.v_conv.masked_weight(), layer.v_conv.bias) + _row(cache.bv, r)
         vpad[i][:, :, r + p, p : p + W] = gate(v_pre)[:, :, 0]

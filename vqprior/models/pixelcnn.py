@@ -91,6 +91,7 @@ class PixelCNN(nn.Module, PretrainedMixin):
 
     model_type = "PixelCNN"
     config_class = PixelCNNConfig
+    config: PixelCNNConfig
 
     def __init__(self, config: PixelCNNConfig | None = None) -> None:
         super().__init__()

@@ -126,9 +126,13 @@ class GatedStack(nn.Module):
             for i in range(num_layers)
         )
 
+    @property
+    def gated_layers(self) -> list[GatedLayer]:
+        return [layer for layer in self.layers if isinstance(layer, GatedLayer)]
+
     def forward(self, x: Tensor, cond: Tensor | None = None, spatial: Tensor | None = None) -> Tensor:
         v, h, skips = x, x, 0.0
-        for layer in self.layers:
+        for layer in self.gated_layers:
             bv, bh = layer.biases(cond, spatial)
             v, h, skip = layer(v, h, bv, bh)
             skips = skips + skip

@@ -1,0 +1,197 @@
+"""encode, train_prior (codes and pixels), generate and evaluate on configs/tiny."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from vqprior.config import ConfigError
+from vqprior.data import DataConfig, float_to_uint8, load_codes, load_image_splits
+from vqprior.io import CheckpointError, content_hash, load_pretrained
+from vqprior.models.pixelcnn import PixelCNN
+from vqprior.models.vqvae import VQVAE
+from vqprior.train.codes import encode_codes
+from vqprior.train.config import DeviceOptions
+from vqprior.train.inference import evaluate, export, generate
+from vqprior.train.stages import train_prior, train_vae
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
+CPU = DeviceOptions(accelerator="cpu", devices="1", progress=False)
+
+
+def tiny(name: str) -> dict[str, Any]:
+    return yaml.safe_load((TINY / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("vae")
+    train_vae(tiny("vae.yaml"), out, CPU)
+    return out
+
+
+@pytest.fixture(scope="module")
+def other_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("vae2")
+    train_vae(tiny("vae.yaml"), out, CPU, seed=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def codes_dir(vae_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("codes")
+    encode_codes(vae_dir, tiny("vae.yaml")["data"], out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def codes_prior(vae_dir: Path, codes_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("prior_codes")
+    cfg = {**tiny("prior_codes.yaml"), "vae": str(vae_dir)}
+    train_prior(cfg, out, CPU, codes_dir=codes_dir)
+    return out
+
+
+def test_encode_stores_codes_of_every_split_with_the_vae_hash(vae_dir: Path, codes_dir: Path) -> None:
+    vae = load_pretrained(vae_dir / "model")
+    assert isinstance(vae, VQVAE)
+    splits = load_image_splits(DataConfig.from_dict(tiny("vae.yaml")["data"]))
+    for split in ("train", "val", "test"):
+        codes, labels, meta = load_codes(codes_dir / f"{split}.safetensors")
+        ds = getattr(splits, split)
+        assert meta["vae_hash"] == content_hash(vae_dir / "model")
+        assert meta["num_codes"] == "16" and meta["grid"] == "4x4"
+        x = torch.stack([ds[i][0] for i in range(len(ds))])
+        assert torch.equal(codes, vae.encode(x))
+        assert torch.equal(labels, torch.stack([ds[i][1] for i in range(len(ds))]))
+
+
+def test_codes_prior_run_records_the_vae_and_exports_ema_weights(codes_prior: Path, vae_dir: Path) -> None:
+    resolved = yaml.safe_load((codes_prior / "config.yaml").read_text())
+    assert resolved["model"]["data"] == "codes"
+    assert (resolved["model"]["num_codes"], resolved["model"]["height"], resolved["model"]["width"]) == (16, 4, 4)
+    assert resolved["model"]["num_classes"] == 10  # auto: the digits' classes
+    record = json.loads((codes_prior / "model" / "vae.json").read_text())
+    assert record["vae_hash"] == content_hash(vae_dir / "model")
+    ckpt = torch.load(codes_prior / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"]["vae"]["vae_hash"] == record["vae_hash"]
+    state = ckpt["state_dict"]
+    prior = load_pretrained(codes_prior / "model")
+    assert isinstance(prior, PixelCNN)
+    differs = False
+    for k, v in prior.state_dict().items():
+        assert torch.equal(v, state[f"ema.module.{k}"]), k  # export = Polyak weights
+        differs |= not torch.equal(v, state[f"model.{k}"])
+    assert differs  # and they are not the raw weights
+    assert list((codes_prior / "images").glob("samples_step*.png"))
+    summary = json.loads((codes_prior / "summary.json").read_text())
+    assert summary["global_step"] == 4
+    bits, nats = summary["metrics"]["val/bits_per_image"], summary["metrics"]["val/nats_per_code"]
+    assert bits == pytest.approx(nats * 16 / math.log(2), rel=1e-5)
+    assert nats == pytest.approx(math.log(16), abs=0.3)  # near uniform after 4 tiny steps
+
+
+def test_export_of_prior_checkpoint_equals_run_export(codes_prior: Path, tmp_path: Path) -> None:
+    out = export(codes_prior / "checkpoints" / "last.ckpt", tmp_path / "m")
+    assert content_hash(out) == content_hash(codes_prior / "model")
+    assert json.loads((out / "vae.json").read_text()) == json.loads((codes_prior / "model" / "vae.json").read_text())
+
+
+def test_generate_writes_png_and_raw_samples_decoded_by_the_vae(
+    codes_prior: Path, vae_dir: Path, tmp_path: Path
+) -> None:
+    png = tmp_path / "s.png"
+    generate(codes_prior, vae_dir, num=6, out_png=png, seed=3, device="cpu")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    raw = load_file(str(tmp_path / "s.safetensors"))
+    assert raw["codes"].shape == (6, 4, 4) and raw["codes"].dtype == torch.int64
+    assert raw["images"].shape == (6, 1, 8, 8) and raw["images"].dtype == torch.uint8
+    assert raw["labels"].tolist() == [0, 1, 2, 3, 4, 5]  # conditional: labels in turn
+    vae = load_pretrained(vae_dir / "model")
+    assert isinstance(vae, VQVAE)
+    assert torch.equal(raw["images"], float_to_uint8(vae.decode(raw["codes"])))
+    generate(codes_prior, None, num=6, out_png=tmp_path / "t.png", seed=3, device="cpu")  # VAE from vae.json
+    assert torch.equal(load_file(str(tmp_path / "t.safetensors"))["codes"], raw["codes"])
+    generate(codes_prior, vae_dir, num=3, out_png=tmp_path / "l.png", label=7, device="cpu")
+    assert load_file(str(tmp_path / "l.safetensors"))["labels"].tolist() == [7, 7, 7]
+
+
+def test_generate_refuses_a_different_vae(codes_prior: Path, other_vae_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not the one this prior was trained on"):
+        generate(codes_prior, other_vae_dir, num=2, out_png=tmp_path / "s.png", device="cpu")
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_train_prior_refuses_codes_of_another_vae(
+    codes_dir: Path, other_vae_dir: Path, tmp_path: Path
+) -> None:
+    cfg = {**tiny("prior_codes.yaml"), "vae": str(other_vae_dir)}
+    with pytest.raises(CheckpointError, match="different VAE"):
+        train_prior(cfg, tmp_path, CPU, codes_dir=codes_dir)
+
+
+def test_train_prior_reencodes_when_cached_codes_are_stale(
+    vae_dir: Path, other_vae_dir: Path, codes_dir: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "codes"
+    cache.mkdir()
+    for f in codes_dir.iterdir():  # codes of the first VAE, stale for the second
+        (cache / f.name).write_bytes(f.read_bytes())
+    cfg = {**tiny("prior_codes.yaml"), "vae": str(other_vae_dir)}
+    cfg["train"]["max_steps"] = 1
+    train_prior(cfg, tmp_path, CPU)
+    _, _, meta = load_codes(cache / "train.safetensors")
+    assert meta["vae_hash"] == content_hash(other_vae_dir / "model")
+
+
+def test_evaluate_codes_prior_reports_the_prior_part_for_an_mse_vae(codes_prior: Path) -> None:
+    result = evaluate(codes_prior, device="cpu")
+    assert "bits_per_dim" not in result and "mse" in result["note"]
+    assert result["prior_bits_per_dim"] == pytest.approx(result["prior_bits_per_image"] / 64)
+    assert json.loads((codes_prior / "eval_test.json").read_text()) == result
+
+
+def test_pixel_prior_trains_generates_and_evaluates(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train_prior(tiny("prior_pixels.yaml"), out, CPU)
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (resolved["model"]["in_channels"], resolved["model"]["height"]) == (1, 8)
+    assert resolved["model"]["num_classes"] == 0
+    generate(out, num=4, out_png=tmp_path / "p.png", seed=0, device="cpu")
+    raw = load_file(str(tmp_path / "p.safetensors"))
+    assert set(raw) == {"images"} and raw["images"].shape == (4, 1, 8, 8)
+    result = evaluate(out, device="cpu")
+    prior = load_pretrained(out / "model")
+    assert isinstance(prior, PixelCNN)
+    test = load_image_splits(DataConfig.from_dict(resolved["data"])).test
+    x = torch.stack([test[i][0] for i in range(len(test))])
+    with torch.no_grad():
+        expected = float(-prior.log_prob(x).sum()) / (x.numel() * math.log(2))
+    assert result["bits_per_dim"] == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="unconditional"):
+        generate(out, num=2, out_png=tmp_path / "q.png", label=1, device="cpu")
+
+
+def test_resumed_prior_refuses_a_changed_vae(codes_prior: Path, vae_dir: Path) -> None:
+    record = codes_prior / "vae.json"
+    original = record.read_text()
+    record.write_text(json.dumps({**json.loads(original), "vae_hash": "0" * 16}))
+    try:
+        with pytest.raises(ValueError, match="was trained on codes of VAE"):
+            train_prior({**tiny("prior_codes.yaml"), "vae": str(vae_dir)}, codes_prior, CPU)
+    finally:
+        record.write_text(original)
+
+
+def test_prior_field_contradicting_the_vae_is_refused(vae_dir: Path, tmp_path: Path) -> None:
+    cfg = {**tiny("prior_codes.yaml"), "vae": str(vae_dir)}
+    cfg["model"]["num_codes"] = 32
+    with pytest.raises(ConfigError, match="model.num_codes"):
+        train_prior(cfg, tmp_path, CPU)
