@@ -39,7 +39,9 @@ def assert_one_line_error(result: Result, code: int, *needles: str) -> str:
 @pytest.fixture(scope="module")
 def vae_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "vae"
-    result = invoke("train-vae", "--config", str(TINY / "vae_mixture.yaml"), "--out", str(out), *DEV)
+    result = invoke(
+        "train-vae", "--config", str(TINY / "vae_mixture.yaml"), "--out", str(out), *DEV
+    )
     assert result.exit_code == 0, result.output
     assert last_json(result)["global_step"] == 4
     return out
@@ -49,7 +51,11 @@ def test_two_stage_pipeline_through_the_cli(vae_run: Path, tmp_path: Path) -> No
     codes, prior = tmp_path / "codes", tmp_path / "prior"
     result = invoke("encode", "--vae", str(vae_run), "--out", str(codes))
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in codes.iterdir()) == ["test.safetensors", "train.safetensors", "val.safetensors"]
+    assert sorted(p.name for p in codes.iterdir()) == [
+        "test.safetensors",
+        "train.safetensors",
+        "val.safetensors",
+    ]
     result = invoke(
         "train-prior", "--config", str(TINY / "prior_codes.yaml"), "--vae", str(vae_run),
         "--codes", str(codes), "--out", str(prior), "--seed", "5", *DEV,
@@ -57,41 +63,101 @@ def test_two_stage_pipeline_through_the_cli(vae_run: Path, tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     assert "seed: 5" in (prior / "config.yaml").read_text()
     png = tmp_path / "g.png"
-    result = invoke("generate", "--prior", str(prior), "--vae", str(vae_run), "--num", "4", "--out", str(png), "--device", "cpu")
+    result = invoke(
+        "generate",
+        "--prior",
+        str(prior),
+        "--vae",
+        str(vae_run),
+        "--num",
+        "4",
+        "--out",
+        str(png),
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     assert png.is_file() and png.with_suffix(".safetensors").is_file()
     result = invoke("evaluate", "--prior", str(prior), "--device", "cpu")
     assert result.exit_code == 0, result.output
     figures = last_json(result)
-    assert figures["bits_per_dim"] == pytest.approx(figures["prior_bits_per_dim"] + figures["decoder_bits_per_dim"])
+    assert figures["bits_per_dim"] == pytest.approx(
+        figures["prior_bits_per_dim"] + figures["decoder_bits_per_dim"]
+    )
     assert 0 < figures["decoder_bits_per_dim"] < 16
-    result = invoke("export", str(prior / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "exp"))
+    result = invoke(
+        "export", str(prior / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "exp")
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "exp" / "model.safetensors").is_file()
 
 
 def test_unknown_set_key_exits_2_with_one_line(tmp_path: Path) -> None:
-    result = invoke("train-vae", "--config", str(TINY / "vae.yaml"), "--out", str(tmp_path), "--set", "model.chanels=4")
+    result = invoke(
+        "train-vae",
+        "--config",
+        str(TINY / "vae.yaml"),
+        "--out",
+        str(tmp_path),
+        "--set",
+        "model.chanels=4",
+    )
     assert_one_line_error(result, 2, "model.chanels")
-    result = invoke("train-vae", "--config", str(TINY / "vae.yaml"), "--out", str(tmp_path), "--set", "trian.lr=1")
+    result = invoke(
+        "train-vae",
+        "--config",
+        str(TINY / "vae.yaml"),
+        "--out",
+        str(tmp_path),
+        "--set",
+        "trian.lr=1",
+    )
     assert_one_line_error(result, 2, "trian")
-    result = invoke("train-vae", "--config", str(TINY / "vae.yaml"), "--out", str(tmp_path), "--set", "train.lr=abc")
+    result = invoke(
+        "train-vae",
+        "--config",
+        str(TINY / "vae.yaml"),
+        "--out",
+        str(tmp_path),
+        "--set",
+        "train.lr=abc",
+    )
     assert_one_line_error(result, 2, "train.lr")
 
 
 def test_debug_shows_the_exception(tmp_path: Path) -> None:
-    result = invoke("--debug", "train-vae", "--config", str(TINY / "vae.yaml"), "--out", str(tmp_path), "--set", "x=1")
+    result = invoke(
+        "--debug",
+        "train-vae",
+        "--config",
+        str(TINY / "vae.yaml"),
+        "--out",
+        str(tmp_path),
+        "--set",
+        "x=1",
+    )
     assert result.exit_code != 0 and isinstance(result.exception, ConfigError)
 
 
 def test_out_dir_of_another_run_is_refused(vae_run: Path) -> None:
-    result = invoke("train-vae", "--config", str(TINY / "vae_mixture.yaml"), "--out", str(vae_run), "--set", "train.lr=0.1", *DEV)
+    result = invoke(
+        "train-vae",
+        "--config",
+        str(TINY / "vae_mixture.yaml"),
+        "--out",
+        str(vae_run),
+        "--set",
+        "train.lr=0.1",
+        *DEV,
+    )
     assert_one_line_error(result, 2, "different run", "train.lr")
 
 
 def test_rerun_of_finished_run_resumes_without_training(vae_run: Path) -> None:
     before = torch.load(vae_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    result = invoke("train-vae", "--config", str(TINY / "vae_mixture.yaml"), "--out", str(vae_run), *DEV)
+    result = invoke(
+        "train-vae", "--config", str(TINY / "vae_mixture.yaml"), "--out", str(vae_run), *DEV
+    )
     assert result.exit_code == 0, result.output
     assert last_json(result)["global_step"] == 4
     after = torch.load(vae_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
@@ -99,21 +165,42 @@ def test_rerun_of_finished_run_resumes_without_training(vae_run: Path) -> None:
 
 
 def test_nonfinite_loss_exits_with_one_line_naming_the_step(tmp_path: Path) -> None:
-    result = invoke("train-vae", "--config", str(TINY / "vae.yaml"), "--out", str(tmp_path), "--set", "train.lr=1e30", *DEV)
+    result = invoke(
+        "train-vae",
+        "--config",
+        str(TINY / "vae.yaml"),
+        "--out",
+        str(tmp_path),
+        "--set",
+        "train.lr=1e30",
+        *DEV,
+    )
     line = assert_one_line_error(result, 1, "non-finite loss", "at step")
     assert str(tmp_path / "nonfinite_batch.pt") in line
-    assert torch.load(tmp_path / "nonfinite_batch.pt", weights_only=True)["batch"][0].shape[1:] == (1, 8, 8)
+    assert torch.load(tmp_path / "nonfinite_batch.pt", weights_only=True)["batch"][0].shape[1:] == (
+        1,
+        8,
+        8,
+    )
 
 
 def test_user_errors_of_the_other_commands(tmp_path: Path) -> None:
     bad = tmp_path / "bad.ckpt"
     torch.save({"state_dict": {}}, bad)
-    assert_one_line_error(invoke("export", str(bad), "--out", str(tmp_path / "m")), 2, "not a vqprior training checkpoint")
+    assert_one_line_error(
+        invoke("export", str(bad), "--out", str(tmp_path / "m")),
+        2,
+        "not a vqprior training checkpoint",
+    )
     bad.write_bytes(b"not a checkpoint")
     assert_one_line_error(invoke("export", str(bad), "--out", str(tmp_path / "m")), 2, str(bad))
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_one_line_error(invoke("generate", "--prior", str(empty), "--out", str(tmp_path / "s.png")), 2, "no exported prior")
+    assert_one_line_error(
+        invoke("generate", "--prior", str(empty), "--out", str(tmp_path / "s.png")),
+        2,
+        "no exported prior",
+    )
 
 
 def test_import_vqprior_loads_neither_lightning_nor_click() -> None:

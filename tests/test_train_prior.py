@@ -59,7 +59,9 @@ def codes_prior(vae_dir: Path, codes_dir: Path, tmp_path_factory: pytest.TempPat
     return out
 
 
-def test_encode_stores_codes_of_every_split_with_the_vae_hash(vae_dir: Path, codes_dir: Path) -> None:
+def test_encode_stores_codes_of_every_split_with_the_vae_hash(
+    vae_dir: Path, codes_dir: Path
+) -> None:
     vae = load_pretrained(vae_dir / "model")
     assert isinstance(vae, VQVAE)
     splits = load_image_splits(DataConfig.from_dict(tiny("vae.yaml")["data"]))
@@ -73,10 +75,16 @@ def test_encode_stores_codes_of_every_split_with_the_vae_hash(vae_dir: Path, cod
         assert torch.equal(labels, torch.stack([ds[i][1] for i in range(len(ds))]))
 
 
-def test_codes_prior_run_records_the_vae_and_exports_ema_weights(codes_prior: Path, vae_dir: Path) -> None:
+def test_codes_prior_run_records_the_vae_and_exports_ema_weights(
+    codes_prior: Path, vae_dir: Path
+) -> None:
     resolved = yaml.safe_load((codes_prior / "config.yaml").read_text())
     assert resolved["model"]["data"] == "codes"
-    assert (resolved["model"]["num_codes"], resolved["model"]["height"], resolved["model"]["width"]) == (16, 4, 4)
+    assert (
+        resolved["model"]["num_codes"],
+        resolved["model"]["height"],
+        resolved["model"]["width"],
+    ) == (16, 4, 4)
     assert resolved["model"]["num_classes"] == 10  # auto: the digits' classes
     record = json.loads((codes_prior / "model" / "vae.json").read_text())
     assert record["vae_hash"] == content_hash(vae_dir / "model")
@@ -101,7 +109,9 @@ def test_codes_prior_run_records_the_vae_and_exports_ema_weights(codes_prior: Pa
 def test_export_of_prior_checkpoint_equals_run_export(codes_prior: Path, tmp_path: Path) -> None:
     out = export(codes_prior / "checkpoints" / "last.ckpt", tmp_path / "m")
     assert content_hash(out) == content_hash(codes_prior / "model")
-    assert json.loads((out / "vae.json").read_text()) == json.loads((codes_prior / "model" / "vae.json").read_text())
+    assert json.loads((out / "vae.json").read_text()) == json.loads(
+        (codes_prior / "model" / "vae.json").read_text()
+    )
 
 
 def test_generate_writes_png_and_raw_samples_decoded_by_the_vae(
@@ -117,13 +127,17 @@ def test_generate_writes_png_and_raw_samples_decoded_by_the_vae(
     vae = load_pretrained(vae_dir / "model")
     assert isinstance(vae, VQVAE)
     assert torch.equal(raw["images"], float_to_uint8(vae.decode(raw["codes"])))
-    generate(codes_prior, None, num=6, out_png=tmp_path / "t.png", seed=3, device="cpu")  # VAE from vae.json
+    generate(
+        codes_prior, None, num=6, out_png=tmp_path / "t.png", seed=3, device="cpu"
+    )  # VAE from vae.json
     assert torch.equal(load_file(str(tmp_path / "t.safetensors"))["codes"], raw["codes"])
     generate(codes_prior, vae_dir, num=3, out_png=tmp_path / "l.png", label=7, device="cpu")
     assert load_file(str(tmp_path / "l.safetensors"))["labels"].tolist() == [7, 7, 7]
 
 
-def test_generate_refuses_a_different_vae(codes_prior: Path, other_vae_dir: Path, tmp_path: Path) -> None:
+def test_generate_refuses_a_different_vae(
+    codes_prior: Path, other_vae_dir: Path, tmp_path: Path
+) -> None:
     with pytest.raises(CheckpointError, match="not the one this prior was trained on"):
         generate(codes_prior, other_vae_dir, num=2, out_png=tmp_path / "s.png", device="cpu")
     assert not (tmp_path / "s.png").exists()

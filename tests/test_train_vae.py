@@ -47,7 +47,9 @@ def test_run_dir_holds_every_artefact(run: tuple[Path, dict[str, Any]]) -> None:
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["model"]["in_channels"] == 1  # filled in from the digits
     assert resolved["train"]["max_steps"] == 6
-    assert summary["global_step"] == 6 == json.loads((out / "summary.json").read_text())["global_step"]
+    assert (
+        summary["global_step"] == 6 == json.loads((out / "summary.json").read_text())["global_step"]
+    )
     assert {"val/loss", "val/recon_mse", "val/codes_used", "train/loss"} <= set(summary["metrics"])
     assert 1 <= summary["metrics"]["val/codes_used"] <= 16
     rows = read_rows(out / "metrics.csv")
@@ -63,7 +65,9 @@ def test_run_dir_holds_every_artefact(run: tuple[Path, dict[str, Any]]) -> None:
     ]
 
 
-def test_checkpoint_loads_with_weights_only_and_matches_export(run: tuple[Path, dict[str, Any]]) -> None:
+def test_checkpoint_loads_with_weights_only_and_matches_export(
+    run: tuple[Path, dict[str, Any]],
+) -> None:
     out, _ = run
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 6
@@ -74,16 +78,23 @@ def test_checkpoint_loads_with_weights_only_and_matches_export(run: tuple[Path, 
     for k, v in model.state_dict().items():
         assert torch.equal(v, ckpt["state_dict"][f"model.{k}"]), k
     # the codebook buffers travel in the checkpoint too
-    assert "model.quantizer.embed" in ckpt["state_dict"] and "model.quantizer.cluster_size" in ckpt["state_dict"]
+    assert (
+        "model.quantizer.embed" in ckpt["state_dict"]
+        and "model.quantizer.cluster_size" in ckpt["state_dict"]
+    )
 
 
-def test_export_from_checkpoint_equals_run_export(run: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+def test_export_from_checkpoint_equals_run_export(
+    run: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
     out, _ = run
     exported = export(out / "checkpoints" / "last.ckpt", tmp_path / "m")
     assert content_hash(exported) == content_hash(out / "model")
 
 
-def test_reconstruction_grid_puts_inputs_above_reconstructions(run: tuple[Path, dict[str, Any]]) -> None:
+def test_reconstruction_grid_puts_inputs_above_reconstructions(
+    run: tuple[Path, dict[str, Any]],
+) -> None:
     out, _ = run
     png = out / "images" / "recon_step0000006.png"
     grid = torchvision.io.decode_png(torchvision.io.read_file(str(png)))  # uint8 [1, H', W']
@@ -156,7 +167,9 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(
         train_vae(tiny(), tmp_path, CPU)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2
-    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert all(
+        torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point()
+    )
     bad = torch.load(tmp_path / "nonfinite_batch.pt", weights_only=True)
     assert bad["step"] == 3 and bad["batch"][0].shape == (16, 1, 8, 8)
     assert (tmp_path / "metrics.csv").is_file()

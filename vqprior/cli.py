@@ -18,8 +18,6 @@ import yaml
 
 from vqprior.config import ConfigError, apply_overrides
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
-
 
 class _EchoHandler(logging.Handler):
     """Log records to the current stderr (click.echo), so test runners can capture them."""
@@ -41,7 +39,7 @@ class _Group(click.Group):
 
         try:
             return super().invoke(ctx)
-        except (NonFiniteLossError, *USER_ERRORS) as err:
+        except (NonFiniteLossError, ValueError, FileNotFoundError) as err:
             if ctx.params.get("debug"):
                 raise
             click.echo(f"error: {_one_line(err)}", err=True)
@@ -62,12 +60,20 @@ def _load_config(path: str | None, sets: tuple[str, ...]) -> dict[str, Any]:
 
 def _device_options(f: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option("--accelerator", default="auto", show_default=True, help="cpu, gpu, auto, ..."),
-        click.option("--devices", default="auto", show_default=True, help="a count or a list like 0,1"),
+        click.option(
+            "--accelerator", default="auto", show_default=True, help="cpu, gpu, auto, ..."
+        ),
+        click.option(
+            "--devices", default="auto", show_default=True, help="a count or a list like 0,1"
+        ),
         click.option("--num-nodes", type=int, default=1, show_default=True),
         click.option("--strategy", default="auto", show_default=True, help="auto, ddp, ..."),
-        click.option("--precision", default=None, help="default: bf16-mixed on CUDA, 32-true otherwise"),
-        click.option("--compile/--no-compile", "compile_", default=False, help="torch.compile the model"),
+        click.option(
+            "--precision", default=None, help="default: bf16-mixed on CUDA, 32-true otherwise"
+        ),
+        click.option(
+            "--compile/--no-compile", "compile_", default=False, help="torch.compile the model"
+        ),
     ]
     for option in reversed(options):
         f = option(f)
@@ -76,9 +82,18 @@ def _device_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _stage_options(f: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="a YAML in configs/"),
-        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="dotted override, repeatable"),
-        click.option("--out", required=True, type=click.Path(file_okay=False), help="run directory"),
+        click.option(
+            "--config",
+            "config_path",
+            type=click.Path(exists=True, dir_okay=False),
+            help="a YAML in configs/",
+        ),
+        click.option(
+            "--set", "sets", multiple=True, metavar="KEY=VALUE", help="dotted override, repeatable"
+        ),
+        click.option(
+            "--out", required=True, type=click.Path(file_okay=False), help="run directory"
+        ),
         click.option("--seed", type=int, default=None, help="overrides train.seed"),
     ]
     for option in reversed(options):
@@ -117,7 +132,9 @@ def cli(debug: bool) -> None:
 
 @cli.command("train-vae")
 @_stage_options
-def train_vae_cmd(config_path: str | None, sets: tuple[str, ...], out: str, seed: int | None, **kw: Any) -> None:
+def train_vae_cmd(
+    config_path: str | None, sets: tuple[str, ...], out: str, seed: int | None, **kw: Any
+) -> None:
     """Stage one: fit a VQ-VAE; rerun on the same --out to resume."""
     from vqprior.train.stages import train_vae
 
@@ -127,10 +144,21 @@ def train_vae_cmd(config_path: str | None, sets: tuple[str, ...], out: str, seed
 @cli.command("train-prior")
 @_stage_options
 @click.option("--vae", "vae_dir", default=None, help="train-vae run dir (same as --set vae=DIR)")
-@click.option("--codes", "codes_dir", default=None, type=click.Path(file_okay=False), help="codes from `vqprior encode`")
+@click.option(
+    "--codes",
+    "codes_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="codes from `vqprior encode`",
+)
 def train_prior_cmd(
-    config_path: str | None, sets: tuple[str, ...], out: str, seed: int | None,
-    vae_dir: str | None, codes_dir: str | None, **kw: Any,
+    config_path: str | None,
+    sets: tuple[str, ...],
+    out: str,
+    seed: int | None,
+    vae_dir: str | None,
+    codes_dir: str | None,
+    **kw: Any,
 ) -> None:
     """Stage two: fit a PixelCNN on a VAE's codes (vae set) or on pixels."""
     from vqprior.train.stages import train_prior
@@ -140,14 +168,35 @@ def train_prior_cmd(
 
 
 @cli.command("encode")
-@click.option("--vae", "vae_dir", required=True, type=click.Path(exists=True, file_okay=False), help="train-vae run dir")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML whose data section to encode")
+@click.option(
+    "--vae",
+    "vae_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="train-vae run dir",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="YAML whose data section to encode",
+)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="e.g. data.limit=100")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="directory for {train,val,test}.safetensors")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="directory for {train,val,test}.safetensors",
+)
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
 def encode_cmd(
-    vae_dir: str, config_path: str | None, sets: tuple[str, ...], out: str, batch_size: int, device: str | None
+    vae_dir: str,
+    config_path: str | None,
+    sets: tuple[str, ...],
+    out: str,
+    batch_size: int,
+    device: str | None,
 ) -> None:
     """Encode a dataset into code maps with a trained VAE (data defaults to the VAE run's)."""
     from vqprior.train.codes import encode_codes
@@ -159,10 +208,27 @@ def encode_cmd(
 
 
 @cli.command("generate")
-@click.option("--prior", "prior_dir", required=True, type=click.Path(exists=True, file_okay=False), help="train-prior run dir")
-@click.option("--vae", "vae_dir", default=None, type=click.Path(exists=True, file_okay=False), help="train-vae run dir (codes prior)")
+@click.option(
+    "--prior",
+    "prior_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="train-prior run dir",
+)
+@click.option(
+    "--vae",
+    "vae_dir",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
+    help="train-vae run dir (codes prior)",
+)
 @click.option("--num", type=int, default=64, show_default=True)
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG path; raw samples go beside it")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="PNG path; raw samples go beside it",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--temperature", type=float, default=1.0, show_default=True)
 @click.option("--label", type=int, default=None, help="class label (conditional prior)")
@@ -176,9 +242,17 @@ def generate_cmd(**kw: Any) -> None:
 
 
 @cli.command("evaluate")
-@click.option("--prior", "prior_dir", required=True, type=click.Path(exists=True, file_okay=False), help="train-prior run dir")
+@click.option(
+    "--prior",
+    "prior_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="train-prior run dir",
+)
 @click.option("--vae", "vae_dir", default=None, type=click.Path(exists=True, file_okay=False))
-@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option(
+    "--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True
+)
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--device", default=None)
 def evaluate_cmd(**kw: Any) -> None:
@@ -213,7 +287,7 @@ def pipeline_cmd(file: str, sets: tuple[str, ...], **kw: Any) -> None:
         _report(result)
 
 
-@cli.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@cli.command("bench", add_help_option=False, context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench_cmd(args: tuple[str, ...]) -> None:
     """Speed benchmarks (ratios against a baseline measured in the same run)."""

@@ -96,17 +96,30 @@ def _steps_per_pixel(model: PixelCNN) -> list[int | None]:
 
 
 def sample_naive(model: PixelCNN, n: int, cond: Tensor | None, temperature: float, noise: Noise,
-                 spatial: Tensor | None) -> Tensor:
-    """The reference loop: one full forward pass per sequential step."""
+                 spatial: Tensor | None, max_steps: int | None = None) -> Tensor:
+    """The reference loop: one full forward pass per sequential step.
+
+    ``max_steps`` stops early (the rest stays zero); the benchmark times such a prefix.
+    """
     device = noise.u.device if noise.u is not None else noise.u_val.device  # type: ignore[union-attr]
     x = _empty(model, n, device)
     cfg = model.config
+    step = 0
     for r in range(cfg.height):
         for c in range(cfg.width):
             for group in _steps_per_pixel(model):
+                if max_steps is not None and step >= max_steps:
+                    return x
                 out = model(x, cond, spatial)[:, :, r : r + 1, c : c + 1]
                 _write(model, x, values_from_output(model, out, noise.at(r, c), temperature), r, c, group)
+                step += 1
     return x
+
+
+def num_steps(model: PixelCNN) -> int:
+    """Sequential steps of the reference loop (forward passes it makes)."""
+    cfg = model.config
+    return cfg.height * cfg.width * cfg.groups
 
 
 def sample_fixed_point(model: PixelCNN, n: int, cond: Tensor | None, temperature: float, noise: Noise,
@@ -114,7 +127,7 @@ def sample_fixed_point(model: PixelCNN, n: int, cond: Tensor | None, temperature
     """Iterate whole-image sampling with frozen noise until it stops changing."""
     device = noise.u.device if noise.u is not None else noise.u_val.device  # type: ignore[union-attr]
     x = _empty(model, n, device)
-    limit = max_iters or model.config.height * model.config.width * model.config.groups + 1
+    limit = max_iters or num_steps(model) + 1
     for _ in range(limit):
         x_new = values_from_output(model, model(x, cond, spatial), noise, temperature)
         if torch.equal(x_new, x):

@@ -38,7 +38,9 @@ class NonFiniteGuard(Callback):
     ) -> None:
         self._batch = batch
 
-    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
+    ) -> None:
         bad_here = not bool(torch.isfinite(loss.detach()).all())
         if not trainer.strategy.reduce_boolean_decision(bad_here, all=False):
             return
@@ -50,7 +52,11 @@ class NonFiniteGuard(Callback):
             batch = apply_to_collection(self._batch, torch.Tensor, lambda t: t.detach().cpu())
             atomic_torch_save({"step": step, "loss": float(loss.detach()), "batch": batch}, where)
         last = self.out_dir / "checkpoints" / "last.ckpt"
-        kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+        kept = (
+            f"the last good checkpoint is {last}"
+            if last.is_file()
+            else "no checkpoint was written yet"
+        )
         raise NonFiniteLossError(
             f"non-finite loss ({float(loss.detach())}) at step {step}; training stopped, {kept}; "
             f"the batch is saved in {where}: lower train.lr or set train.grad_clip"
@@ -70,7 +76,12 @@ class PruneCheckpoints(Callback):
             old.unlink(missing_ok=True)
 
     def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
         self.prune()
 
@@ -91,7 +102,12 @@ class ImageGrids(Callback):
         make: Callable[[L.LightningModule], tuple[torch.Tensor, int]],
         every_n_steps: int,
     ) -> None:
-        self.image_dir, self.prefix, self.make, self.every = Path(image_dir), prefix, make, every_n_steps
+        self.image_dir, self.prefix, self.make, self.every = (
+            Path(image_dir),
+            prefix,
+            make,
+            every_n_steps,
+        )
         self._last_step = -1
 
     @rank_zero_only
@@ -111,7 +127,12 @@ class ImageGrids(Callback):
         logger.info("wrote %s", path)
 
     def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
         if self.every and trainer.global_step % self.every == 0:
             self._write(trainer, pl_module)

@@ -48,16 +48,17 @@ def vae_record(vae: VQVAE, export: Path, image_shape: tuple[int, int, int]) -> d
 
 
 @torch.no_grad()
-def encode_dataset(vae: VQVAE, ds: Dataset[Any], batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_dataset(
+    vae: VQVAE, ds: Dataset[Any], batch_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (x [c, H, W], y) -> codes long [N, h, w] (on CPU), labels long [N]."""
     vae = vae.to(device).eval()
     codes, labels = [], []
     for x, y in DataLoader(ds, batch_size=batch_size, shuffle=False):
         codes.append(vae.encode(x.to(device)).cpu())
         labels.append(y.long())
-    if not codes:
-        h, w = (0, 0)
-        return torch.zeros(0, h, w, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    if not codes:  # an empty split
+        return torch.zeros(0, 0, 0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
     return torch.cat(codes), torch.cat(labels)
 
 
@@ -73,13 +74,20 @@ def _meta(record: dict[str, Any], data_cfg: DataConfig, split: str) -> dict[str,
 
 
 def encode_splits(
-    vae: VQVAE, record: dict[str, Any], splits: ImageSplits, data_cfg: DataConfig, out: Path,
-    batch_size: int = 256, device: str | None = None,
+    vae: VQVAE,
+    record: dict[str, Any],
+    splits: ImageSplits,
+    data_cfg: DataConfig,
+    out: Path,
+    batch_size: int = 256,
+    device: str | None = None,
 ) -> Codes:
     """Encode train/val/test and write ``out/<split>.safetensors`` with the VAE's hash in meta."""
     result: Codes = {}
     for split in SPLITS:
-        codes, labels = encode_dataset(vae, getattr(splits, split), batch_size, default_device(device))
+        codes, labels = encode_dataset(
+            vae, getattr(splits, split), batch_size, default_device(device)
+        )
         if len(codes) == 0:
             codes = torch.zeros(0, *record["grid"], dtype=torch.long)
         save_codes(out / f"{split}.safetensors", codes, labels, _meta(record, data_cfg, split))
@@ -89,8 +97,11 @@ def encode_splits(
 
 
 def encode_codes(
-    vae_dir: str | Path, data_cfg: DataConfig | dict[str, Any], out: str | Path,
-    batch_size: int = 256, device: str | None = None,
+    vae_dir: str | Path,
+    data_cfg: DataConfig | dict[str, Any],
+    out: str | Path,
+    batch_size: int = 256,
+    device: str | None = None,
 ) -> dict[str, Path]:
     """Encode a dataset's train/val/test images with a trained VAE into ``out/<split>.safetensors``.
 
@@ -115,7 +126,9 @@ def check_vae_channels(vae: VQVAE, splits: ImageSplits) -> None:
     vae.latent_shape(splits.height, splits.width)
 
 
-def stored_codes(codes_dir: Path, record: dict[str, Any], data_cfg: DataConfig, strict: bool) -> Codes | None:
+def stored_codes(
+    codes_dir: Path, record: dict[str, Any], data_cfg: DataConfig, strict: bool
+) -> Codes | None:
     """Codes stored under ``codes_dir`` if they came from this VAE and data, else None.
 
     ``strict``: a mismatch (or missing files) raises instead of returning None.
@@ -136,7 +149,9 @@ def stored_codes(codes_dir: Path, record: dict[str, Any], data_cfg: DataConfig, 
                         f"{path} was encoded with a different {'VAE' if key == 'vae_hash' else key} "
                         f"({meta.get(key)!r}, expected {want[key]!r}): encode again with this VAE and data"
                     )
-                logger.info("stored codes in %s are stale (%s differs): re-encoding", codes_dir, key)
+                logger.info(
+                    "stored codes in %s are stale (%s differs): re-encoding", codes_dir, key
+                )
                 return None
         result[split] = (codes, labels)
     return result

@@ -39,7 +39,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         atomic_torch_save(checkpoint, path)
 
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Any = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: Any = None
+    ) -> dict[str, Any]:
         return safe_torch_load(path, map_location="cpu")
 
 
@@ -48,7 +50,9 @@ def _first_difference(old: Any, new: Any, prefix: str = "") -> tuple[str, Any, A
     if isinstance(old, dict) and isinstance(new, dict):
         for key in list(old) + [k for k in new if k not in old]:
             if old.get(key, "<absent>") != new.get(key, "<absent>"):
-                return _first_difference(old.get(key, "<absent>"), new.get(key, "<absent>"), f"{prefix}{key}.")
+                return _first_difference(
+                    old.get(key, "<absent>"), new.get(key, "<absent>"), f"{prefix}{key}."
+                )
     return prefix.rstrip("."), old, new
 
 
@@ -131,7 +135,12 @@ def build_trainer(
         strategy=device.strategy,
         precision=device.resolved_precision(),  # type: ignore[arg-type]
         logger=CSVLogger(save_dir=out / "logs", name=""),
-        callbacks=[NonFiniteGuard(out), PruneCheckpoints(out / CKPT_DIR, train.keep_checkpoints), *callbacks, ckpt],
+        callbacks=[
+            NonFiniteGuard(out),
+            PruneCheckpoints(out / CKPT_DIR, train.keep_checkpoints),
+            *callbacks,
+            ckpt,
+        ],
         plugins=[AtomicCheckpointIO()],
         gradient_clip_val=train.grad_clip or None,
         val_check_interval=train.val_every_n_steps if has_val else None,
@@ -145,12 +154,19 @@ def build_trainer(
 
 
 def run_training(
-    trainer: L.Trainer, module: L.LightningModule, datamodule: Any, ckpt: Path | None, out: Path, has_val: bool
+    trainer: L.Trainer,
+    module: L.LightningModule,
+    datamodule: Any,
+    ckpt: Path | None,
+    out: Path,
+    has_val: bool,
 ) -> dict[str, float]:
     """Fit (resuming from ``ckpt``), save a final ``last.ckpt``, validate once more, flatten the
     CSV logs into ``metrics.csv``; return the final scalar metrics."""
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+        trainer.fit(
+            module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True
+        )
         trainer.save_checkpoint(out / CKPT_DIR / LAST_CKPT, weights_only=False)
         metrics = scalar_metrics(trainer.callback_metrics)
         if has_val:
@@ -167,7 +183,9 @@ def flatten_metrics(out: Path) -> Path | None:
 
     Later launches (resumes) win for a step they share with earlier ones.
     """
-    files = sorted((out / "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    files = sorted(
+        (out / "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])
+    )
     if not files:
         return None
     rows: dict[int, dict[str, str]] = {}
@@ -195,9 +213,7 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """Plain floats from Lightning's callback metrics (finite or not)."""
     out: dict[str, float] = {}
     for k, v in metrics.items():
-        if isinstance(v, torch.Tensor) and v.numel() == 1:
-            out[k] = float(v)
-        elif isinstance(v, (int, float)):
+        if isinstance(v, torch.Tensor) and v.numel() == 1 or isinstance(v, (int, float)):
             out[k] = float(v)
     return out
 

@@ -121,11 +121,15 @@ class DeviceOptions(Config):
 def check_sections(raw: dict[str, Any], stage: str) -> None:
     """Reject unknown top-level sections and unknown model keys before any data is loaded."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"a {stage} config must be a mapping with sections {STAGE_SECTIONS[stage]}")
+        raise ConfigError(
+            f"a {stage} config must be a mapping with sections {STAGE_SECTIONS[stage]}"
+        )
     allowed = STAGE_SECTIONS[stage]
     for key in raw:
         if key not in allowed:
-            raise ConfigError(f"unknown config key {key} for train-{stage}; known keys: {', '.join(allowed)}")
+            raise ConfigError(
+                f"unknown config key {key} for train-{stage}; known keys: {', '.join(allowed)}"
+            )
     model = raw.get("model") or {}
     if not isinstance(model, dict):
         raise ConfigError("model must be a mapping of model fields")

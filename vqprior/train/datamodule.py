@@ -48,7 +48,9 @@ class SplitsDataModule(L.LightningDataModule):
         return self._loader(self.test_set, shuffle=False)
 
 
-def image_datamodule(splits: ImageSplits, batch_size: int, num_workers: int = 0) -> SplitsDataModule:
+def image_datamodule(
+    splits: ImageSplits, batch_size: int, num_workers: int = 0
+) -> SplitsDataModule:
     """Images: items (x float [c, H, W] in [-1, 1], y long)."""
     return SplitsDataModule(splits.train, splits.val, splits.test, batch_size, num_workers)
 

@@ -13,7 +13,13 @@ import yaml
 from torch.utils.data import DataLoader
 
 from vqprior.data import DataConfig, float_to_uint8, load_image_splits, save_image_grid
-from vqprior.io import CheckpointError, atomic_write_bytes, content_hash, load_pretrained, safe_torch_load
+from vqprior.io import (
+    CheckpointError,
+    atomic_write_bytes,
+    content_hash,
+    load_pretrained,
+    safe_torch_load,
+)
 from vqprior.models.pixelcnn import PixelCNN, PixelCNNConfig
 from vqprior.models.vqvae import VQVAE, VQVAEConfig
 from vqprior.train.codes import VAE_RECORD, default_device, load_vae, read_vae_record
@@ -60,11 +66,15 @@ def matching_vae(prior: PixelCNN, prior_path: Path, vae_dir: str | Path | None) 
                 f"(hash {record['vae_hash']}, {record['vae_path']}): pass that train-vae run dir"
             )
     else:
-        logger.warning("%s records no VAE hash: cannot check that %s is the right VAE", prior_path, vae_path)
+        logger.warning(
+            "%s records no VAE hash: cannot check that %s is the right VAE", prior_path, vae_path
+        )
     return vae
 
 
-def _labels(prior: PixelCNN, num: int, label: int | None, device: torch.device) -> torch.Tensor | None:
+def _labels(
+    prior: PixelCNN, num: int, label: int | None, device: torch.device
+) -> torch.Tensor | None:
     k = prior.config.num_classes
     if label is not None:
         if not k:
@@ -122,7 +132,9 @@ def _run_data_config(prior_dir: Path, data: DataConfig | None) -> DataConfig:
     cfg_file = prior_dir / "config.yaml"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file} not found: pass a train-prior run dir to evaluate")
-    return DataConfig.from_dict((yaml.safe_load(cfg_file.read_text()) or {}).get("data"), prefix="data.")
+    return DataConfig.from_dict(
+        (yaml.safe_load(cfg_file.read_text()) or {}).get("data"), prefix="data."
+    )
 
 
 @torch.no_grad()
@@ -168,7 +180,9 @@ def evaluate(
     return result
 
 
-def _bits(prior_nats: float, dec_nats: float, n: int, dims: int, prior: PixelCNN, vae: VQVAE | None) -> dict[str, Any]:
+def _bits(
+    prior_nats: float, dec_nats: float, n: int, dims: int, prior: PixelCNN, vae: VQVAE | None
+) -> dict[str, Any]:
     if vae is None:
         return {"bits_per_dim": prior_nats / (n * dims * LN2)}
     result: dict[str, Any] = {
@@ -179,9 +193,13 @@ def _bits(prior_nats: float, dec_nats: float, n: int, dims: int, prior: PixelCNN
     if vae.config.recon == "mixture":
         result["decoder_bits_per_dim"] = dec_nats / (n * dims * LN2)
         result["bits_per_dim"] = (prior_nats + dec_nats) / (n * dims * LN2)
-        result["note"] = "bits_per_dim = prior bits of the codes + decoder bits of the image (an upper bound)"
+        result["note"] = (
+            "bits_per_dim = prior bits of the codes + decoder bits of the image (an upper bound)"
+        )
     else:
-        result["note"] = "the VAE has recon=mse (no discrete likelihood): only the prior's part is reported"
+        result["note"] = (
+            "the VAE has recon=mse (no discrete likelihood): only the prior's part is reported"
+        )
     return result
 
 
@@ -190,8 +208,14 @@ def export(ckpt: str | Path, out_dir: str | Path) -> Path:
     for a prior, with its vae.json)."""
     state = safe_torch_load(ckpt)
     hp = state.get("hyper_parameters") if isinstance(state, dict) else None
-    if not isinstance(hp, dict) or hp.get("kind") not in ("vae", "prior") or "state_dict" not in state:
-        raise CheckpointError(f"{ckpt} is not a vqprior training checkpoint (no kind/model hyperparameters)")
+    if (
+        not isinstance(hp, dict)
+        or hp.get("kind") not in ("vae", "prior")
+        or "state_dict" not in state
+    ):
+        raise CheckpointError(
+            f"{ckpt} is not a vqprior training checkpoint (no kind/model hyperparameters)"
+        )
     weights: dict[str, torch.Tensor] = state["state_dict"]
     model: VQVAE | PixelCNN
     if hp["kind"] == "vae":
@@ -202,7 +226,9 @@ def export(ckpt: str | Path, out_dir: str | Path) -> Path:
     own = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
     missing, unexpected = model.load_state_dict(own, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{ckpt}: weights do not match its config (missing {sorted(missing)[:3]})")
+        raise CheckpointError(
+            f"{ckpt}: weights do not match its config (missing {sorted(missing)[:3]})"
+        )
     out = Path(out_dir)
     model.save_pretrained(out)
     if hp["kind"] == "prior" and hp.get("vae"):

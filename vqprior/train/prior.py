@@ -37,9 +37,13 @@ class PriorModule(L.LightningModule):
         self.train_cfg = TrainConfig.from_dict(train)
         self.ema: AveragedModel | None = None
         if self.train_cfg.ema_decay > 0:
-            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.train_cfg.ema_decay))
+            self.ema = AveragedModel(
+                self.model, multi_avg_fn=get_ema_multi_avg_fn(self.train_cfg.ema_decay)
+            )
             self.ema.requires_grad_(False)
-        self._log_prob = {"fn": torch.compile(self.model.log_prob) if compile else self.model.log_prob}
+        self._log_prob = {
+            "fn": torch.compile(self.model.log_prob) if compile else self.model.log_prob
+        }
 
     @property
     def eval_model(self) -> PixelCNN:
@@ -90,7 +94,9 @@ class PriorModule(L.LightningModule):
             self.ema.update_parameters(self.model)
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0
+    ) -> torch.Tensor:
         """``n`` samples from the EMA model: codes long [n, h, w] or pixels [n, c, H, W].
 
         A conditional prior draws labels 0, 1, ..., num_classes - 1 in turn.

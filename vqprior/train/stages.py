@@ -78,8 +78,13 @@ def resolve_vae_stage(raw: dict[str, Any]) -> tuple[VAEStageConfig, ImageSplits]
 
 
 def _finish(
-    out: Path, stage: str, trainer: L.Trainer, model: torch.nn.Module, metrics: dict[str, float],
-    started: float, extra: dict[str, Any],
+    out: Path,
+    stage: str,
+    trainer: L.Trainer,
+    model: torch.nn.Module,
+    metrics: dict[str, float],
+    started: float,
+    extra: dict[str, Any],
 ) -> dict[str, Any]:
     old = out / "summary.json"
     if old.is_file():  # a resumed run keeps the figures that the new launch did not log again
@@ -113,7 +118,7 @@ def train_vae(
     has_val = len(splits.val) > 0  # type: ignore[arg-type]
     fixed = _fixed_images(splits, min(cfg.train.num_sample_images, 32))
     grids = ImageGrids(
-        out / IMAGES_DIR, "recon", lambda m: m.reconstruction_grid(fixed), cfg.train.image_every_n_steps
+        out / IMAGES_DIR, "recon", _reconstructor(fixed), cfg.train.image_every_n_steps
     )
     trainer = build_trainer(out, cfg.train, device, [grids, *(callbacks or [])], has_val)
     dm = image_datamodule(splits, cfg.train.batch_size, cfg.train.num_workers)
@@ -122,6 +127,13 @@ def train_vae(
         return {}
     module.model.save_pretrained(out / MODEL_DIR)
     return _finish(out, "train-vae", trainer, module.model, metrics, started, {})
+
+
+def _reconstructor(fixed: torch.Tensor) -> Any:
+    def make(module: VQVAEModule) -> tuple[torch.Tensor, int]:
+        return module.reconstruction_grid(fixed)
+
+    return make
 
 
 def _fixed_images(splits: ImageSplits, n: int) -> torch.Tensor:
@@ -159,8 +171,13 @@ def resolve_prior_stage(
 
 
 def _prior_codes(
-    cfg: PriorStageConfig, splits: ImageSplits, vae: VQVAE, record: dict[str, Any],
-    out: Path, codes_dir: Path | None, device: DeviceOptions,
+    cfg: PriorStageConfig,
+    splits: ImageSplits,
+    vae: VQVAE,
+    record: dict[str, Any],
+    out: Path,
+    codes_dir: Path | None,
+    device: DeviceOptions,
 ) -> Codes:
     """Stored codes when they match the VAE (an explicit ``codes_dir`` must), else encode now."""
     if codes_dir is not None:
@@ -194,14 +211,18 @@ def train_prior(
     _check_vae_unchanged(out, record)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     if vae is not None and record is not None:
-        codes = _prior_codes(cfg, splits, vae, record, out, Path(codes_dir) if codes_dir else None, device)
+        codes = _prior_codes(
+            cfg, splits, vae, record, out, Path(codes_dir) if codes_dir else None, device
+        )
         dm = codes_datamodule(codes, cfg.train.batch_size, cfg.train.num_workers)
         has_val = len(codes["val"][0]) > 0
     else:
         dm = image_datamodule(splits, cfg.train.batch_size, cfg.train.num_workers)
         has_val = len(splits.val) > 0  # type: ignore[arg-type]
     module = PriorModule(cfg.model.to_dict(), cfg.train.to_dict(), record, compile=device.compile)
-    grids = ImageGrids(out / IMAGES_DIR, "samples", _sampler(cfg, vae), cfg.train.image_every_n_steps)
+    grids = ImageGrids(
+        out / IMAGES_DIR, "samples", _sampler(cfg, vae), cfg.train.image_every_n_steps
+    )
     trainer = build_trainer(out, cfg.train, device, [grids, *(callbacks or [])], has_val)
     metrics = run_training(trainer, module, dm, resume, out, has_val)
     if not trainer.is_global_zero:

@@ -1,0 +1,134 @@
+"""Stage configs, the data-dependent field rules, the lr schedule and metrics flattening."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from vqprior.config import ConfigError
+from vqprior.data import DataConfig
+from vqprior.models.pixelcnn import PixelCNNConfig
+from vqprior.models.vqvae import VQVAEConfig
+from vqprior.train.common import flatten_metrics, lr_lambda, prepare_run_dir
+from vqprior.train.config import (
+    DeviceOptions,
+    TrainConfig,
+    check_sections,
+    fill_field,
+    fill_num_classes,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ALL = sorted(CONFIGS.glob("*.yaml")) + sorted(CONFIGS.glob("tiny/*.yaml"))
+DATA_FIELDS = ("in_channels", "height", "width", "num_codes", "num_classes", "data")
+
+
+@pytest.mark.parametrize("path", ALL, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_shipped_config_is_valid(path: Path) -> None:
+    raw = yaml.safe_load(path.read_text())
+    stage = "prior" if path.name.startswith("prior") else "vae"
+    check_sections(raw, stage)
+    DataConfig.from_dict(raw["data"])
+    TrainConfig.from_dict(raw["train"])
+    model = {
+        k: v for k, v in raw["model"].items() if k not in DATA_FIELDS or v not in (None, "auto")
+    }
+    (VQVAEConfig if stage == "vae" else PixelCNNConfig).from_dict(model)
+
+
+def test_unknown_sections_and_model_keys_are_named() -> None:
+    with pytest.raises(ConfigError, match="unknown config key optim"):
+        check_sections({"model": {}, "optim": {}}, "vae")
+    with pytest.raises(ConfigError, match="unknown config key vae"):
+        check_sections({"vae": "x"}, "vae")
+    with pytest.raises(ConfigError, match="model.num_layer "):
+        check_sections({"model": {"num_layer": 3}}, "prior")
+    with pytest.raises(ConfigError, match="train.bacth_size"):
+        TrainConfig.from_dict({"bacth_size": 3}, prefix="train.")
+
+
+def test_fill_rules() -> None:
+    model: dict[str, Any] = {"height": "auto", "width": None, "in_channels": 3}
+    fill_field(model, "height", 8, "the images")
+    fill_field(model, "width", 8, "the images")
+    fill_field(model, "num_codes", 16, "the VAE")  # absent -> filled
+    fill_field(model, "in_channels", 3, "the images")  # explicit and equal -> kept
+    assert model == {"height": 8, "width": 8, "in_channels": 3, "num_codes": 16}
+    with pytest.raises(ConfigError, match="model.in_channels=3 does not match"):
+        fill_field(model, "in_channels", 1, "the images")
+    for given, want in (("auto", 10), (None, 10), (0, 0), (10, 10)):
+        m = {"num_classes": given}
+        fill_num_classes(m, 10)
+        assert m["num_classes"] == want
+    m = {}
+    fill_num_classes(m, 10)
+    assert m == {}  # absent: the model default (unconditional)
+    with pytest.raises(ConfigError, match="num_classes"):
+        fill_num_classes({"num_classes": 5}, 10)
+
+
+def test_train_config_validation() -> None:
+    with pytest.raises(ConfigError, match="ema_decay"):
+        TrainConfig(ema_decay=1.0)
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear")
+    assert TrainConfig.from_dict({"lr": "1e-3"}).lr == 1e-3
+
+
+def test_lr_schedule_warmup_then_cosine_to_zero() -> None:
+    f = lr_lambda(TrainConfig(lr_schedule="cosine", warmup_steps=4, max_steps=104))
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == 1.0 and f(54) == pytest.approx(0.5) and f(104) == pytest.approx(0.0, abs=1e-12)
+    assert all(f(s) >= f(s + 1) for s in range(4, 104))
+    const = lr_lambda(TrainConfig(max_steps=10))
+    assert {const(s) for s in range(10)} == {1.0}
+
+
+def test_default_precision_is_fp32_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert DeviceOptions().resolved_precision() == "32-true"
+    assert DeviceOptions(precision="bf16-mixed").resolved_precision() == "bf16-mixed"
+    assert DeviceOptions(devices="2").trainer_devices() == 2
+    assert DeviceOptions(devices="0,1").trainer_devices() == "0,1"
+
+
+def _write(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True)
+    keys = sorted({k for r in rows for k in r})
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_flatten_metrics_merges_rows_per_step_and_resumes_win(tmp_path: Path) -> None:
+    _write(tmp_path / "logs/version_0/metrics.csv", [
+        {"step": 0, "train/loss": 3.0}, {"step": 1, "train/loss": 2.0},
+        {"step": 1, "val/loss": 2.5}, {"step": 2, "train/loss": 9.0},
+    ])  # fmt: skip
+    _write(
+        tmp_path / "logs/version_1/metrics.csv",
+        [{"step": 2, "train/loss": 1.5}, {"step": 3, "train/loss": 1.0}],
+    )
+    flatten_metrics(tmp_path)
+    with open(tmp_path / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]
+    assert rows[1]["train/loss"] == "2.0" and rows[1]["val/loss"] == "2.5"
+    assert float(rows[2]["train/loss"]) == 1.5  # the resumed launch redid step 2
+    assert math.isclose(float(rows[3]["train/loss"]), 1.0)
+
+
+def test_prepare_run_dir_names_the_first_differing_key(tmp_path: Path) -> None:
+    cfg = {"model": {"channels": 8}, "train": {"lr": 0.1}}
+    assert prepare_run_dir(tmp_path, cfg) is None
+    assert prepare_run_dir(tmp_path, cfg) is None  # same config: fine (nothing to resume yet)
+    with pytest.raises(ConfigError, match=r"model.channels is 8 there, 16 now"):
+        prepare_run_dir(tmp_path, {"model": {"channels": 16}, "train": {"lr": 0.1}})
