@@ -85,3 +85,12 @@ def test_head_keeps_group_causality() -> None:
     forbidden = out_groups.view(-1, 1) < hid.view(1, -1)
     assert torch.all(jac[forbidden] == 0)
     assert torch.all(jac[~forbidden].abs().sum() > 0)
+
+
+def test_every_parameter_gets_a_gradient() -> None:
+    """No unused weights: plain DDP (find_unused_parameters=False) requires it."""
+    stack = GatedStack(3, 6, 3, 3, 3, cond_dim=2, spatial_channels=1)
+    out = stack(torch.randn(2, 3, 5, 5), torch.randn(2, 2), torch.randn(2, 1, 5, 5))
+    out.sum().backward()
+    missing = [name for name, p in stack.named_parameters() if p.grad is None]
+    assert not missing, missing

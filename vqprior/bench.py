@@ -127,8 +127,12 @@ def bench_training(name: str, model: torch.nn.Module, batch_fn: Callable[[], tup
         loss.backward()
         opt.step()
 
+    def run() -> None:
+        for _ in range(steps):
+            step()
+
     step()  # warm-up
-    elapsed, _ = _timed(lambda: [step() for _ in range(steps)], device)
+    elapsed, _ = _timed(run, device)
     mem, kind = _peak_memory(device)
     return TrainingRow(name, batch, batch * steps / elapsed, mem, kind)
 

@@ -115,6 +115,8 @@ def _devices(kw: dict[str, Any]) -> Any:
 
 
 def _report(result: dict[str, Any]) -> None:
+    if not result:  # a DDP worker rank: rank zero reports
+        return
     click.echo(json.dumps(result, sort_keys=True, default=str))
 
 

@@ -104,7 +104,8 @@ def safe_torch_load(path: str | os.PathLike[str], map_location: str | torch.devi
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        text = str(err)
+        if "Unsupported global" in text or "not an allowed global" in text or "GLOBAL" in text:
             raise CheckpointError(
                 f"refused to load {path}: it holds pickled objects other than tensors "
                 "(possibly unsafe); only vqprior/Lightning checkpoints are accepted"

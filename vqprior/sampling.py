@@ -176,7 +176,7 @@ def sample(model: PixelCNN, n: int, cond: Tensor | None = None, temperature: flo
 class _LayerCache(NamedTuple):
     w_h: Tensor  # [2F, Cin * (p + 1)] masked horizontal kernel, flattened
     b_h: Tensor | None
-    w_res: Tensor  # [F, F]
+    w_res: Tensor | None  # [F, F]; None in the last layer (its residual output is unused)
     b_res: Tensor | None
     w_skip: Tensor
     b_skip: Tensor | None
@@ -190,7 +190,8 @@ def _layer_caches(stack: GatedStack, cvec: Tensor | None, spatial: Tensor | None
         bv, bh = layer.biases(cvec, spatial)
         caches.append(_LayerCache(
             rearrange(layer.h_conv.masked_weight(), "o i 1 k -> o (i k)"), layer.h_conv.bias,
-            layer.h_res.masked_weight()[:, :, 0, 0], layer.h_res.bias,
+            None if layer.h_res is None else layer.h_res.masked_weight()[:, :, 0, 0],
+            None if layer.h_res is None else layer.h_res.bias,
             layer.h_skip.masked_weight()[:, :, 0, 0], layer.h_skip.bias, bv, bh,
         ))
     return caches
@@ -250,10 +251,11 @@ def _horizontal_step(stack: GatedStack, caches: list[_LayerCache], xpad: Tensor,
         window = xpad[:, :, r + p, c : c + p + 1] if i == 0 else hpad[i - 1][:, :, c : c + p + 1]
         h_pre = F.linear(rearrange(window, "n i k -> n (i k)"), cache.w_h, cache.b_h) + hrow[i][:, :, c]
         hg = gate(h_pre)
-        h_out = F.linear(hg, cache.w_res, cache.b_res)
-        if i > 0:
-            h_out = h_out + hpad[i - 1][:, :, c + p]
-        hpad[i][:, :, c + p] = h_out
+        if cache.w_res is not None:
+            h_out = F.linear(hg, cache.w_res, cache.b_res)
+            if i > 0:
+                h_out = h_out + hpad[i - 1][:, :, c + p]
+            hpad[i][:, :, c + p] = h_out
         skips = skips + F.linear(hg, cache.w_skip, cache.b_skip)
     assert isinstance(skips, Tensor) and len(caches) == len(stack.layers)
     return skips

@@ -47,6 +47,7 @@ class GatedLayer(nn.Module):
         first: bool,
         cond_dim: int = 0,
         spatial_channels: int = 0,
+        last: bool = False,
     ) -> None:
         super().__init__()
         if kernel_size < 3 or kernel_size % 2 == 0:
@@ -63,7 +64,8 @@ class GatedLayer(nn.Module):
         self.h_conv = MaskedConv2d(in_channels, 2 * channels, (1, p + 1), (p, 0, 0, 0), h_mask)
         self.v_to_h = nn.Conv2d(2 * channels, 2 * channels, 1)
         mask_b = causal_mask(1, "B", hid, hid)
-        self.h_res = MaskedConv2d(channels, channels, (1, 1), mask=mask_b)
+        # the last layer's residual output is never read: build no unused weights (DDP needs that)
+        self.h_res = None if last else MaskedConv2d(channels, channels, (1, 1), mask=mask_b)
         self.h_skip = MaskedConv2d(channels, channels, (1, 1), mask=mask_b.clone())
         self.cond = nn.Linear(cond_dim, 4 * channels, bias=False) if cond_dim else None
         self.spatial = nn.Conv2d(spatial_channels, 4 * channels, 1, bias=False) if spatial_channels else None
@@ -91,9 +93,10 @@ class GatedLayer(nn.Module):
         v_pre = self.v_conv(v) + bv  # [b, 2F, H, W]
         h_pre = self.h_conv(h) + self.v_to_h(v_pre) + bh
         h_gated = gate(h_pre)
-        h_out = self.h_res(h_gated)
-        if not self.first:
-            h_out = h_out + h
+        if self.h_res is None:
+            h_out = h
+        else:
+            h_out = self.h_res(h_gated) if self.first else self.h_res(h_gated) + h
         return LayerOut(gate(v_pre), h_out, self.h_skip(h_gated))
 
 
@@ -122,6 +125,7 @@ class GatedStack(nn.Module):
                 first=i == 0,
                 cond_dim=cond_dim,
                 spatial_channels=spatial_channels,
+                last=i == num_layers - 1,
             )
             for i in range(num_layers)
         )

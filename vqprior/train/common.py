@@ -108,6 +108,20 @@ def progress_enabled(device: DeviceOptions) -> bool:
     return device.progress if device.progress is not None else sys.stderr.isatty()
 
 
+def resolve_strategy(name: str) -> Any:
+    """Lightning strategy for ``name``; plain DDP does not broadcast buffers.
+
+    Every rank already holds identical codebooks (the quantizer all-reduces its EMA statistics
+    and broadcasts restarts), and broadcasting would overwrite each rank's local code-usage
+    counts, which are all-reduced at the end of an epoch instead.
+    """
+    if name == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(broadcast_buffers=False)
+    return name
+
+
 def build_trainer(
     out: Path,
     train: TrainConfig,
@@ -132,7 +146,7 @@ def build_trainer(
         accelerator=device.accelerator,
         devices=device.trainer_devices(),
         num_nodes=device.num_nodes,
-        strategy=device.strategy,
+        strategy=resolve_strategy(device.strategy),
         precision=device.resolved_precision(),  # type: ignore[arg-type]
         logger=CSVLogger(save_dir=out / "logs", name=""),
         callbacks=[

@@ -93,8 +93,9 @@ class VQVAEModule(L.LightningModule):
 
     def _log_usage(self, stage: str) -> None:
         used, perplexity = self.model.quantizer.usage_stats()
-        self.log(f"{stage}/codes_used", float(used), rank_zero_only=True)
-        self.log(f"{stage}/perplexity", perplexity, rank_zero_only=True)
+        # already summed over ranks: the sync only averages equal values
+        self.log(f"{stage}/codes_used", float(used), sync_dist=True)
+        self.log(f"{stage}/perplexity", perplexity, sync_dist=True)
 
     @torch.no_grad()
     def reconstruction_grid(self, x: torch.Tensor, per_row: int = 8) -> tuple[torch.Tensor, int]:
