@@ -103,7 +103,7 @@ def test_codes_prior_run_records_the_vae_and_exports_ema_weights(
     assert summary["global_step"] == 4
     bits, nats = summary["metrics"]["val/bits_per_image"], summary["metrics"]["val/nats_per_code"]
     assert bits == pytest.approx(nats * 16 / math.log(2), rel=1e-5)
-    assert nats == pytest.approx(math.log(16), abs=0.3)  # near uniform after 4 tiny steps
+    assert 0 < nats < 2 * math.log(16)  # a finite, sane likelihood after 4 tiny steps
 
 
 def test_export_of_prior_checkpoint_equals_run_export(codes_prior: Path, tmp_path: Path) -> None:
@@ -209,3 +209,19 @@ def test_prior_field_contradicting_the_vae_is_refused(vae_dir: Path, tmp_path: P
     cfg["model"]["num_codes"] = 32
     with pytest.raises(ConfigError, match="model.num_codes"):
         train_prior(cfg, tmp_path, CPU)
+
+
+def test_ema_warms_up_so_short_runs_are_not_dominated_by_the_initial_weights() -> None:
+    import torch
+
+    from vqprior.train.prior import warmup_ema
+
+    update = warmup_ema(0.999)
+    ema, target = [torch.zeros(3)], [torch.ones(3)]
+    for n in range(600):
+        update(ema, target, torch.tensor(n + 1))
+    # a plain 0.999 EMA would sit at 1 - 0.999**600 = 0.45 here
+    assert float(ema[0][0]) > 0.95
+    first = [torch.zeros(1)]
+    update(first, [torch.ones(1)], torch.tensor(1))
+    assert abs(float(first[0][0]) - (1 - 2 / 11)) < 1e-6  # decay (1 + n) / (10 + n) at n = 1

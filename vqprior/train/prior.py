@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from vqprior.models.pixelcnn import PixelCNN, PixelCNNConfig
 from vqprior.train.common import configure_adamw
@@ -16,6 +16,22 @@ from vqprior.train.vae import channels_last
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LN2 = math.log(2.0)
+
+
+def warmup_ema(decay: float) -> Any:
+    """Polyak/EMA update whose decay ramps up as min(decay, (1 + n) / (10 + n)).
+
+    A plain EMA at 0.999 still weighs the random initial weights by 0.999**n (0.55 after 600
+    steps), so short runs would validate and sample an almost untrained model.
+    """
+
+    @torch.no_grad()
+    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = float(num_averaged)
+        d = min(decay, (1.0 + n) / (10.0 + n))
+        torch._foreach_lerp_(ema_params, params, 1.0 - d)
+
+    return update
 
 
 class PriorModule(L.LightningModule):
@@ -37,9 +53,7 @@ class PriorModule(L.LightningModule):
         self.train_cfg = TrainConfig.from_dict(train)
         self.ema: AveragedModel | None = None
         if self.train_cfg.ema_decay > 0:
-            self.ema = AveragedModel(
-                self.model, multi_avg_fn=get_ema_multi_avg_fn(self.train_cfg.ema_decay)
-            )
+            self.ema = AveragedModel(self.model, multi_avg_fn=warmup_ema(self.train_cfg.ema_decay))
             self.ema.requires_grad_(False)
         self._log_prob = {
             "fn": torch.compile(self.model.log_prob) if compile else self.model.log_prob
