@@ -46,7 +46,9 @@ def group_outputs(stack: GatedStack, groups: int):
 @pytest.mark.parametrize("kernel_size", [3, 5])
 @pytest.mark.parametrize("groups", [1, 3])
 @pytest.mark.parametrize("layers", [1, 2, 3])
-def test_gated_stack_field_is_exactly_the_causal_cone(kernel_size: int, groups: int, layers: int) -> None:
+def test_gated_stack_field_is_exactly_the_causal_cone(
+    kernel_size: int, groups: int, layers: int
+) -> None:
     torch.manual_seed(layers)
     size = 7
     stack = GatedStack(groups, 4 * groups, layers, kernel_size, groups).double()

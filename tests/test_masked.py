@@ -33,13 +33,15 @@ def allowed(gout: torch.Tensor, gin: torch.Tensor, size: int, mask_type: str) ->
 def in_kernel(size: int, p: int) -> torch.Tensor:
     idx = torch.arange(size)
     near = (idx.view(-1, 1) - idx.view(1, -1)).abs() <= p  # [i, i']
-    return (near.view(1, size, 1, 1, size, 1) & near.view(1, 1, size, 1, 1, size))
+    return near.view(1, size, 1, 1, size, 1) & near.view(1, 1, size, 1, 1, size)
 
 
 @pytest.mark.parametrize("kernel_size", [1, 3, 5, 7])
 @pytest.mark.parametrize("mask_type", ["A", "B"])
 @pytest.mark.parametrize("groups", [1, 2, 3])
-def test_single_masked_conv_is_exactly_causal(kernel_size: int, mask_type: str, groups: int) -> None:
+def test_single_masked_conv_is_exactly_causal(
+    kernel_size: int, mask_type: str, groups: int
+) -> None:
     torch.manual_seed(0)
     cin, cout, size = 2 * groups, 3 * groups, 7
     conv = MaskedConv2d.causal(cin, cout, kernel_size, mask_type, groups).double()
@@ -61,7 +63,9 @@ def test_stack_of_masked_convs_never_sees_the_future(kernel_size: int, groups: i
     layers = [MaskedConv2d.causal(groups, ch, kernel_size, "A", groups)]
     layers += [MaskedConv2d.causal(ch, ch, kernel_size, "B", groups) for _ in range(2)]
     layers += [MaskedConv2d.causal(ch, groups, 1, "B", groups)]
-    net = torch.nn.Sequential(*[m for layer in layers for m in (layer, torch.nn.Tanh())][:-1]).double()
+    net = torch.nn.Sequential(
+        *[m for layer in layers for m in (layer, torch.nn.Tanh())][:-1]
+    ).double()
     size = 6
     x = torch.randn(groups, size, size, dtype=torch.float64)
     jac = element_jacobian(net, x)

@@ -12,18 +12,54 @@ from vqprior.nn.grid import from_bins
 
 CASES = {
     "codes": dict(data="codes", num_codes=7, height=4, width=4, channels=8, num_layers=2),
-    "codes-cond-k5": dict(data="codes", num_codes=5, height=4, width=5, channels=8, num_layers=2,
-                          kernel_size=5, num_classes=3),
-    "rgb-mixture": dict(data="pixels", in_channels=3, height=3, width=4, channels=8, num_layers=2,
-                        num_mixtures=2),
-    "rgb-categorical": dict(data="pixels", in_channels=3, head="categorical", num_bins=8, height=3,
-                            width=3, channels=12, num_layers=2),
-    "gray-mixture-cond": dict(data="pixels", in_channels=1, height=4, width=4, channels=8,
-                              num_layers=3, num_classes=2),
-    "rgb-pixelcnnpp": dict(data="pixels", in_channels=3, height=4, width=4, channels=8,
-                           backbone="pixelcnnpp", nr_resnet=1, num_scales=2, num_mixtures=2),
-    "gray-pixelcnnpp-cond": dict(data="pixels", in_channels=1, height=4, width=4, channels=8,
-                                 backbone="pixelcnnpp", nr_resnet=1, num_scales=2, num_classes=2),
+    "codes-cond-k5": dict(
+        data="codes",
+        num_codes=5,
+        height=4,
+        width=5,
+        channels=8,
+        num_layers=2,
+        kernel_size=5,
+        num_classes=3,
+    ),
+    "rgb-mixture": dict(
+        data="pixels", in_channels=3, height=3, width=4, channels=8, num_layers=2, num_mixtures=2
+    ),
+    "rgb-categorical": dict(
+        data="pixels",
+        in_channels=3,
+        head="categorical",
+        num_bins=8,
+        height=3,
+        width=3,
+        channels=12,
+        num_layers=2,
+    ),
+    "gray-mixture-cond": dict(
+        data="pixels", in_channels=1, height=4, width=4, channels=8, num_layers=3, num_classes=2
+    ),
+    "rgb-pixelcnnpp": dict(
+        data="pixels",
+        in_channels=3,
+        height=4,
+        width=4,
+        channels=8,
+        backbone="pixelcnnpp",
+        nr_resnet=1,
+        num_scales=2,
+        num_mixtures=2,
+    ),
+    "gray-pixelcnnpp-cond": dict(
+        data="pixels",
+        in_channels=1,
+        height=4,
+        width=4,
+        channels=8,
+        backbone="pixelcnnpp",
+        nr_resnet=1,
+        num_scales=2,
+        num_classes=2,
+    ),
 }
 
 
@@ -76,8 +112,18 @@ def test_log_prob_is_causal_for_every_element(name: str) -> None:
 @pytest.mark.parametrize("backbone", ["gated", "pixelcnnpp"])
 def test_all_256_values_at_a_position_sum_to_one(head: str, backbone: str) -> None:
     torch.manual_seed(0)
-    cfg = PixelCNNConfig(data="pixels", in_channels=1, height=4, width=4, channels=8, num_layers=2,
-                         head=head, backbone=backbone, nr_resnet=1, num_scales=2)
+    cfg = PixelCNNConfig(
+        data="pixels",
+        in_channels=1,
+        height=4,
+        width=4,
+        channels=8,
+        num_layers=2,
+        head=head,
+        backbone=backbone,
+        nr_resnet=1,
+        num_scales=2,
+    )
     model = PixelCNN(cfg).double().eval()
     gen = torch.Generator().manual_seed(0)
     x = random_data(model, 1, gen).repeat(256, 1, 1, 1)
@@ -155,8 +201,17 @@ def test_short_run_on_digits_pixels_beats_uniform_by_far() -> None:
     torch.manual_seed(0)
     images, _ = digits_uint8()
     x = images.float() * 2 / 255 - 1
-    model = PixelCNN(PixelCNNConfig(data="pixels", in_channels=1, height=8, width=8, channels=16,
-                                    num_layers=3, num_mixtures=3))
+    model = PixelCNN(
+        PixelCNNConfig(
+            data="pixels",
+            in_channels=1,
+            height=8,
+            width=8,
+            channels=16,
+            num_layers=3,
+            num_mixtures=3,
+        )
+    )
     nats = fit(model, x, None, 120)
     assert nats < 0.6 * math.log(256), nats
 
@@ -165,8 +220,11 @@ def test_short_run_on_digit_codes_beats_uniform_and_conditioning_matters() -> No
     torch.manual_seed(0)
     images, labels = digits_uint8()
     codes = (images[:, 0].long() * 8) // 256  # 8 "codes" per position
-    model = PixelCNN(PixelCNNConfig(data="codes", num_codes=8, height=8, width=8, channels=16,
-                                    num_layers=3, num_classes=10))
+    model = PixelCNN(
+        PixelCNNConfig(
+            data="codes", num_codes=8, height=8, width=8, channels=16, num_layers=3, num_classes=10
+        )
+    )
     nats = fit(model, codes, labels, 120)
     assert nats < 0.6 * math.log(8), nats
     gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731

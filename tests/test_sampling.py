@@ -15,24 +15,84 @@ from vqprior import PixelCNN, PixelCNNConfig
 
 CASES = {
     "codes-k3": dict(data="codes", num_codes=9, height=5, width=4, channels=8, num_layers=3),
-    "codes-k5-cond": dict(data="codes", num_codes=6, height=4, width=6, channels=8, num_layers=2,
-                          kernel_size=5, num_classes=3),
-    "codes-k7-spatial": dict(data="codes", num_codes=6, height=4, width=4, channels=8,
-                             num_layers=2, kernel_size=7, spatial_cond_channels=2),
-    "gray-mixture": dict(data="pixels", in_channels=1, height=4, width=5, channels=8,
-                         num_layers=2, num_mixtures=3),
-    "rgb-mixture-cond": dict(data="pixels", in_channels=3, height=4, width=4, channels=8,
-                             num_layers=3, num_mixtures=2, num_classes=2),
-    "rgb-categorical": dict(data="pixels", in_channels=3, head="categorical", num_bins=16,
-                            height=3, width=4, channels=12, num_layers=2),
-    "rgb-categorical-k5": dict(data="pixels", in_channels=3, head="categorical", num_bins=8,
-                               height=4, width=3, channels=6, num_layers=3, kernel_size=5),
-    "rgb-pixelcnnpp": dict(data="pixels", in_channels=3, height=4, width=4, channels=8,
-                           backbone="pixelcnnpp", nr_resnet=1, num_scales=2, num_mixtures=2),
-    "gray-pixelcnnpp-cond-categorical": dict(data="pixels", in_channels=1, head="categorical",
-                                             num_bins=32, height=4, width=4, channels=8,
-                                             backbone="pixelcnnpp", nr_resnet=1, num_scales=2,
-                                             num_classes=2),
+    "codes-k5-cond": dict(
+        data="codes",
+        num_codes=6,
+        height=4,
+        width=6,
+        channels=8,
+        num_layers=2,
+        kernel_size=5,
+        num_classes=3,
+    ),
+    "codes-k7-spatial": dict(
+        data="codes",
+        num_codes=6,
+        height=4,
+        width=4,
+        channels=8,
+        num_layers=2,
+        kernel_size=7,
+        spatial_cond_channels=2,
+    ),
+    "gray-mixture": dict(
+        data="pixels", in_channels=1, height=4, width=5, channels=8, num_layers=2, num_mixtures=3
+    ),
+    "rgb-mixture-cond": dict(
+        data="pixels",
+        in_channels=3,
+        height=4,
+        width=4,
+        channels=8,
+        num_layers=3,
+        num_mixtures=2,
+        num_classes=2,
+    ),
+    "rgb-categorical": dict(
+        data="pixels",
+        in_channels=3,
+        head="categorical",
+        num_bins=16,
+        height=3,
+        width=4,
+        channels=12,
+        num_layers=2,
+    ),
+    "rgb-categorical-k5": dict(
+        data="pixels",
+        in_channels=3,
+        head="categorical",
+        num_bins=8,
+        height=4,
+        width=3,
+        channels=6,
+        num_layers=3,
+        kernel_size=5,
+    ),
+    "rgb-pixelcnnpp": dict(
+        data="pixels",
+        in_channels=3,
+        height=4,
+        width=4,
+        channels=8,
+        backbone="pixelcnnpp",
+        nr_resnet=1,
+        num_scales=2,
+        num_mixtures=2,
+    ),
+    "gray-pixelcnnpp-cond-categorical": dict(
+        data="pixels",
+        in_channels=1,
+        head="categorical",
+        num_bins=32,
+        height=4,
+        width=4,
+        channels=8,
+        backbone="pixelcnnpp",
+        nr_resnet=1,
+        num_scales=2,
+        num_classes=2,
+    ),
 }
 
 
@@ -45,15 +105,19 @@ def build(name: str) -> tuple[PixelCNN, torch.Tensor | None, torch.Tensor | None
             p.mul_(2.0)
     cfg = model.config
     cond = torch.tensor([0, 1, cfg.num_classes - 1]) if cfg.num_classes else None
-    spatial = (torch.randn(3, cfg.spatial_cond_channels, cfg.height, cfg.width, dtype=torch.float64)
-               if cfg.spatial_cond_channels else None)
+    spatial = (
+        torch.randn(3, cfg.spatial_cond_channels, cfg.height, cfg.width, dtype=torch.float64)
+        if cfg.spatial_cond_channels
+        else None
+    )
     return model, cond, spatial
 
 
 def draw(model, cond, spatial, method: str, temperature: float, seed: int = 7) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return model.sample(3, cond=cond, temperature=temperature, generator=gen, method=method,
-                        spatial_cond=spatial)
+    return model.sample(
+        3, cond=cond, temperature=temperature, generator=gen, method=method, spatial_cond=spatial
+    )
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6, 0.0])
@@ -73,8 +137,9 @@ def test_fast_samplers_equal_the_reference_loop(name: str, temperature: float) -
 def test_fast_sampler_matches_after_training_steps() -> None:
     """A trained (non-random) model: the cached sampler still equals the reference."""
     torch.manual_seed(0)
-    model = PixelCNN(PixelCNNConfig(data="codes", num_codes=4, height=5, width=5, channels=8,
-                                    num_layers=2)).double()
+    model = PixelCNN(
+        PixelCNNConfig(data="codes", num_codes=4, height=5, width=5, channels=8, num_layers=2)
+    ).double()
     data = (torch.arange(25).view(1, 5, 5) % 4).repeat(8, 1, 1)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(60):

@@ -24,7 +24,11 @@ from vqprior.train.config import (
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-ALL = sorted(CONFIGS.glob("*.yaml")) + sorted(CONFIGS.glob("tiny/*.yaml"))
+ALL = [  # stage configs; configs/tiny/pipeline*.yaml are pipeline files (tests/test_pipeline.py)
+    p
+    for p in sorted(CONFIGS.glob("*.yaml")) + sorted(CONFIGS.glob("tiny/*.yaml"))
+    if not p.name.startswith("pipeline")
+]
 DATA_FIELDS = ("in_channels", "height", "width", "num_codes", "num_classes", "data")
 
 

@@ -20,7 +20,6 @@ import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
@@ -73,8 +72,9 @@ def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, objec
     return time.perf_counter() - start, out
 
 
-def bench_sampling(name: str, cfg: PixelCNNConfig, batch: int, device: torch.device,
-                   naive_steps: int) -> SamplingRow:
+def bench_sampling(
+    name: str, cfg: PixelCNNConfig, batch: int, device: torch.device, naive_steps: int
+) -> SamplingRow:
     torch.manual_seed(0)
     model = PixelCNN(cfg).to(device).eval()
     steps = num_steps(model)
@@ -84,13 +84,17 @@ def bench_sampling(name: str, cfg: PixelCNNConfig, batch: int, device: torch.dev
         noise = draw_noise(model, batch, gen.manual_seed(1), device)
         sample_naive(model, batch, None, 1.0, noise, None, 2)  # warm-up both paths at this batch
         model.sample(batch, generator=gen.manual_seed(0)) if steps <= 64 else None
-        naive_t, ref = _timed(lambda: sample_naive(model, batch, None, 1.0, noise, None, timed), device)
+        naive_t, ref = _timed(
+            lambda: sample_naive(model, batch, None, 1.0, noise, None, timed), device
+        )
         fast_t, fast = _timed(lambda: model.sample(batch, generator=gen.manual_seed(1)), device)
     assert isinstance(ref, torch.Tensor) and isinstance(fast, torch.Tensor)
     naive_total = naive_t * steps / timed
     method = "cached" if cfg.backbone == "gated" else "fixed_point"
     equal = _prefix_equal(model, ref, fast, timed)
-    return SamplingRow(name, batch, steps, timed, naive_total, method, fast_t, naive_total / fast_t, equal)
+    return SamplingRow(
+        name, batch, steps, timed, naive_total, method, fast_t, naive_total / fast_t, equal
+    )
 
 
 def _prefix_equal(model: PixelCNN, ref: torch.Tensor, fast: torch.Tensor, steps: int) -> bool:
@@ -111,9 +115,15 @@ def _peak_memory(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
 
 
-def bench_training(name: str, model: torch.nn.Module, batch_fn: Callable[[], tuple],
-                   loss_fn: Callable[..., torch.Tensor], batch: int, device: torch.device,
-                   steps: int) -> TrainingRow:
+def bench_training(
+    name: str,
+    model: torch.nn.Module,
+    batch_fn: Callable[[], tuple],
+    loss_fn: Callable[..., torch.Tensor],
+    batch: int,
+    device: torch.device,
+    steps: int,
+) -> TrainingRow:
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     if device.type == "cuda":
@@ -145,31 +155,64 @@ def training_rows(device: torch.device, batch: int, steps: int) -> list[Training
     pix = PixelCNN(SAMPLING_MODELS["pixels-32x32x3"])
     cod = PixelCNN(SAMPLING_MODELS["codes-8x8"])
     return [
-        bench_training("vqvae-32x32x3", vae, lambda: (images,), lambda x: vae(x).loss, batch, device, steps),
-        bench_training("prior-codes-8x8", cod, lambda: (codes,),
-                       lambda c: -cod.log_prob(c, reduction="mean"), batch, device, steps),
-        bench_training("prior-pixels-32x32x3", pix, lambda: (images,),
-                       lambda x: -pix.log_prob(x, reduction="mean"), batch, device, steps),
+        bench_training(
+            "vqvae-32x32x3", vae, lambda: (images,), lambda x: vae(x).loss, batch, device, steps
+        ),
+        bench_training(
+            "prior-codes-8x8",
+            cod,
+            lambda: (codes,),
+            lambda c: -cod.log_prob(c, reduction="mean"),
+            batch,
+            device,
+            steps,
+        ),
+        bench_training(
+            "prior-pixels-32x32x3",
+            pix,
+            lambda: (images,),
+            lambda x: -pix.log_prob(x, reduction="mean"),
+            batch,
+            device,
+            steps,
+        ),
     ]
 
 
 def format_table(result: dict) -> str:
-    lines = [f"device: {result['device']}  torch {result['torch']}  threads {result['threads']}", "",
-             "sampling (reference loop vs fast exact sampler)",
-             f"{'model':<16}{'batch':>6}{'steps':>7}{'timed':>7}{'naive s':>11}{'fast s':>9}{'speedup':>9}  method       equal"]
+    lines = [
+        f"device: {result['device']}  torch {result['torch']}  threads {result['threads']}",
+        "",
+        "sampling (reference loop vs fast exact sampler)",
+        f"{'model':<16}{'batch':>6}{'steps':>7}{'timed':>7}{'naive s':>11}{'fast s':>9}{'speedup':>9}  method       equal",
+    ]
     for r in result["sampling"]:
-        lines.append(f"{r['model']:<16}{r['batch']:>6}{r['steps']:>7}{r['naive_steps_timed']:>7}"
-                     f"{r['naive_s']:>11.2f}{r['fast_s']:>9.2f}{r['speedup']:>8.1f}x  {r['fast_method']:<12} {r['prefix_equal']}")
-    lines += ["", "naive times are extrapolated from the timed prefix of steps (constant cost per step)",
-              "", "training (one optimiser step per batch)",
-              f"{'model':<22}{'batch':>6}{'images/s':>11}{'peak MiB':>10}  memory"]
+        lines.append(
+            f"{r['model']:<16}{r['batch']:>6}{r['steps']:>7}{r['naive_steps_timed']:>7}"
+            f"{r['naive_s']:>11.2f}{r['fast_s']:>9.2f}{r['speedup']:>8.1f}x  {r['fast_method']:<12} {r['prefix_equal']}"
+        )
+    lines += [
+        "",
+        "naive times are extrapolated from the timed prefix of steps (constant cost per step)",
+        "",
+        "training (one optimiser step per batch)",
+        f"{'model':<22}{'batch':>6}{'images/s':>11}{'peak MiB':>10}  memory",
+    ]
     for r in result["training"]:
-        lines.append(f"{r['model']:<22}{r['batch']:>6}{r['images_per_s']:>11.1f}{r['peak_memory_mib']:>10.0f}  {r['memory_kind']}")
+        lines.append(
+            f"{r['model']:<22}{r['batch']:>6}{r['images_per_s']:>11.1f}{r['peak_memory_mib']:>10.0f}  {r['memory_kind']}"
+        )
     return "\n".join(lines)
 
 
-def run_bench(device: str = "cpu", batch_sizes: Sequence[int] = (1, 16, 64), models: Sequence[str] | None = None,
-              naive_steps: int = 32, train_batch: int = 32, train_steps: int = 5) -> dict:
+def run_bench(
+    device: str = "cpu",
+    batch_sizes: Sequence[int] = (1, 16, 64),
+    models: Sequence[str] | None = None,
+    naive_steps: int = 32,
+    train_batch: int = 32,
+    train_steps: int = 5,
+) -> dict:
     dev = torch.device(device)
     rows = []
     for name in models or list(SAMPLING_MODELS):
@@ -177,11 +220,18 @@ def run_bench(device: str = "cpu", batch_sizes: Sequence[int] = (1, 16, 64), mod
             raise ValueError(f"unknown bench model {name!r}; choose from {sorted(SAMPLING_MODELS)}")
         for batch in batch_sizes:
             log.info("sampling %s batch %d", name, batch)
-            rows.append(asdict(bench_sampling(name, SAMPLING_MODELS[name], batch, dev, naive_steps)))
+            rows.append(
+                asdict(bench_sampling(name, SAMPLING_MODELS[name], batch, dev, naive_steps))
+            )
     train = [asdict(r) for r in training_rows(dev, train_batch, train_steps)] if train_steps else []
-    return {"device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "platform": platform.platform(), "sampling": rows, "training": train}
+    return {
+        "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "sampling": rows,
+        "training": train,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -197,9 +247,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     try:
         batches = [int(b) for b in args.batch_sizes.split(",") if b]
     except ValueError:
-        raise ValueError(f"--batch-sizes {args.batch_sizes!r} must be comma-separated integers") from None
-    result = run_bench(args.device, batches, [m for m in args.models.split(",") if m],
-                       args.naive_steps, args.train_batch, args.train_steps)
+        raise ValueError(
+            f"--batch-sizes {args.batch_sizes!r} must be comma-separated integers"
+        ) from None
+    result = run_bench(
+        args.device,
+        batches,
+        [m for m in args.models.split(",") if m],
+        args.naive_steps,
+        args.train_batch,
+        args.train_steps,
+    )
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(format_table(result))  # noqa: T201 - the command's output
     print(f"\nwrote {args.out}")  # noqa: T201

@@ -27,23 +27,68 @@ class _EchoHandler(logging.Handler):
 
 
 def _one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line; for an error re-raised from a DataLoader worker
+    ("Caught DataError in DataLoader worker process 0. Original Traceback ..."), the
+    original message."""
     text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return type(err).__name__
+    if "Original Traceback" in text and len(lines) > 1:
+        cause = lines[-1]
+        name = type(err).__name__
+        return cause.split(f"{name}: ", 1)[1] if f"{name}: " in cause else cause
+    return lines[0]
+
+
+# user errors: a bad file, key, value, checkpoint or data (exit 2)
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError,
+                                                 IsADirectoryError, NotADirectoryError)  # fmt: skip
 
 
 class _Group(click.Group):
-    """Turns user errors into one line on stderr and exit status 2 (1 for a failed run)."""
+    """Turns errors into one line on stderr: exit status 2 for a user error (bad config, file,
+    checkpoint or data), 1 for a failed run (non-finite loss, I/O failure, a bug: rerun with
+    ``--debug`` for the traceback)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         from vqprior.train.errors import NonFiniteLossError
 
         try:
             return super().invoke(ctx)
-        except (NonFiniteLossError, ValueError, FileNotFoundError) as err:
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as err:
             if ctx.params.get("debug"):
                 raise
-            click.echo(f"error: {_one_line(err)}", err=True)
-            ctx.exit(1 if isinstance(err, NonFiniteLossError) else 2)
+            if isinstance(err, NonFiniteLossError) or not isinstance(err, _USER_ERRORS):
+                code = 1
+                line = _one_line(err)
+                if not isinstance(err, (NonFiniteLossError, OSError)):
+                    line = f"{line} ({type(err).__name__}; rerun with --debug for the traceback)"
+            else:
+                code, line = 2, _one_line(err)
+            click.echo(f"error: {line}", err=True)
+            ctx.exit(code)
+
+
+class _Existing(click.Path):
+    """A path that must exist: a missing one is a user error (one line, exit 2), not a usage
+    message."""
+
+    def __init__(self, what: str, directory: bool) -> None:
+        super().__init__(file_okay=not directory, dir_okay=directory)
+        self.what, self.directory = what, directory
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        path = Path(value)
+        if not path.exists():
+            raise FileNotFoundError(f"{self.what} {path} not found")
+        if self.directory and not path.is_dir():
+            raise NotADirectoryError(f"{self.what} {path} is a file, expected a directory")
+        if not self.directory and path.is_dir():
+            raise IsADirectoryError(f"{self.what} {path} is a directory, expected a file")
+        return super().convert(value, param, ctx)
 
 
 def _load_config(path: str | None, sets: tuple[str, ...]) -> dict[str, Any]:
@@ -53,6 +98,9 @@ def _load_config(path: str | None, sets: tuple[str, ...]) -> dict[str, Any]:
             raw = yaml.safe_load(Path(path).read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML ({_one_line(err)})") from None
+        except (OSError, UnicodeDecodeError) as err:
+            reason = getattr(err, "strerror", None) or _one_line(err)
+            raise ConfigError(f"cannot read config {path} ({reason})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping with sections model, data, train")
     return apply_overrides(raw, sets)
@@ -85,15 +133,13 @@ def _stage_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--config",
             "config_path",
-            type=click.Path(exists=True, dir_okay=False),
+            type=_Existing("config file", directory=False),
             help="a YAML in configs/",
         ),
         click.option(
             "--set", "sets", multiple=True, metavar="KEY=VALUE", help="dotted override, repeatable"
         ),
-        click.option(
-            "--out", required=True, type=click.Path(file_okay=False), help="run directory"
-        ),
+        click.option("--out", required=True, type=click.Path(), help="run directory"),
         click.option("--seed", type=int, default=None, help="overrides train.seed"),
     ]
     for option in reversed(options):
@@ -174,13 +220,13 @@ def train_prior_cmd(
     "--vae",
     "vae_dir",
     required=True,
-    type=click.Path(exists=True, file_okay=False),
+    type=_Existing("VAE run dir", directory=True),
     help="train-vae run dir",
 )
 @click.option(
     "--config",
     "config_path",
-    type=click.Path(exists=True, dir_okay=False),
+    type=_Existing("config file", directory=False),
     help="YAML whose data section to encode",
 )
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="e.g. data.limit=100")
@@ -214,14 +260,14 @@ def encode_cmd(
     "--prior",
     "prior_dir",
     required=True,
-    type=click.Path(exists=True, file_okay=False),
+    type=_Existing("prior run dir", directory=True),
     help="train-prior run dir",
 )
 @click.option(
     "--vae",
     "vae_dir",
     default=None,
-    type=click.Path(exists=True, file_okay=False),
+    type=_Existing("VAE run dir", directory=True),
     help="train-vae run dir (codes prior)",
 )
 @click.option("--num", type=int, default=64, show_default=True)
@@ -248,10 +294,10 @@ def generate_cmd(**kw: Any) -> None:
     "--prior",
     "prior_dir",
     required=True,
-    type=click.Path(exists=True, file_okay=False),
+    type=_Existing("prior run dir", directory=True),
     help="train-prior run dir",
 )
-@click.option("--vae", "vae_dir", default=None, type=click.Path(exists=True, file_okay=False))
+@click.option("--vae", "vae_dir", default=None, type=_Existing("VAE run dir", directory=True))
 @click.option(
     "--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True
 )
@@ -265,7 +311,7 @@ def evaluate_cmd(**kw: Any) -> None:
 
 
 @cli.command("export")
-@click.argument("ckpt", type=click.Path(exists=True, dir_okay=False))
+@click.argument("ckpt", type=_Existing("checkpoint", directory=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 def export_cmd(ckpt: str, out: str) -> None:
     """Turn a Lightning checkpoint into an exported model dir (safetensors)."""
@@ -276,17 +322,29 @@ def export_cmd(ckpt: str, out: str) -> None:
 
 @cli.command("pipeline")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE")
+@click.option(
+    "--set", "sets", multiple=True, metavar="STAGE.KEY=VALUE", help="e.g. vae.train.max_steps=50"
+)
+@click.option(
+    "--out", default=None, type=click.Path(file_okay=False), help="run dir (default: the file's)"
+)
+@click.option("--from", "from_stage", default=None, metavar="STAGE", help="redo from this stage on")
 @_device_options
-def pipeline_cmd(file: str, sets: tuple[str, ...], **kw: Any) -> None:
+def pipeline_cmd(
+    file: str, sets: tuple[str, ...], out: str | None, from_stage: str | None, **kw: Any
+) -> None:
     """Chain the stages a pipelines/*.yaml file describes, skipping finished ones."""
     try:
         from vqprior.pipeline import run_pipeline
     except ImportError as err:
         raise click.ClickException(f"the pipeline command is unavailable ({err})") from None
-    result = run_pipeline(file, overrides=list(sets), device=_devices(kw))
-    if isinstance(result, dict):
-        _report(result)
+    stage_log = logging.getLogger("vqprior.pipeline")  # stage headers show without --debug
+    stage_log.setLevel(min(logging.INFO, logging.getLogger("vqprior").getEffectiveLevel()))
+    result = run_pipeline(
+        file, overrides=list(sets), device=_devices(kw), out=out, from_stage=from_stage
+    )
+    if isinstance(result, dict) and result:
+        _report({k: result[k] for k in ("out", "total_seconds", "losses_png") if k in result})
 
 
 @cli.command("bench", add_help_option=False, context_settings={"ignore_unknown_options": True})

@@ -30,7 +30,9 @@ def check_choice(name: str, value: object, choices: typing.Iterable[object]) -> 
         raise ConfigError(f"{name}={value!r} is not allowed; choose one of {list(choices)}")
 
 
-def check_range(name: str, value: float, low: float | None = None, high: float | None = None) -> None:
+def check_range(
+    name: str, value: float, low: float | None = None, high: float | None = None
+) -> None:
     """Raise :class:`ConfigError` unless ``low <= value <= high`` (either bound optional)."""
     if (low is not None and value < low) or (high is not None and value > high):
         lo = "-inf" if low is None else low
@@ -158,7 +160,9 @@ class Config:
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``"model.channels=64"`` -> (["model", "channels"], 64); values parse as YAML scalars."""
     if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like key=value (for example model.channels=64)")
+        raise ConfigError(
+            f"override {item!r} must look like key=value (for example model.channels=64)"
+        )
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):

@@ -14,9 +14,14 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import logging
 import os
+import re
+import secrets
+import shutil
 import tempfile
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -24,7 +29,9 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
-from vqprior.config import Config
+from vqprior.config import Config, ConfigError
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -36,6 +43,7 @@ MODEL_TYPES = {
 }
 
 M = TypeVar("M", bound="PretrainedMixin")
+_DIR_FD = os.open in os.supports_dir_fd and hasattr(os, "O_DIRECTORY")  # POSIX: read via a dir fd
 
 
 class CheckpointError(ValueError):
@@ -101,16 +109,30 @@ def safe_torch_load(path: str | os.PathLike[str], map_location: str | torch.devi
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "pickle protocol 4": the error says it all
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except PermissionError as err:
+        raise CheckpointError(f"cannot read checkpoint {path} ({err.strerror or err})") from None
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        text = str(err)
-        if "Unsupported global" in text or "not an allowed global" in text or "GLOBAL" in text:
-            raise CheckpointError(
-                f"refused to load {path}: it holds pickled objects other than tensors "
-                "(possibly unsafe); only vqprior/Lightning checkpoints are accepted"
-            ) from None
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({first[:120]})") from None
+        raise CheckpointError(_load_error(path, str(err), type(err).__name__)) from None
+
+
+def _load_error(path: Path, text: str, kind: str) -> str:
+    """One line for a failed ``torch.load(weights_only=True)`` of ``path``."""
+    if "Weights only load failed" in text or "Unsupported global" in text:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        what = f"it would import {found.group(1)}" if found else "it holds pickled objects"
+        detail = re.search(r"WeightsUnpickler error: \s*(.+)", text)
+        if not found and detail:
+            what += f" ({detail.group(1).strip()[:80]})"
+        return (
+            f"refused to load {path}: {what}, not only tensors and plain values "
+            "(possibly unsafe); only vqprior/Lightning checkpoints are accepted"
+        )
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    first = lines[0][:120] if lines else kind
+    return f"checkpoint {path} is corrupt or truncated ({first})"
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -123,33 +145,142 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 def content_hash(path: str | os.PathLike[str]) -> str:
     """Hash of an exported model directory (config and weights): its identity for stage two."""
-    path = Path(path)
     digest = hashlib.sha256()
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        digest.update(file_sha256(path / name).encode())
+    for data in _read_files(Path(path), (CONFIG_NAME, WEIGHTS_NAME)):  # both of one save
+        digest.update(hashlib.sha256(data).hexdigest().encode())
     return digest.hexdigest()[:16]
+
+
+def _read_files(path: Path, names: tuple[str, ...]) -> list[bytes]:
+    """The bytes of ``names`` in directory ``path``, all from the same directory instance.
+
+    The directory is opened once and the files are read relative to it, so a concurrent
+    :meth:`PretrainedMixin.save_pretrained` that swaps ``path`` cannot mix two saves.
+    """
+    if not _DIR_FD:
+        return [(path / name).read_bytes() for name in names]
+    dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        out = []
+        for name in names:
+            fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+            with os.fdopen(fd, "rb") as fh:
+                out.append(fh.read())
+        return out
+    finally:
+        os.close(dir_fd)
+
+
+def _export_dir(path: Path) -> Path:
+    """``path``, or the previous export that a save interrupted mid-swap set aside."""
+    if path.exists():
+        return path
+    olds = sorted(path.parent.glob(f".{path.name}.old-*.tmp")) if path.parent.is_dir() else []
+    complete = [d for d in olds if (d / CONFIG_NAME).is_file() and (d / WEIGHTS_NAME).is_file()]
+    if complete:
+        logger.warning("%s is missing (a save was interrupted); loading %s", path, complete[-1])
+        return complete[-1]
+    return path
 
 
 def _read_export(path: Path) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load as load_bytes
 
+    path = _export_dir(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path} is not an exported model directory (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
-    cfg_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
-    for f in (cfg_file, weights_file):
-        if not f.is_file():
-            raise CheckpointError(f"{path} is not an exported vqprior model: {f.name} is missing")
+        raise CheckpointError(
+            f"{path} is not an exported model directory (expected {CONFIG_NAME} and {WEIGHTS_NAME})"
+        )
+    for _ in range(3):  # a file vanishing under us means a save swapped the dir: read again
+        try:
+            cfg_bytes, weights = _read_files(path, (CONFIG_NAME, WEIGHTS_NAME))
+            break
+        except FileNotFoundError as err:
+            missing = Path(err.filename or "").name or "a file"
+            if not path.is_dir() or not (path / missing).is_file():
+                raise CheckpointError(
+                    f"{path} is not an exported vqprior model: {missing} is missing"
+                ) from None
+        except OSError as err:
+            raise CheckpointError(f"cannot read {path} ({err.strerror or err})") from None
+    else:
+        raise CheckpointError(f"{path} kept changing while it was read: try again")
     try:
-        meta = json.loads(cfg_file.read_text())
+        meta = json.loads(cfg_bytes)
         model_type, config = meta["model_type"], meta["config"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise CheckpointError(f"{cfg_file} is corrupt or not a vqprior model config") from None
+        if not isinstance(config, dict):
+            raise TypeError("config is not a mapping")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise CheckpointError(
+            f"{path / CONFIG_NAME} is corrupt or not a vqprior model config"
+        ) from None
     try:
-        state = load_file(str(weights_file))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{weights_file} is corrupt or truncated ({err})") from None
+        state = load_bytes(weights)
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path / WEIGHTS_NAME} is corrupt or truncated ({err})") from None
     return model_type, config, state
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse to replace a directory that is not an exported model (a run dir, a home dir)."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise CheckpointError(f"cannot save a model to {path}: it is a file")
+    entries = list(path.iterdir())
+    is_export = (path / CONFIG_NAME).is_file() or (path / WEIGHTS_NAME).is_file()
+    if entries and (not is_export or any(e.is_dir() for e in entries)):
+        names = ", ".join(sorted(e.name for e in entries)[:3])
+        raise CheckpointError(
+            f"cannot save a model to {path}: it holds other files ({names}); "
+            "use a new or empty directory"
+        )
+
+
+def replace_dir(staging: Path, path: Path) -> None:
+    """Move the complete directory ``staging`` to ``path``, replacing any old ``path`` as a unit.
+
+    The old directory is renamed aside (``.<name>.old-*.tmp``) and removed only once the new
+    one is in place; a crash in between leaves it there, where :func:`load_pretrained` finds it.
+    """
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{secrets.token_hex(4)}.tmp")
+        os.replace(path, old)
+    os.replace(staging, path)
+    _fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in path.parent.glob(f".{path.name}.old-*.tmp"):  # from an interrupted save
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_dir(path: str | os.PathLike[str], files: Mapping[str, bytes]) -> Path:
+    """Create or replace directory ``path`` holding exactly ``files`` (name -> bytes), as a unit."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.new-", suffix=".tmp", dir=path.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; give the usual mode
+        for name, data in files.items():
+            _write_file(staging / name, data)
+            os.chmod(staging / name, 0o666 & ~umask)
+        _fsync_dir(staging)
+        replace_dir(staging, path)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return path
 
 
 class PretrainedMixin:
@@ -159,23 +290,40 @@ class PretrainedMixin:
     config_class: ClassVar[type[Config]]
     config: Config
 
-    def save_pretrained(self, path: str | os.PathLike[str]) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into directory ``path`` atomically."""
-        from safetensors.torch import save_file
+    def save_pretrained(
+        self, path: str | os.PathLike[str], extra_files: Mapping[str, str | bytes] | None = None
+    ) -> Path:
+        """Write ``config.json``, ``model.safetensors`` (and ``extra_files``, name -> content)
+        into directory ``path`` as one unit.
+
+        The files go to a temp sibling directory, are fsynced, and the directory is swapped in
+        for ``path`` (:func:`replace_dir`): a crash or error at any moment leaves the previous
+        export whole. An existing ``path`` must be an exported model (or empty); it is replaced
+        as a whole, files of the old export included.
+        """
+        from safetensors.torch import save as save_bytes
 
         assert isinstance(self, nn.Module)
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        _check_replaceable(path)
         state = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
-        with atomic_path(path / WEIGHTS_NAME) as tmp:
-            save_file(state, str(tmp), metadata={"model_type": self.model_type})
         meta = {
             "model_type": self.model_type,
             "config": self.config.to_dict(),
             "format_version": FORMAT_VERSION,
             "vqprior_version": _version(),
         }
-        atomic_write_text(path / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
+        files: dict[str, bytes] = {
+            WEIGHTS_NAME: save_bytes(state, metadata={"model_type": self.model_type}),
+            CONFIG_NAME: (json.dumps(meta, indent=2) + "\n").encode(),
+        }
+        for name, data in (extra_files or {}).items():
+            if name in files or Path(name).name != name or name.startswith("."):
+                raise ValueError(
+                    f"extra_files: {name!r} must be a plain file name, not {sorted(files)}"
+                )
+            files[name] = data.encode() if isinstance(data, str) else bytes(data)
+        write_dir(path, files)
         return path
 
     @classmethod
@@ -187,15 +335,30 @@ class PretrainedMixin:
 
 
 def load_pretrained(path: str | os.PathLike[str]) -> nn.Module:
-    """Load an exported VQVAE or PixelCNN (in eval mode) from ``path``; no Lightning needed."""
+    """Load an exported VQVAE or PixelCNN (in eval mode) from ``path``; no Lightning needed.
+
+    Raises :class:`CheckpointError` (one line naming the problem) for a missing, corrupt or
+    mismatched export.
+    """
     path = Path(path)
     model_type, config, state = _read_export(path)
     if model_type not in MODEL_TYPES:
-        raise CheckpointError(f"{path}: unknown model_type {model_type!r}; expected one of {sorted(MODEL_TYPES)}")
+        raise CheckpointError(
+            f"{path}: unknown model_type {model_type!r}; expected one of {sorted(MODEL_TYPES)}"
+        )
     module_name, cls_name = MODEL_TYPES[model_type].split(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
-    model = cls(cls.config_class.from_dict(config))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        model = cls(cls.config_class.from_dict(config))
+    except ConfigError as err:
+        raise CheckpointError(f"{path / CONFIG_NAME}: {err}") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a tensor of the wrong shape
+        detail = next((ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln), "")
+        raise CheckpointError(
+            f"{path}: weights do not match the config ({detail[:160] or 'shape mismatch'})"
+        ) from None
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: weights do not match the config "

@@ -47,11 +47,15 @@ class Noise(NamedTuple):
         return Noise(*(None if t is None else t[..., r : r + 1, c : c + 1] for t in self))
 
 
-def draw_noise(model: PixelCNN, n: int, generator: torch.Generator | None, device: torch.device) -> Noise:
+def draw_noise(
+    model: PixelCNN, n: int, generator: torch.Generator | None, device: torch.device
+) -> Noise:
     cfg = model.config
     gen_device = generator.device if generator is not None else device
     if cfg.mixture:
-        u_comp, u_val = draw_mixture_noise((n, cfg.in_channels, cfg.height, cfg.width), generator, gen_device)
+        u_comp, u_val = draw_mixture_noise(
+            (n, cfg.in_channels, cfg.height, cfg.width), generator, gen_device
+        )
         return Noise(None, u_comp.to(device), u_val.to(device))
     c = 1 if cfg.data == "codes" else cfg.in_channels
     u = torch.rand((n, c, cfg.height, cfg.width), generator=generator, device=gen_device)
@@ -64,8 +68,15 @@ def values_from_output(model: PixelCNN, out: Tensor, noise: Noise, temperature: 
     cfg = model.config
     if cfg.mixture:
         assert noise.u_comp is not None and noise.u_val is not None
-        return mixture_sample(out, cfg.in_channels, cfg.num_mixtures, cfg.num_bins,
-                              noise.u_comp, noise.u_val, temperature)
+        return mixture_sample(
+            out,
+            cfg.in_channels,
+            cfg.num_mixtures,
+            cfg.num_bins,
+            noise.u_comp,
+            noise.u_val,
+            temperature,
+        )
     assert noise.u is not None
     if cfg.data == "codes":
         return categorical_sample(out, noise.u[:, 0], temperature)
@@ -95,8 +106,15 @@ def _steps_per_pixel(model: PixelCNN) -> list[int | None]:
     return [None] if cfg.groups == 1 else list(range(cfg.groups))
 
 
-def sample_naive(model: PixelCNN, n: int, cond: Tensor | None, temperature: float, noise: Noise,
-                 spatial: Tensor | None, max_steps: int | None = None) -> Tensor:
+def sample_naive(
+    model: PixelCNN,
+    n: int,
+    cond: Tensor | None,
+    temperature: float,
+    noise: Noise,
+    spatial: Tensor | None,
+    max_steps: int | None = None,
+) -> Tensor:
     """The reference loop: one full forward pass per sequential step.
 
     ``max_steps`` stops early (the rest stays zero); the benchmark times such a prefix.
@@ -111,7 +129,14 @@ def sample_naive(model: PixelCNN, n: int, cond: Tensor | None, temperature: floa
                 if max_steps is not None and step >= max_steps:
                     return x
                 out = model(x, cond, spatial)[:, :, r : r + 1, c : c + 1]
-                _write(model, x, values_from_output(model, out, noise.at(r, c), temperature), r, c, group)
+                _write(
+                    model,
+                    x,
+                    values_from_output(model, out, noise.at(r, c), temperature),
+                    r,
+                    c,
+                    group,
+                )
                 step += 1
     return x
 
@@ -122,8 +147,15 @@ def num_steps(model: PixelCNN) -> int:
     return cfg.height * cfg.width * cfg.groups
 
 
-def sample_fixed_point(model: PixelCNN, n: int, cond: Tensor | None, temperature: float, noise: Noise,
-                       spatial: Tensor | None, max_iters: int | None = None) -> Tensor:
+def sample_fixed_point(
+    model: PixelCNN,
+    n: int,
+    cond: Tensor | None,
+    temperature: float,
+    noise: Noise,
+    spatial: Tensor | None,
+    max_iters: int | None = None,
+) -> Tensor:
     """Iterate whole-image sampling with frozen noise until it stops changing."""
     device = noise.u.device if noise.u is not None else noise.u_val.device  # type: ignore[union-attr]
     x = _empty(model, n, device)
@@ -136,9 +168,15 @@ def sample_fixed_point(model: PixelCNN, n: int, cond: Tensor | None, temperature
     return x
 
 
-def sample(model: PixelCNN, n: int, cond: Tensor | None = None, temperature: float = 1.0,
-           generator: torch.Generator | None = None, method: str = "auto",
-           spatial: Tensor | None = None) -> Tensor:
+def sample(
+    model: PixelCNN,
+    n: int,
+    cond: Tensor | None = None,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    method: str = "auto",
+    spatial: Tensor | None = None,
+) -> Tensor:
     """Entry point behind :meth:`PixelCNN.sample`."""
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {list(METHODS)}")
@@ -150,8 +188,14 @@ def sample(model: PixelCNN, n: int, cond: Tensor | None = None, temperature: flo
     cfg = model.config
     if cfg.num_classes:
         if cond is None:
-            raise ValueError(f"this prior is class-conditional ({cfg.num_classes} classes): pass cond")
-        cond = torch.as_tensor(cond, device=device).long().expand(n) if torch.as_tensor(cond).dim() == 0 else cond.to(device)
+            raise ValueError(
+                f"this prior is class-conditional ({cfg.num_classes} classes): pass cond"
+            )
+        cond = (
+            torch.as_tensor(cond, device=device).long().expand(n)
+            if torch.as_tensor(cond).dim() == 0
+            else cond.to(device)
+        )
         model.validate_input(_empty(model, n, device), cond)
     elif cond is not None:
         raise ValueError("this prior is unconditional (num_classes=0): cond must be None")
@@ -184,16 +228,24 @@ class _LayerCache(NamedTuple):
     bh: Tensor | float
 
 
-def _layer_caches(stack: GatedStack, cvec: Tensor | None, spatial: Tensor | None) -> list[_LayerCache]:
+def _layer_caches(
+    stack: GatedStack, cvec: Tensor | None, spatial: Tensor | None
+) -> list[_LayerCache]:
     caches = []
     for layer in stack.gated_layers:
         bv, bh = layer.biases(cvec, spatial)
-        caches.append(_LayerCache(
-            rearrange(layer.h_conv.masked_weight(), "o i 1 k -> o (i k)"), layer.h_conv.bias,
-            None if layer.h_res is None else layer.h_res.masked_weight()[:, :, 0, 0],
-            None if layer.h_res is None else layer.h_res.bias,
-            layer.h_skip.masked_weight()[:, :, 0, 0], layer.h_skip.bias, bv, bh,
-        ))
+        caches.append(
+            _LayerCache(
+                rearrange(layer.h_conv.masked_weight(), "o i 1 k -> o (i k)"),
+                layer.h_conv.bias,
+                None if layer.h_res is None else layer.h_res.masked_weight()[:, :, 0, 0],
+                None if layer.h_res is None else layer.h_res.bias,
+                layer.h_skip.masked_weight()[:, :, 0, 0],
+                layer.h_skip.bias,
+                bv,
+                bh,
+            )
+        )
     return caches
 
 
@@ -204,8 +256,14 @@ def _row(b: Tensor | float, r: int) -> Tensor | float:
     return b
 
 
-def sample_cached(model: PixelCNN, n: int, cond: Tensor | None, temperature: float, noise: Noise,
-                  spatial: Tensor | None) -> Tensor:
+def sample_cached(
+    model: PixelCNN,
+    n: int,
+    cond: Tensor | None,
+    temperature: float,
+    noise: Noise,
+    spatial: Tensor | None,
+) -> Tensor:
     """Row-cached exact sampler for the gated backbone (see the module docstring)."""
     cfg, stack = model.config, model.backbone
     assert isinstance(stack, GatedStack)
@@ -229,8 +287,15 @@ def sample_cached(model: PixelCNN, n: int, cond: Tensor | None, temperature: flo
     return x
 
 
-def _vertical_row(stack: GatedStack, caches: list[_LayerCache], xpad: Tensor, vpad: list[Tensor],
-                  r: int, p: int, W: int) -> list[Tensor]:
+def _vertical_row(
+    stack: GatedStack,
+    caches: list[_LayerCache],
+    xpad: Tensor,
+    vpad: list[Tensor],
+    r: int,
+    p: int,
+    W: int,
+) -> list[Tensor]:
     """Vertical features of row r for every layer; returns each layer's horizontal bias row
     (link from the vertical pre-activation plus conditioning), [n, 2F, W]."""
     hrows = []
@@ -243,13 +308,23 @@ def _vertical_row(stack: GatedStack, caches: list[_LayerCache], xpad: Tensor, vp
     return hrows
 
 
-def _horizontal_step(stack: GatedStack, caches: list[_LayerCache], xpad: Tensor, hpad: list[Tensor],
-                     hrow: list[Tensor], r: int, c: int, p: int) -> Tensor:
+def _horizontal_step(
+    stack: GatedStack,
+    caches: list[_LayerCache],
+    xpad: Tensor,
+    hpad: list[Tensor],
+    hrow: list[Tensor],
+    r: int,
+    c: int,
+    p: int,
+) -> Tensor:
     """Horizontal stack at pixel (r, c) from the row caches; returns summed skips [n, F]."""
     skips: Tensor | float = 0.0
     for i, cache in enumerate(caches):
         window = xpad[:, :, r + p, c : c + p + 1] if i == 0 else hpad[i - 1][:, :, c : c + p + 1]
-        h_pre = F.linear(rearrange(window, "n i k -> n (i k)"), cache.w_h, cache.b_h) + hrow[i][:, :, c]
+        h_pre = (
+            F.linear(rearrange(window, "n i k -> n (i k)"), cache.w_h, cache.b_h) + hrow[i][:, :, c]
+        )
         hg = gate(h_pre)
         if cache.w_res is not None:
             h_out = F.linear(hg, cache.w_res, cache.b_res)
@@ -261,7 +336,9 @@ def _horizontal_step(stack: GatedStack, caches: list[_LayerCache], xpad: Tensor,
     return skips
 
 
-def _write_input(model: PixelCNN, xpad: Tensor, vals: Tensor, rp: int, cp: int, group: int | None) -> None:
+def _write_input(
+    model: PixelCNN, xpad: Tensor, vals: Tensor, rp: int, cp: int, group: int | None
+) -> None:
     """Write sampled values into the padded network input at padded position (rp, cp)."""
     if model.embed is not None:
         xpad[:, :, rp, cp] = model.embed(vals[:, 0, 0])

@@ -54,8 +54,18 @@ class PixelCNNConfig(Config):
         check_choice("data", self.data, ("pixels", "codes"))
         check_choice("backbone", self.backbone, ("gated", "pixelcnnpp"))
         check_choice("head", self.head, ("mixture", "categorical"))
-        for name in ("in_channels", "num_codes", "height", "width", "channels", "num_layers",
-                     "num_mixtures", "nr_resnet", "num_scales", "cond_dim"):
+        for name in (
+            "in_channels",
+            "num_codes",
+            "height",
+            "width",
+            "channels",
+            "num_layers",
+            "num_mixtures",
+            "nr_resnet",
+            "num_scales",
+            "cond_dim",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if self.num_bins < 2:
@@ -68,13 +78,17 @@ class PixelCNNConfig(Config):
             raise ConfigError(f"dropout={self.dropout} must lie in [0, 1)")
         if self.backbone == "pixelcnnpp":
             if self.data != "pixels":
-                raise ConfigError("backbone=pixelcnnpp models pixels only; use backbone=gated for codes")
+                raise ConfigError(
+                    "backbone=pixelcnnpp models pixels only; use backbone=gated for codes"
+                )
             if self.head == "categorical" and self.in_channels > 1:
                 raise ConfigError("backbone=pixelcnnpp with several channels needs head=mixture")
             if self.spatial_cond_channels:
                 raise ConfigError("spatial_cond_channels is supported by backbone=gated only")
         if self.channels % self.groups:
-            raise ConfigError(f"channels={self.channels} must be divisible by {self.groups} channel groups")
+            raise ConfigError(
+                f"channels={self.channels} must be divisible by {self.groups} channel groups"
+            )
 
     @property
     def groups(self) -> int:
@@ -105,13 +119,22 @@ class PixelCNN(nn.Module, PretrainedMixin):
         out_ch, out_groups = self._head_layout()
         self.backbone: nn.Module
         if cfg.backbone == "gated":
-            self.backbone = GatedStack(in_ch, f, cfg.num_layers, cfg.kernel_size, cfg.groups,
-                                       cond_dim, cfg.spatial_cond_channels)
+            self.backbone = GatedStack(
+                in_ch,
+                f,
+                cfg.num_layers,
+                cfg.kernel_size,
+                cfg.groups,
+                cond_dim,
+                cfg.spatial_cond_channels,
+            )
             self.head: nn.Module = CausalHead(f, out_ch, cfg.groups, out_groups)
         else:
             from vqprior.nn.pixelcnnpp import PixelCNNPPBackbone
 
-            self.backbone = PixelCNNPPBackbone(in_ch, f, cfg.nr_resnet, cfg.num_scales, cfg.dropout, cond_dim)
+            self.backbone = PixelCNNPPBackbone(
+                in_ch, f, cfg.nr_resnet, cfg.num_scales, cfg.dropout, cond_dim
+            )
             self.head = nn.Sequential(nn.ELU(), nn.Conv2d(f, out_ch, 1))
 
     def _head_layout(self) -> tuple[int, Tensor]:
@@ -122,7 +145,9 @@ class PixelCNN(nn.Module, PretrainedMixin):
             n = num_mixture_params(cfg.in_channels, cfg.num_mixtures)
             return n, torch.zeros(n, dtype=torch.long)
         # "(c n)" layout: logits of channel c form group c
-        return cfg.in_channels * cfg.num_bins, channel_groups(cfg.in_channels * cfg.num_bins, cfg.in_channels)
+        return cfg.in_channels * cfg.num_bins, channel_groups(
+            cfg.in_channels * cfg.num_bins, cfg.in_channels
+        )
 
     # ----------------------------------------------------------------------------- shapes
     @property
@@ -143,17 +168,23 @@ class PixelCNN(nn.Module, PretrainedMixin):
         want = self.data_shape
         if tuple(x.shape[1:]) != want or x.dim() != len(want) + 1:
             layout = "[b, h, w] codes" if cfg.data == "codes" else "[b, c, H, W] pixels"
-            raise ValueError(f"input of shape {tuple(x.shape)} does not fit this prior: expected {layout} with trailing shape {want}")
+            raise ValueError(
+                f"input of shape {tuple(x.shape)} does not fit this prior: expected {layout} with trailing shape {want}"
+            )
         if cfg.data == "codes":
             if x.dtype.is_floating_point:
                 raise ValueError("codes must be an integer tensor")
             if x.numel() and (int(x.min()) < 0 or int(x.max()) >= cfg.num_codes):
-                raise ValueError(f"codes must lie in [0, {cfg.num_codes}); got [{int(x.min())}, {int(x.max())}]")
+                raise ValueError(
+                    f"codes must lie in [0, {cfg.num_codes}); got [{int(x.min())}, {int(x.max())}]"
+                )
         elif not x.dtype.is_floating_point:
             raise ValueError("pixels must be floats in [-1, 1]")
         if cfg.num_classes:
             if cond is None:
-                raise ValueError(f"this prior is class-conditional ({cfg.num_classes} classes): pass cond")
+                raise ValueError(
+                    f"this prior is class-conditional ({cfg.num_classes} classes): pass cond"
+                )
             if cond.shape != (x.shape[0],) or cond.dtype.is_floating_point:
                 raise ValueError(f"cond must be an integer tensor of shape [{x.shape[0]}]")
             if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= cfg.num_classes):
@@ -174,11 +205,17 @@ class PixelCNN(nn.Module, PretrainedMixin):
     def class_vector(self, cond: Tensor | None) -> Tensor | None:
         return None if self.class_embed is None or cond is None else self.class_embed(cond)
 
-    def forward(self, x: Tensor, cond: Tensor | None = None, spatial_cond: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, cond: Tensor | None = None, spatial_cond: Tensor | None = None
+    ) -> Tensor:
         """Raw head output [b, P, H, W]: logits or mixture parameters at every position."""
         h = self.embed_input(x)
         c = self.class_vector(cond)
-        feats = self.backbone(h, c, spatial_cond) if self.config.backbone == "gated" else self.backbone(h, c)
+        feats = (
+            self.backbone(h, c, spatial_cond)
+            if self.config.backbone == "gated"
+            else self.backbone(h, c)
+        )
         return self.head(feats)
 
     def element_log_prob(self, x: Tensor, out: Tensor) -> Tensor:

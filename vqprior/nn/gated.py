@@ -68,9 +68,13 @@ class GatedLayer(nn.Module):
         self.h_res = None if last else MaskedConv2d(channels, channels, (1, 1), mask=mask_b)
         self.h_skip = MaskedConv2d(channels, channels, (1, 1), mask=mask_b.clone())
         self.cond = nn.Linear(cond_dim, 4 * channels, bias=False) if cond_dim else None
-        self.spatial = nn.Conv2d(spatial_channels, 4 * channels, 1, bias=False) if spatial_channels else None
+        self.spatial = (
+            nn.Conv2d(spatial_channels, 4 * channels, 1, bias=False) if spatial_channels else None
+        )
 
-    def biases(self, cond: Tensor | None, spatial: Tensor | None) -> tuple[Tensor | float, Tensor | float]:
+    def biases(
+        self, cond: Tensor | None, spatial: Tensor | None
+    ) -> tuple[Tensor | float, Tensor | float]:
         """Conditioning biases for the vertical and horizontal pre-activations.
 
         cond [b, cond_dim] gives [b, 2F, 1, 1] each; spatial [b, s, H, W] gives [b, 2F, H, W].
@@ -89,7 +93,9 @@ class GatedLayer(nn.Module):
         bv, bh = total.chunk(2, dim=1)
         return bv, bh
 
-    def forward(self, v: Tensor, h: Tensor, bv: Tensor | float = 0.0, bh: Tensor | float = 0.0) -> LayerOut:
+    def forward(
+        self, v: Tensor, h: Tensor, bv: Tensor | float = 0.0, bh: Tensor | float = 0.0
+    ) -> LayerOut:
         v_pre = self.v_conv(v) + bv  # [b, 2F, H, W]
         h_pre = self.h_conv(h) + self.v_to_h(v_pre) + bh
         h_gated = gate(h_pre)
@@ -134,7 +140,9 @@ class GatedStack(nn.Module):
     def gated_layers(self) -> list[GatedLayer]:
         return [layer for layer in self.layers if isinstance(layer, GatedLayer)]
 
-    def forward(self, x: Tensor, cond: Tensor | None = None, spatial: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, cond: Tensor | None = None, spatial: Tensor | None = None
+    ) -> Tensor:
         v, h, skips = x, x, 0.0
         for layer in self.gated_layers:
             bv, bh = layer.biases(cond, spatial)
@@ -151,7 +159,9 @@ class CausalHead(nn.Module):
         super().__init__()
         hid = channel_groups(channels, groups)
         self.hidden = MaskedConv2d(channels, channels, (1, 1), mask=causal_mask(1, "B", hid, hid))
-        self.out = MaskedConv2d(channels, out_channels, (1, 1), mask=causal_mask(1, "B", hid, out_groups))
+        self.out = MaskedConv2d(
+            channels, out_channels, (1, 1), mask=causal_mask(1, "B", hid, out_groups)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out(F.relu(self.hidden(F.relu(x))))

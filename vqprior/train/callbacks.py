@@ -92,7 +92,8 @@ class PruneCheckpoints(Callback):
 class ImageGrids(Callback):
     """Every ``every_n_steps`` (and at the end of training) write ``make()``'s grid as a PNG.
 
-    ``make(pl_module)`` returns images [b, c, H, W] in [-1, 1] and the images per row.
+    ``make(pl_module)`` returns images [b, c, H, W] in [-1, 1] and the images per row; it
+    runs with the module in eval mode and under ``torch.random.fork_rng``.
     """
 
     def __init__(
@@ -118,8 +119,12 @@ class ImageGrids(Callback):
         self._last_step = step
         was_training = pl_module.training
         pl_module.eval()
+        cuda = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
         try:
-            images, nrow = self.make(pl_module)
+            # the global RNG comes out as it went in: a grid (drawn on rank zero only, and not
+            # again by a resumed run) never changes what training draws next
+            with torch.random.fork_rng(devices=cuda):
+                images, nrow = self.make(pl_module)
         finally:
             pl_module.train(was_training)
         path = self.image_dir / f"{self.prefix}_step{step:07d}.png"

@@ -54,7 +54,7 @@ def encode_dataset(
     """Images (x [c, H, W], y) -> codes long [N, h, w] (on CPU), labels long [N]."""
     vae = vae.to(device).eval()
     codes, labels = [], []
-    for x, y in DataLoader(ds, batch_size=batch_size, shuffle=False):
+    for x, y in DataLoader(ds, batch_size=batch_size, shuffle=False, generator=torch.Generator()):
         codes.append(vae.encode(x.to(device)).cpu())
         labels.append(y.long())
     if not codes:  # an empty split

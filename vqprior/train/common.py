@@ -22,6 +22,8 @@ from vqprior.config import ConfigError
 from vqprior.io import atomic_path, atomic_torch_save, atomic_write_text, safe_torch_load
 from vqprior.train.callbacks import NonFiniteGuard, PruneCheckpoints
 from vqprior.train.config import DeviceOptions, TrainConfig
+from vqprior.train.rankdump import rank_dump_callbacks
+from vqprior.train.resume import ResumeState, remove_stale_temps
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +31,10 @@ CKPT_DIR = "checkpoints"
 LAST_CKPT = "last.ckpt"
 MODEL_DIR = "model"
 IMAGES_DIR = "images"
+# what a run dir may hold besides config.yaml (a cache of codes may be put there beforehand)
+RUN_ENTRIES = frozenset(
+    {CKPT_DIR, MODEL_DIR, IMAGES_DIR, "codes", "logs", "metrics.csv", "summary.json", "vae.json"}
+)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -59,12 +65,16 @@ def _first_difference(old: Any, new: Any, prefix: str = "") -> tuple[str, Any, A
 def prepare_run_dir(out: Path, resolved: dict[str, Any]) -> Path | None:
     """Write ``config.yaml`` (or check it equals ``resolved``); return a checkpoint to resume.
 
-    An out dir that holds a different run's config is refused with one line.
+    An out dir that holds a different run's config, or other files than a run's and no
+    ``config.yaml`` (not a run dir), is refused with one line. Temp files that a killed run
+    left behind are removed.
     """
     resolved = yaml.safe_load(yaml.safe_dump(resolved, sort_keys=False))
     cfg_file = out / "config.yaml"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: pass a directory for the run")
     if cfg_file.is_file():
-        old = yaml.safe_load(cfg_file.read_text())
+        old = _read_run_config(cfg_file)
         if old != resolved:
             key, a, b = _first_difference(old, resolved)
             raise ConfigError(
@@ -72,13 +82,34 @@ def prepare_run_dir(out: Path, resolved: dict[str, Any]) -> Path | None:
                 f"use another --out, or delete {out} to start over"
             )
     else:
+        foreign = (
+            sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES and p.name[0] != ".")
+            if out.is_dir()
+            else []
+        )
+        if foreign:
+            raise ConfigError(
+                f"--out {out} is not empty ({', '.join(foreign[:3])}) and is not a vqprior run "
+                "(no config.yaml): use a new or empty directory"
+            )
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cfg_file, yaml.safe_dump(resolved, sort_keys=False))
+    remove_stale_temps(out, out / CKPT_DIR, out / "codes", out / MODEL_DIR)
     last = out / CKPT_DIR / LAST_CKPT
     if last.is_file():
         logger.info("resuming from %s", last)
         return last
     return None
+
+
+def _read_run_config(cfg_file: Path) -> Any:
+    try:
+        return yaml.safe_load(cfg_file.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"cannot read {cfg_file} ({reason}): fix it, or use another --out"
+        ) from None
 
 
 def lr_lambda(train: TrainConfig) -> Any:
@@ -150,12 +181,15 @@ def build_trainer(
         precision=device.resolved_precision(),  # type: ignore[arg-type]
         logger=CSVLogger(save_dir=out / "logs", name=""),
         callbacks=[
+            ResumeState(),
             NonFiniteGuard(out),
             PruneCheckpoints(out / CKPT_DIR, train.keep_checkpoints),
             *callbacks,
+            *rank_dump_callbacks(),
             ckpt,
         ],
         plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,  # the DataModule shards (and orders) the data itself
         gradient_clip_val=train.grad_clip or None,
         val_check_interval=train.val_every_n_steps if has_val else None,
         check_val_every_n_epoch=None,

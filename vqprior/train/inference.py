@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -230,7 +231,7 @@ def export(ckpt: str | Path, out_dir: str | Path) -> Path:
             f"{ckpt}: weights do not match its config (missing {sorted(missing)[:3]})"
         )
     out = Path(out_dir)
-    model.save_pretrained(out)
-    if hp["kind"] == "prior" and hp.get("vae"):
-        write_json(out / VAE_RECORD, hp["vae"])
+    record = hp.get("vae") if hp["kind"] == "prior" else None
+    extra_files = {VAE_RECORD: json.dumps(record, indent=2) + "\n"} if record else None
+    model.save_pretrained(out, extra_files=extra_files)
     return out

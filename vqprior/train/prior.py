@@ -26,7 +26,9 @@ def warmup_ema(decay: float) -> Any:
     """
 
     @torch.no_grad()
-    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+    def update(
+        ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: torch.Tensor
+    ) -> None:
         n = float(num_averaged)
         d = min(decay, (1.0 + n) / (10.0 + n))
         torch._foreach_lerp_(ema_params, params, 1.0 - d)

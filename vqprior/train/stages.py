@@ -12,6 +12,7 @@ Run directory of a stage::
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -121,7 +122,7 @@ def train_vae(
         out / IMAGES_DIR, "recon", _reconstructor(fixed), cfg.train.image_every_n_steps
     )
     trainer = build_trainer(out, cfg.train, device, [grids, *(callbacks or [])], has_val)
-    dm = image_datamodule(splits, cfg.train.batch_size, cfg.train.num_workers)
+    dm = image_datamodule(splits, cfg.train.batch_size, cfg.train.num_workers, cfg.train.seed)
     metrics = run_training(trainer, module, dm, resume, out, has_val)
     if not trainer.is_global_zero:
         return {}
@@ -214,10 +215,10 @@ def train_prior(
         codes = _prior_codes(
             cfg, splits, vae, record, out, Path(codes_dir) if codes_dir else None, device
         )
-        dm = codes_datamodule(codes, cfg.train.batch_size, cfg.train.num_workers)
+        dm = codes_datamodule(codes, cfg.train.batch_size, cfg.train.num_workers, cfg.train.seed)
         has_val = len(codes["val"][0]) > 0
     else:
-        dm = image_datamodule(splits, cfg.train.batch_size, cfg.train.num_workers)
+        dm = image_datamodule(splits, cfg.train.batch_size, cfg.train.num_workers, cfg.train.seed)
         has_val = len(splits.val) > 0  # type: ignore[arg-type]
     module = PriorModule(cfg.model.to_dict(), cfg.train.to_dict(), record, compile=device.compile)
     grids = ImageGrids(
@@ -227,9 +228,8 @@ def train_prior(
     metrics = run_training(trainer, module, dm, resume, out, has_val)
     if not trainer.is_global_zero:
         return {}
-    module.eval_model.save_pretrained(out / MODEL_DIR)
-    if record is not None:
-        write_json(out / MODEL_DIR / VAE_RECORD, record)
+    extra_files = {VAE_RECORD: json.dumps(record, indent=2) + "\n"} if record is not None else None
+    module.eval_model.save_pretrained(out / MODEL_DIR, extra_files=extra_files)
     extra = {"vae_hash": record["vae_hash"]} if record else {}
     return _finish(out, "train-prior", trainer, module.eval_model, metrics, started, extra)
 

@@ -1,0 +1,115 @@
+"""DDP with 2 CPU processes (gloo) through the command line: every rank ends with the same weights.
+
+Each run is a subprocess (Lightning's DDP launcher re-runs the command line for rank 1), with
+``VQPRIOR_RANK_DUMP`` making every rank write its final and initial module state dicts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vqprior.io import content_hash
+from vqprior.pipeline_ddp import CALL_ENV, RANK_ENVS
+from vqprior.train.rankdump import ENV_VAR
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny"
+DDP = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
+
+
+def run_cli(tmp_path: Path, dump: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``vqprior ARGS`` in a fresh process; the launcher is a script file so that Lightning can
+    start rank 1 by re-running ``sys.argv``."""
+    launcher = tmp_path / "launch_vqprior.py"
+    launcher.write_text("from vqprior.cli import main\n\nmain()\n")
+    env = {k: v for k, v in os.environ.items() if k not in (CALL_ENV, *RANK_ENVS, "WORLD_SIZE")}
+    env.update({ENV_VAR: str(dump), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.run(
+        [sys.executable, str(launcher), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def load_ranks(dump: Path, suffix: str = "") -> tuple[dict, dict]:
+    return (
+        load_file(str(dump / f"rank0{suffix}.safetensors")),
+        load_file(str(dump / f"rank1{suffix}.safetensors")),
+    )
+
+
+def assert_same_across_ranks(dump: Path, must_have: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Both ranks hold identical tensors, at the start and at the end; training changed them."""
+    for suffix in (".start", ""):
+        r0, r1 = load_ranks(dump, suffix)
+        assert sorted(r0) == sorted(r1)
+        for name in must_have:
+            assert any(k.startswith(name) for k in r0), (name, sorted(r0))
+        differ = [k for k in r0 if not torch.equal(r0[k], r1[k])]
+        assert not differ, f"ranks differ ({suffix or 'end'}): {differ}"
+    start, end = load_ranks(dump, ".start")[0], load_ranks(dump)[0]
+    params = [k for k in end if end[k].is_floating_point() and "quantizer" not in k]
+    changed = [k for k in params if not torch.equal(start[k], end[k])]
+    assert len(changed) > len(params) // 2, f"training changed only {changed}"
+    return end
+
+
+@pytest.fixture(scope="module")
+def ddp_vae(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("ddp_vae")
+    out, dump = tmp / "vae", tmp / "dump"
+    proc = run_cli(
+        tmp, dump, "train-vae", "--config", str(TINY / "vae.yaml"), "--out", str(out), *DDP
+    )
+    reports = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert len(reports) == 1, proc.stdout  # rank zero reports, rank one stays quiet
+    assert json.loads(reports[0])["global_step"] == 6
+    return out, dump
+
+
+def test_vae_ranks_agree_on_weights_and_codebook(ddp_vae: tuple[Path, Path]) -> None:
+    out, dump = ddp_vae
+    end = assert_same_across_ranks(
+        dump, ("model.encoder", "model.decoder", "model.quantizer.embed")
+    )
+    start = load_ranks(dump, ".start")[0]
+    assert not torch.equal(start["model.quantizer.embed"], end["model.quantizer.embed"])
+    exported = load_file(str(out / "model" / "model.safetensors"))
+    for k, v in exported.items():  # the export is rank zero's final model
+        assert torch.equal(v, end[f"model.{k}"]), k
+
+
+def test_codes_prior_ranks_agree_including_ema(ddp_vae: tuple[Path, Path], tmp_path: Path) -> None:
+    vae, _ = ddp_vae
+    out, dump = tmp_path / "prior", tmp_path / "dump"
+    run_cli(
+        tmp_path, dump, "train-prior", "--config", str(TINY / "prior_codes.yaml"),
+        "--vae", str(vae), "--out", str(out), *DDP,
+    )  # fmt: skip
+    end = assert_same_across_ranks(dump, ("model.", "ema.module.", "model.class_embed"))
+    assert int(end["ema.n_averaged"]) == 4  # one EMA update per optimizer step
+    assert json.loads((out / "vae.json").read_text())["vae_hash"] == content_hash(vae / "model")
+
+
+def test_pipeline_under_ddp(tmp_path: Path) -> None:
+    """Rank one joins every training stage of a pipeline; rank zero alone encodes and samples."""
+    out, dump = tmp_path / "run", tmp_path / "dump"
+    run_cli(tmp_path, dump, "pipeline", str(TINY / "pipeline_ddp.yaml"), "--out", str(out), *DDP)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [e["status"] for e in manifest["stages"].values()] == ["done"] * 4
+    assert_same_across_ranks(dump, ("model.", "ema.module."))  # the last training stage
+    assert (out / "samples" / "samples.png").is_file()
+    proc = run_cli(
+        tmp_path, dump, "pipeline", str(TINY / "pipeline_ddp.yaml"), "--out", str(out), *DDP
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(s["skipped"] for s in summary["stages"]), proc.stderr[-2000:]

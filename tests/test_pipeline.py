@@ -1,0 +1,260 @@
+"""`vqprior pipeline` on configs/tiny/pipeline.yaml through CliRunner: artefacts, skipping,
+redoing what changed (and only that), --from, resuming an interrupted stage, one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+from click.testing import CliRunner, Result
+from lightning.pytorch.callbacks import Callback
+from PIL import Image
+from safetensors.torch import load_file
+
+from vqprior.cli import cli
+from vqprior.config import ConfigError
+from vqprior.io import content_hash, file_sha256
+from vqprior.pipeline_spec import load_pipeline
+from vqprior.train import codes, inference, stages
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPE = ROOT / "configs" / "tiny" / "pipeline.yaml"
+DEV = ["--accelerator", "cpu", "--devices", "1"]
+NAMES = ["vae", "codes", "prior_codes", "samples_codes", "eval_codes",
+         "prior_pixels", "samples_pixels", "eval_pixels"]  # fmt: skip
+PIXELS = ["prior_pixels", "samples_pixels", "eval_pixels"]
+
+
+def pipeline(out: Path, *args: str) -> Result:
+    return CliRunner().invoke(cli, ["pipeline", str(PIPE), "--out", str(out), *DEV, *args])
+
+
+def manifest(out: Path) -> dict[str, Any]:
+    return json.loads((out / "manifest.json").read_text())["stages"]
+
+
+def statuses(out: Path) -> dict[str, str]:
+    summary = json.loads((out / "summary.json").read_text())
+    return {s["name"]: s["status"] for s in summary["stages"]}
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Result]:
+    out = tmp_path_factory.mktemp("pipe") / "run"
+    result = pipeline(out)
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+@pytest.fixture
+def run(first: tuple[Path, Result], tmp_path: Path) -> Path:
+    """A private copy of the finished run (keys name stages, not paths, so it stays valid)."""
+    return Path(shutil.copytree(first[0], tmp_path / "run"))
+
+
+class Spy:
+    """Wraps the stage functions: records which stage folders ran (or makes any call fail)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> None:
+        self.ran: list[str] = []
+        for module, name, arg in (
+            (stages, "train_vae", 1), (stages, "train_prior", 1), (codes, "encode_codes", 2),
+            (inference, "generate", 3), (inference, "evaluate", None),
+        ):  # fmt: skip
+            monkeypatch.setattr(module, name, self._wrap(getattr(module, name), name, arg, fail))
+
+    def _wrap(self, fn: Any, name: str, arg: int | None, fail: bool) -> Any:
+        def wrapped(*args: Any, **kw: Any) -> Any:
+            if fail:
+                raise AssertionError(f"{name} ran")
+            result = fn(*args, **kw)
+            folder = Path(args[arg]).parent if name == "generate" else args[arg] if arg else None
+            self.ran.append(Path(folder).name if folder else f"evaluate:{Path(args[0]).name}")
+            return result
+
+        return wrapped
+
+
+def test_first_run_writes_every_artefact(first: tuple[Path, Result]) -> None:
+    out, result = first
+    for i, name in enumerate(NAMES, 1):
+        assert f"[{i}/8] " in result.stderr and f" {name} " in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*NAMES, "manifest.json", "summary.md", "summary.json", "losses.png"]
+    )
+    entries = manifest(out)
+    assert list(entries) == NAMES and all(e["status"] == "done" for e in entries.values())
+    for name in ("vae", "prior_codes", "prior_pixels"):  # recorded hashes are the exports'
+        assert entries[name]["outputs"] == {"model": content_hash(out / name / "model")}
+    assert (
+        entries["samples_codes"]["outputs"]["samples.png"]
+        == file_sha256(out / "samples_codes" / "samples.png")[:16]
+    )
+    assert entries["prior_codes"]["deps"] == {
+        "vae": entries["vae"]["key"],
+        "codes": entries["codes"]["key"],
+    }
+    assert not (out / "prior_codes" / "codes").exists()  # it trained on the encode stage's codes
+    samples = load_file(str(out / "samples_codes" / "samples.safetensors"))
+    assert samples["images"].shape == (10, 1, 8, 8)
+    assert samples["labels"].tolist() == list(range(10))  # class-conditional: one per class
+    with Image.open(out / "losses.png") as img:
+        assert img.format == "PNG" and img.width > 3 * img.height  # three panels side by side
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["status"] for s in summary["stages"]] == ["ran"] * 8
+    by_name = {s["name"]: s for s in summary["stages"]}
+    assert 0 < by_name["vae"]["figures"]["val/recon_mse"] < 4
+    assert by_name["eval_pixels"]["figures"]["bits_per_dim"] > 0
+    for s in summary["stages"]:
+        for png in s["images"]:
+            assert (out / png).is_file()
+    md = (out / "summary.md").read_text()
+    assert all(f"| {name} |" in md for name in NAMES) and "samples_pixels/samples.png" in md
+
+
+def test_second_run_skips_every_stage(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = manifest(run)
+    Spy(monkeypatch, fail=True)
+    result = pipeline(run)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("skipped (unchanged") == 8
+    assert set(statuses(run).values()) == {"skipped"}
+    assert manifest(run) == before
+
+
+def test_changed_stage_reruns_with_its_dependents_only(
+    run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = manifest(run)
+    spy = Spy(monkeypatch)
+    result = pipeline(run, "--set", "prior_pixels.train.lr=1e-3")
+    assert result.exit_code == 0, result.output
+    assert spy.ran == ["prior_pixels", "samples_pixels", "evaluate:prior_pixels"]
+    after = manifest(run)
+    for name in NAMES:
+        assert (after[name]["key"] != before[name]["key"]) == (name in PIXELS), name
+    assert {n for n, s in statuses(run).items() if s != "skipped"} == set(PIXELS)
+    stale = sorted(run.glob("prior_pixels.stale-*"))
+    assert len(stale) == 1  # the old run is kept, untouched
+    assert content_hash(stale[0] / "model") == before["prior_pixels"]["outputs"]["model"]
+    assert "lr: 0.001" in (run / "prior_pixels" / "config.yaml").read_text()
+
+
+def test_from_redoes_that_stage_and_every_later_one(
+    run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = manifest(run)
+    spy = Spy(monkeypatch)
+    result = pipeline(run, "--from", "samples_pixels")
+    assert result.exit_code == 0, result.output
+    assert spy.ran == ["samples_pixels", "evaluate:prior_pixels"]
+    assert [s for s in statuses(run).values()] == ["skipped"] * 6 + ["redone"] * 2
+    after = manifest(run)
+    assert after["samples_pixels"]["key"] == before["samples_pixels"]["key"]  # same inputs
+    (stale,) = run.glob("samples_pixels.stale-*")
+    # same seed, same prior: the redone samples equal the old ones
+    old, new = (load_file(str(d / "samples.safetensors")) for d in (stale, run / "samples_pixels"))
+    assert old["images"].equal(new["images"])
+    assert (
+        after["samples_pixels"]["outputs"]["samples.png"] == file_sha256(stale / "samples.png")[:16]
+    )
+
+
+class Interrupt(RuntimeError):
+    pass
+
+
+class StopAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            raise Interrupt(f"killed at step {self.step}")
+
+
+def test_interrupted_stage_resumes_from_its_checkpoint(
+    run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = stages.train_prior
+
+    def killed(*args: Any, **kw: Any) -> Any:
+        return original(*args, **{**kw, "callbacks": [*kw.get("callbacks", []), StopAt(3)]})
+
+    monkeypatch.setattr(stages, "train_prior", killed)
+    sets = ["--set", "prior_pixels.train.max_steps=8"]
+    result = pipeline(run, *sets)
+    assert result.exit_code == 1  # a crash, whether the CLI reports it in one line or not
+    assert "killed at step 3" in result.stderr + repr(result.exception)
+    entry = manifest(run)["prior_pixels"]
+    assert entry["status"] == "running"
+    assert (run / "prior_pixels" / "checkpoints" / "last.ckpt").is_file()
+    monkeypatch.setattr(stages, "train_prior", original)
+    result = pipeline(run, *sets)
+    assert result.exit_code == 0, result.output
+    assert statuses(run)["prior_pixels"] == "resumed" and "resuming an interrupted" in result.stderr
+    after = manifest(run)["prior_pixels"]
+    assert after["key"] == entry["key"] and after["status"] == "done"
+    assert after["figures"]["global_step"] == 8
+    logs = sorted(p.name for p in (run / "prior_pixels" / "logs").iterdir())
+    assert logs == ["version_0", "version_1"]  # two launches of one run
+    with open(run / "prior_pixels" / "logs" / "version_1" / "metrics.csv", newline="") as fh:
+        steps = [int(row["step"]) for row in csv.DictReader(fh)]
+    assert min(steps) == 2  # the second launch went on from the step-2 checkpoint
+    assert len(list(run.glob("prior_pixels.stale-*"))) == 1  # only the first --set moved one
+
+
+def test_unknown_stage_or_key_is_one_line_exit_2(tmp_path: Path) -> None:
+    for args, needle in (
+        (["--set", "nope.train.lr=1"], "unknown stage 'nope'"),
+        (["--set", "vae.train.lrr=1"], "train.lrr"),
+        (["--set", "samples_codes.nun=3"], "unknown key 'nun'"),
+        (["--from", "nope"], "--from nope"),
+        (["--num-nodes", "2"], "one node"),
+    ):
+        result = pipeline(tmp_path / "x", *args)
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+    assert not (tmp_path / "x").exists()  # nothing ran, nothing was written
+
+
+def write(tmp_path: Path, stages_yaml: str) -> Path:
+    path = tmp_path / "p.yaml"
+    path.write_text(f"out: {tmp_path / 'o'}\nstages:\n{stages_yaml}")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("stages_yaml", "needle"),
+    [
+        ("  p: {kind: generate, prior: later}\n  later: {kind: train-prior, config: "
+         f"{ROOT}/configs/tiny/prior_pixels.yaml}}\n", "not an earlier train-prior stage"),
+        (f"  v: {{kind: train-vae, config: {ROOT}/configs/tiny/vae.yaml}}\n"
+         "  c: {kind: encode, vae: v, data: {limit: 32}}\n"
+         f"  p: {{kind: train-prior, config: {ROOT}/configs/tiny/prior_codes.yaml, vae: v, codes: c}}\n",
+         "data.limit is 64 here but 32 in encode stage c"),
+        (f"  v: {{kind: train-vae, config: {ROOT}/configs/tiny/vae.yaml, model: {{chanels: 3}}}}\n",
+         "model.chanels"),
+        ("  v: {kind: train-gan}\n", "kind='train-gan'"),
+        ("  v: {kind: train-vae, config: nowhere.yaml}\n", "config nowhere.yaml not found"),
+    ],
+)  # fmt: skip
+def test_bad_pipeline_files_name_the_stage(tmp_path: Path, stages_yaml: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match="^stage ") as err:
+        load_pipeline(write(tmp_path, stages_yaml))
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["quickstart", "mnist", "cifar10"])
+def test_shipped_pipelines_are_valid(name: str) -> None:
+    pipe = load_pipeline(ROOT / "pipelines" / f"{name}.yaml")
+    kinds = [s.kind for s in pipe.stages]
+    assert {"train-vae", "encode", "train-prior", "generate", "evaluate"} <= set(kinds)
+    priors = [s for s in pipe.stages if s.kind == "train-prior"]
+    assert {("vae" in s.refs) for s in priors} == {True, False}  # a codes and a pixel prior

@@ -1,0 +1,286 @@
+"""``vqprior pipeline``: chain the stages of a ``pipelines/*.yaml`` file, skipping finished ones.
+
+Each stage runs in ``<out>/<stage>/`` through the library's stage functions. The manifest
+``<out>/manifest.json`` records, per stage, its key (a hash of its resolved config and the
+keys and output hashes of the stages it reads), status, times and output hashes. A rerun
+
+- skips a finished stage whose key is unchanged (and whose outputs are still there);
+- resumes an interrupted stage (same key) in place: training restarts from its last checkpoint;
+- redoes a stage whose key changed, which changes the keys of the stages that read it, so they
+  are redone too; the old folder is moved aside to ``<stage>.stale-<timestamp>``;
+- with ``from_stage``, redoes that stage and every stage after it.
+
+At the end ``<out>/summary.md``, ``<out>/summary.json`` and ``<out>/losses.png`` show the key
+figures of every stage (see :mod:`vqprior.pipeline_report`). See :mod:`vqprior.pipeline_spec`
+for the file format and :mod:`vqprior.pipeline_ddp` for multi-device runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from vqprior import pipeline_ddp as ddp
+from vqprior import pipeline_report as report
+from vqprior.config import ConfigError
+from vqprior.io import atomic_write_text, content_hash, file_sha256
+from vqprior.pipeline_spec import Pipeline, Stage, load_pipeline, stage_key
+from vqprior.train.config import DeviceOptions
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+OUTPUT_FILES = {
+    "encode": ("train.safetensors", "val.safetensors", "test.safetensors"),
+    "generate": ("samples.png", "samples.safetensors"),
+    "evaluate": ("eval.json",),
+}
+
+
+def _now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def read_manifest(out: Path) -> dict[str, Any]:
+    path = out / MANIFEST
+    if not path.is_file():
+        return {"format_version": FORMAT_VERSION, "stages": {}}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON ({err}): move it away to start over") from None
+    if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
+        raise ConfigError(f"{path} is not a pipeline manifest: move it away to start over")
+    return data
+
+
+def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    text = json.dumps(manifest, indent=2, default=str) + "\n"  # stages in pipeline order
+    atomic_write_text(out / MANIFEST, text)
+
+
+def _output_paths(stage: Stage, folder: Path) -> list[Path]:
+    if stage.training:
+        return [folder / "model" / "config.json", folder / "model" / "model.safetensors"]
+    return [folder / name for name in OUTPUT_FILES[stage.kind]]
+
+
+def _output_hashes(stage: Stage, folder: Path) -> dict[str, str]:
+    if stage.training:
+        return {"model": content_hash(folder / "model")}
+    return {p.name: file_sha256(p)[:16] for p in _output_paths(stage, folder)}
+
+
+def _move_aside(folder: Path) -> Path:
+    """Rename ``folder`` to ``<folder>.stale-<timestamp>`` (a free name); return the new path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = folder.with_name(f"{folder.name}.stale-{stamp}")
+    n = 1
+    while target.exists():
+        target, n = folder.with_name(f"{folder.name}.stale-{stamp}-{n}"), n + 1
+    folder.rename(target)
+    return target
+
+
+def _train(call: ddp.Call, device: DeviceOptions) -> dict[str, Any]:
+    from vqprior.train import stages
+
+    if call["kind"] == "train-vae":
+        return stages.train_vae(call["cfg"], call["out"], device)
+    return stages.train_prior(call["cfg"], call["out"], device, codes_dir=call["codes_dir"])
+
+
+def _prepare(call: ddp.Call, device: DeviceOptions) -> None:
+    """Write what the training stage function writes before it trains (see ddp.run_call)."""
+    from vqprior.train import codes, common, stages
+
+    out = Path(call["out"])
+    if call["kind"] == "train-vae":
+        common.prepare_run_dir(out, stages.resolve_vae_stage(call["cfg"])[0].to_dict())
+        return
+    cfg, splits, vae, record = stages.resolve_prior_stage(call["cfg"])
+    common.prepare_run_dir(out, cfg.to_dict())
+    if vae is None or record is None:
+        return
+    if not (out / codes.VAE_RECORD).is_file():
+        common.write_json(out / codes.VAE_RECORD, record)
+    if (
+        call["codes_dir"] is None
+        and codes.stored_codes(out / "codes", record, cfg.data, False) is None
+    ):
+        codes.encode_splits(vae, record, splits, cfg.data, out / "codes", cfg.train.batch_size,
+                            _data_device(device))  # fmt: skip
+
+
+def _data_device(device: DeviceOptions) -> str | None:
+    """The torch device of encode/generate/evaluate: cpu when asked, else cuda when available."""
+    return "cpu" if device.accelerator == "cpu" else None
+
+
+def _execute(pipe: Pipeline, stage: Stage, folder: Path, device: DeviceOptions) -> dict[str, Any]:
+    """Run one stage into ``folder``; return its key figures."""
+    from vqprior.train import codes, inference
+
+    dirs = {k: str(pipe.out / v) for k, v in stage.refs.items()}
+    cfg, dev = stage.config, _data_device(device)
+    if stage.training:
+        call = {
+            "kind": stage.kind,
+            "cfg": {
+                **copy.deepcopy(cfg),
+                **({"vae": dirs.get("vae")} if stage.kind == "train-prior" else {}),
+            },
+            "out": str(folder),
+            "codes_dir": dirs.get("codes"),
+        }
+        summary = ddp.run_call(call, lambda c: _train(c, device), lambda c: _prepare(c, device))
+        return report.training_figures(stage.kind, folder, summary, pipe.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    if stage.kind == "encode":
+        codes.encode_codes(dirs["vae"], cfg["data"], folder, cfg["batch_size"], dev)
+        return report.encode_figures(folder)
+    if stage.kind == "generate":
+        png = folder / "samples.png"
+        inference.generate(dirs["prior"], dirs.get("vae"), cfg["num"], png, cfg["seed"],
+                           cfg["temperature"], cfg["label"], dev, cfg["method"])  # fmt: skip
+        return {"num": cfg["num"], "images": [str(png.relative_to(pipe.out))]}
+    result = inference.evaluate(
+        dirs["prior"], dirs.get("vae"), cfg["split"], cfg["batch_size"], dev
+    )
+    atomic_write_text(folder / "eval.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return {k: v for k, v in result.items() if k != "num_examples"}
+
+
+class _Runner:
+    """Walks the stages in order, keeping the manifest on disk current after every change."""
+
+    def __init__(self, pipe: Pipeline, device: DeviceOptions, from_index: int | None) -> None:
+        self.pipe, self.device, self.from_index = pipe, device, from_index
+        self.out = pipe.out
+        self.manifest = read_manifest(self.out)
+        self.manifest.update(format_version=FORMAT_VERSION, pipeline=str(pipe.file))
+        self.done: dict[str, dict[str, Any]] = {}
+        self.rows: list[dict[str, Any]] = []
+
+    def save(self) -> None:
+        _write_manifest(self.out, self.manifest)
+
+    def run(self, i: int, stage: Stage) -> None:
+        n, name = len(self.pipe.stages), stage.name
+        key = stage_key(stage, self.done)
+        entry = self.manifest["stages"].get(name)
+        folder = self.out / name
+        forced = self.from_index is not None and i >= self.from_index
+        header = f"[{i + 1}/{n}] {stage.kind} {name}"
+        if self._finished(entry, key, stage, folder) and not forced:
+            logger.info("%s: skipped (unchanged since %s)", header, entry["finished"])
+            self.done[name] = entry
+            self._row(i, stage, entry, "skipped", 0.0)
+            return
+        status = self._prepare(entry, key, folder, forced, header)
+        started = time.time()
+        self.manifest["stages"][name] = {
+            "kind": stage.kind, "key": key, "status": "running", "started": _now(),
+            "deps": {d: self.done[d]["key"] for d in stage.deps},
+        }  # fmt: skip
+        self.save()
+        figures = _execute(self.pipe, stage, folder, self.device)
+        seconds = round(time.time() - started, 2)
+        entry = {
+            **self.manifest["stages"][name],
+            "status": "done", "finished": _now(), "seconds": seconds,
+            "outputs": _output_hashes(stage, folder), "figures": figures,
+        }  # fmt: skip
+        self.manifest["stages"][name] = self.done[name] = entry
+        self.save()
+        logger.info(
+            "%s: %s in %.1f s: %s", header, status, seconds, report.headline(stage.kind, figures)
+        )
+        self._row(i, stage, entry, status, seconds)
+
+    @staticmethod
+    def _finished(entry: dict[str, Any] | None, key: str, stage: Stage, folder: Path) -> bool:
+        if not entry or entry.get("status") != "done" or entry.get("key") != key:
+            return False
+        return all(p.is_file() for p in _output_paths(stage, folder))
+
+    def _prepare(
+        self, entry: dict[str, Any] | None, key: str, folder: Path, forced: bool, header: str
+    ) -> str:
+        """Decide ran/resumed/redone; move a folder that holds other work aside."""
+        same_run = bool(entry) and entry.get("status") == "running" and entry.get("key") == key  # type: ignore[union-attr]
+        if folder.exists() and same_run and not forced:
+            logger.info("%s -> %s (resuming an interrupted run)", header, folder)
+            return "resumed"
+        if folder.exists():
+            stale = _move_aside(folder)
+            why = "forced by --from" if forced else "its inputs or config changed"
+            logger.info(
+                "%s -> %s (%s; the old folder is kept as %s)", header, folder, why, stale.name
+            )
+            return "redone"
+        logger.info("%s -> %s", header, folder)
+        return "ran"
+
+    def _row(
+        self, i: int, stage: Stage, entry: dict[str, Any], status: str, seconds: float
+    ) -> None:
+        figures = dict(entry.get("figures") or {})
+        self.rows.append({
+            "index": i + 1, "name": stage.name, "kind": stage.kind, "status": status,
+            "skipped": status == "skipped", "seconds": seconds,
+            "recorded_seconds": entry.get("seconds"), "finished": entry.get("finished"),
+            "key": entry["key"], "dir": stage.name, "images": figures.pop("images", []),
+            "figures": figures,
+        })  # fmt: skip
+
+
+def run_pipeline(
+    file: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    device: DeviceOptions | None = None,
+    out: str | Path | None = None,
+    from_stage: str | None = None,
+) -> dict[str, Any]:
+    """Run the pipeline ``file`` (``overrides``: ``STAGE.key=value``); return the summary.
+
+    ``out`` replaces the file's run directory; ``from_stage`` redoes that stage and every
+    later one. On a DDP worker rank this joins rank zero's trainings and returns ``{}``.
+    """
+    device = device or DeviceOptions()
+    if ddp.is_worker():
+        ddp.serve(lambda call: _train(call, device))
+        return {}
+    ddp.check_launch(device.num_nodes)
+    pipe = load_pipeline(file, overrides, out)
+    from_index = pipe.index(from_stage, f"--from {from_stage}") if from_stage is not None else None
+    pipe.out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    runner = _Runner(pipe, device, from_index)
+    for i, stage in enumerate(pipe.stages):
+        runner.run(i, stage)
+    ddp.finish()  # on failure the other ranks fail too, or see rank zero's exit
+    return _finish(pipe, runner, started)
+
+
+def _finish(pipe: Pipeline, runner: _Runner, started: float) -> dict[str, Any]:
+    training = {s.name: pipe.out / s.name for s in pipe.stages if s.training}
+    losses = report.plot_losses(pipe.out, training)
+    summary = {
+        "pipeline": str(pipe.file),
+        "out": str(pipe.out),
+        "finished": _now(),
+        "total_seconds": round(time.time() - started, 2),
+        "stages": runner.rows,
+        "losses_png": losses.name if losses else None,
+        "manifest": MANIFEST,
+    }
+    report.write_summary(pipe.out, summary)
+    logger.info("pipeline done in %.1f s: %s", summary["total_seconds"], pipe.out / "summary.md")
+    return summary
