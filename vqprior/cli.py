@@ -176,6 +176,25 @@ def cli(debug: bool) -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         log.addHandler(handler)
     log.setLevel(logging.DEBUG if debug else logging.WARNING)
+    if not debug:
+        _quiet_lightning()
+
+
+def _quiet_lightning() -> None:
+    """Hide Lightning's start-up chatter (accelerator lines, tips) and known third-party
+    deprecation notices; warnings about the run itself still show."""
+    import warnings
+
+    for name in (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric.utilities.rank_zero",
+        "lightning.pytorch.accelerators.cuda",
+        "lightning.fabric.utilities.seed",
+    ):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*TorchVision are deprecated.*")
+    warnings.filterwarnings("ignore", message=r".*limit_val_batches=1.0.*")
 
 
 @cli.command("train-vae")
@@ -361,3 +380,7 @@ def bench_cmd(args: tuple[str, ...]) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
     cli.main(args=argv, prog_name="vqprior")
+
+
+if __name__ == "__main__":
+    main()

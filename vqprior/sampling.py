@@ -42,6 +42,10 @@ class Noise(NamedTuple):
     u_comp: Tensor | None
     u_val: Tensor | None
 
+    @property
+    def device(self) -> torch.device:
+        return next(t for t in self if t is not None).device
+
     def at(self, r: int, c: int) -> Noise:
         """The noise of pixel (r, c), keeping 4-d/3-d layouts with 1x1 spatial extent."""
         return Noise(*(None if t is None else t[..., r : r + 1, c : c + 1] for t in self))
@@ -119,8 +123,7 @@ def sample_naive(
 
     ``max_steps`` stops early (the rest stays zero); the benchmark times such a prefix.
     """
-    device = noise.u.device if noise.u is not None else noise.u_val.device  # type: ignore[union-attr]
-    x = _empty(model, n, device)
+    x = _empty(model, n, noise.device)
     cfg = model.config
     step = 0
     for r in range(cfg.height):
@@ -157,8 +160,7 @@ def sample_fixed_point(
     max_iters: int | None = None,
 ) -> Tensor:
     """Iterate whole-image sampling with frozen noise until it stops changing."""
-    device = noise.u.device if noise.u is not None else noise.u_val.device  # type: ignore[union-attr]
-    x = _empty(model, n, device)
+    x = _empty(model, n, noise.device)
     limit = max_iters or num_steps(model) + 1
     for _ in range(limit):
         x_new = values_from_output(model, model(x, cond, spatial), noise, temperature)

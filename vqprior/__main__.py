@@ -1,0 +1,5 @@
+"""``python -m vqprior``: the command line."""
+
+from vqprior.cli import main
+
+main()
