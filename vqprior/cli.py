@@ -195,6 +195,8 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r".*TorchVision are deprecated.*")
     warnings.filterwarnings("ignore", message=r".*limit_val_batches=1.0.*")
+    # an "epoch" is one pass of vqprior's resumable stream sampler; logging is per step anyway
+    warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
 
 
 @cli.command("train-vae")

@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -71,6 +72,11 @@ def prepare_run_dir(out: Path, resolved: dict[str, Any]) -> Path | None:
     """
     resolved = yaml.safe_load(yaml.safe_dump(resolved, sort_keys=False))
     cfg_file = out / "config.yaml"
+    if not _launcher_rank_zero():
+        # a DDP child re-runs the command while rank 0 is already training: it must neither
+        # write nor clean up (it could delete rank 0's checkpoint temp file mid-write)
+        last = out / CKPT_DIR / LAST_CKPT
+        return last if last.is_file() else None
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: pass a directory for the run")
     if cfg_file.is_file():
@@ -100,6 +106,12 @@ def prepare_run_dir(out: Path, resolved: dict[str, Any]) -> Path | None:
         logger.info("resuming from %s", last)
         return last
     return None
+
+
+def _launcher_rank_zero() -> bool:
+    """True unless this process is a non-zero rank started by Lightning's DDP launcher (it
+    sets LOCAL_RANK / NODE_RANK in the environment of the processes it starts)."""
+    return all(os.environ.get(name, "0") == "0" for name in ("LOCAL_RANK", "NODE_RANK"))
 
 
 def _read_run_config(cfg_file: Path) -> Any:
