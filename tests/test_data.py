@@ -14,17 +14,13 @@ import torchvision
 from einops import rearrange
 from PIL import Image
 
+from vqprior.artifacts import CodesDataset, image_grid, load_codes, save_codes, save_image_grid
 from vqprior.config import ConfigError
 from vqprior.data import (
-    CodesDataset,
     DataConfig,
     DataError,
     float_to_uint8,
-    image_grid,
-    load_codes,
     load_image_splits,
-    save_codes,
-    save_image_grid,
     split_indices,
     uint8_to_float,
 )

@@ -12,8 +12,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from vqprior.artifacts import load_codes
 from vqprior.config import ConfigError
-from vqprior.data import DataConfig, float_to_uint8, load_codes, load_image_splits
+from vqprior.data import DataConfig, float_to_uint8, load_image_splits
 from vqprior.io import CheckpointError, content_hash, load_pretrained
 from vqprior.models.pixelcnn import PixelCNN
 from vqprior.models.vqvae import VQVAE

@@ -65,7 +65,7 @@ def training_figures(kind: str, folder: Path, summary: dict[str, Any], out: Path
 
 def encode_figures(folder: Path) -> dict[str, Any]:
     """Examples per split, the code-map grid and codebook usage on the train split."""
-    from vqprior.data import load_codes
+    from vqprior.artifacts import load_codes
 
     figures: dict[str, Any] = {}
     for split in ("train", "val", "test"):

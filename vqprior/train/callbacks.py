@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from lightning_utilities.core.apply_func import apply_to_collection
 
-from vqprior.data import save_image_grid
+from vqprior.artifacts import save_image_grid
 from vqprior.io import atomic_torch_save
 from vqprior.train.errors import NonFiniteLossError
 

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vqprior.data import DataConfig, ImageSplits, load_codes, load_image_splits, save_codes
+from vqprior.artifacts import load_codes, save_codes
+from vqprior.data import DataConfig, ImageSplits, load_image_splits
 from vqprior.io import CheckpointError, content_hash, load_pretrained
 from vqprior.models.vqvae import VQVAE
 from vqprior.train.common import find_export, read_json

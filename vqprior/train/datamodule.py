@@ -14,7 +14,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vqprior.data import CodesDataset, ImageSplits
+from vqprior.artifacts import CodesDataset
+from vqprior.data import ImageSplits
 from vqprior.train.resume import ShardBatchSampler, StreamBatchSampler
 
 

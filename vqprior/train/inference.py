@@ -13,7 +13,8 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from vqprior.data import DataConfig, float_to_uint8, load_image_splits, save_image_grid
+from vqprior.artifacts import save_image_grid
+from vqprior.data import DataConfig, float_to_uint8, load_image_splits
 from vqprior.io import (
     CheckpointError,
     atomic_write_bytes,
