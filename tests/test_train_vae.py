@@ -173,3 +173,10 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(
     bad = torch.load(tmp_path / "nonfinite_batch.pt", weights_only=True)
     assert bad["step"] == 3 and bad["batch"][0].shape == (16, 1, 8, 8)
     assert (tmp_path / "metrics.csv").is_file()
+
+
+def test_tensorboard_logs_when_installed(run: tuple[Path, dict[str, Any]]) -> None:
+    pytest.importorskip("tensorboard")
+    out, _ = run
+    events = list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)

@@ -34,7 +34,17 @@ MODEL_DIR = "model"
 IMAGES_DIR = "images"
 # what a run dir may hold besides config.yaml (a cache of codes may be put there beforehand)
 RUN_ENTRIES = frozenset(
-    {CKPT_DIR, MODEL_DIR, IMAGES_DIR, "codes", "logs", "metrics.csv", "summary.json", "vae.json"}
+    {
+        CKPT_DIR,
+        MODEL_DIR,
+        IMAGES_DIR,
+        "codes",
+        "logs",
+        "tensorboard",
+        "metrics.csv",
+        "summary.json",
+        "vae.json",
+    }
 )
 
 
@@ -165,6 +175,21 @@ def resolve_strategy(name: str) -> Any:
     return name
 
 
+def loggers(out: Path) -> list[Any]:
+    """CSV logs under ``out/logs`` (flattened into ``metrics.csv``), plus TensorBoard under
+    ``out/tensorboard`` when the ``tensorboard`` package is installed."""
+    import importlib.util
+
+    found: list[Any] = [CSVLogger(save_dir=out / "logs", name="")]
+    if importlib.util.find_spec("tensorboard") is not None:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        found.append(
+            TensorBoardLogger(save_dir=out / "tensorboard", name="", default_hp_metric=False)
+        )
+    return found
+
+
 def build_trainer(
     out: Path,
     train: TrainConfig,
@@ -191,7 +216,7 @@ def build_trainer(
         num_nodes=device.num_nodes,
         strategy=resolve_strategy(device.strategy),
         precision=device.resolved_precision(),  # type: ignore[arg-type]
-        logger=CSVLogger(save_dir=out / "logs", name=""),
+        logger=loggers(out),
         callbacks=[
             ResumeState(),
             NonFiniteGuard(out),
