@@ -123,8 +123,12 @@ class Config:
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(data) - known)
         if unknown:
+            import difflib
+
+            close = difflib.get_close_matches(str(unknown[0]), sorted(known), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
             raise ConfigError(
-                f"unknown config key {prefix}{unknown[0]!s} for {cls.__name__}; "
+                f"unknown config key {prefix}{unknown[0]!s} for {cls.__name__}{hint}; "
                 f"known keys: {', '.join(sorted(known))}"
             )
         kwargs = {k: _coerce(prefix + k, v, hints[k]) for k, v in data.items()}
