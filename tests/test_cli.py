@@ -85,11 +85,11 @@ def test_two_stage_pipeline_through_the_cli(vae_run: Path, tmp_path: Path) -> No
         figures["prior_bits_per_dim"] + figures["decoder_bits_per_dim"]
     )
     assert 0 < figures["decoder_bits_per_dim"] < 16
-    result = invoke(
-        "export", str(prior / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "exp")
-    )
+    result = invoke("export", str(prior / "checkpoints" / "last.ckpt"), str(tmp_path / "exp"))
     assert result.exit_code == 0, result.output
     assert (tmp_path / "exp" / "model.safetensors").is_file()
+    both = invoke("export", str(prior / "checkpoints" / "last.ckpt"), "a", "--out", "b")
+    assert both.exit_code == 2 and "once" in both.output
 
 
 def test_unknown_set_key_exits_2_with_one_line(tmp_path: Path) -> None:

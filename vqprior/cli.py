@@ -333,12 +333,17 @@ def evaluate_cmd(**kw: Any) -> None:
 
 @cli.command("export")
 @click.argument("ckpt", type=_Existing("checkpoint", directory=False))
-@click.option("--out", required=True, type=click.Path(file_okay=False))
-def export_cmd(ckpt: str, out: str) -> None:
-    """Turn a Lightning checkpoint into an exported model dir (safetensors)."""
+@click.argument("out_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="same as DIR")
+def export_cmd(ckpt: str, out_dir: str | None, out: str | None) -> None:
+    """Turn a Lightning checkpoint into an exported model dir (safetensors): CKPT DIR."""
     from vqprior.train.inference import export
 
-    _report({"model_dir": str(export(ckpt, out))})
+    if (out_dir is None) == (out is None):
+        raise click.UsageError("give the export directory once: vqprior export CKPT DIR")
+    target = out_dir if out_dir is not None else out
+    assert target is not None
+    _report({"model_dir": str(export(ckpt, target))})
 
 
 @cli.command("pipeline")
