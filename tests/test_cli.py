@@ -92,37 +92,14 @@ def test_two_stage_pipeline_through_the_cli(vae_run: Path, tmp_path: Path) -> No
     assert both.exit_code == 2 and "once" in both.output
 
 
-def test_unknown_set_key_exits_2_with_one_line(tmp_path: Path) -> None:
-    result = invoke(
-        "train-vae",
-        "--config",
-        str(TINY / "vae.yaml"),
-        "--out",
-        str(tmp_path),
-        "--set",
-        "model.chanels=4",
-    )
-    assert_one_line_error(result, 2, "model.chanels")
-    result = invoke(
-        "train-vae",
-        "--config",
-        str(TINY / "vae.yaml"),
-        "--out",
-        str(tmp_path),
-        "--set",
-        "trian.lr=1",
-    )
-    assert_one_line_error(result, 2, "trian")
-    result = invoke(
-        "train-vae",
-        "--config",
-        str(TINY / "vae.yaml"),
-        "--out",
-        str(tmp_path),
-        "--set",
-        "train.lr=abc",
-    )
-    assert_one_line_error(result, 2, "train.lr")
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [("model.chanels=4", "model.chanels"), ("trian.lr=1", "trian"), ("train.lr=abc", "train.lr")],
+)
+def test_bad_set_override_exits_2_with_one_line(tmp_path: Path, override: str, named: str) -> None:
+    cfg = str(TINY / "vae.yaml")
+    result = invoke("train-vae", "--config", cfg, "--out", str(tmp_path), "--set", override)
+    assert_one_line_error(result, 2, named)
 
 
 def test_debug_shows_the_exception(tmp_path: Path) -> None:

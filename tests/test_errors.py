@@ -372,6 +372,7 @@ def test_nonfinite_loss_names_the_step_and_keeps_the_last_good_checkpoint(
     bad = torch.load(out / "nonfinite_batch.pt", weights_only=True)
     assert bad["step"] == 3 and bad["batch"][0].shape == (16, 1, 8, 8)
     assert not (out / "model").exists()
+    assert (out / "metrics.csv").is_file()  # the logs up to the bad step are kept
 
 
 def test_a_real_process_prints_exactly_one_line(tmp_path: Path) -> None:

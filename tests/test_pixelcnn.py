@@ -6,85 +6,24 @@ import math
 
 import pytest
 import torch
+from model_cases import CASES, build, random_data
 
 from vqprior import PixelCNN, PixelCNNConfig
 from vqprior.nn.grid import from_bins
 
-CASES = {
-    "codes": dict(data="codes", num_codes=7, height=4, width=4, channels=8, num_layers=2),
-    "codes-cond-k5": dict(
-        data="codes",
-        num_codes=5,
-        height=4,
-        width=5,
-        channels=8,
-        num_layers=2,
-        kernel_size=5,
-        num_classes=3,
-    ),
-    "rgb-mixture": dict(
-        data="pixels", in_channels=3, height=3, width=4, channels=8, num_layers=2, num_mixtures=2
-    ),
-    "rgb-categorical": dict(
-        data="pixels",
-        in_channels=3,
-        head="categorical",
-        num_bins=8,
-        height=3,
-        width=3,
-        channels=12,
-        num_layers=2,
-    ),
-    "gray-mixture-cond": dict(
-        data="pixels", in_channels=1, height=4, width=4, channels=8, num_layers=3, num_classes=2
-    ),
-    "rgb-pixelcnnpp": dict(
-        data="pixels",
-        in_channels=3,
-        height=4,
-        width=4,
-        channels=8,
-        backbone="pixelcnnpp",
-        nr_resnet=1,
-        num_scales=2,
-        num_mixtures=2,
-    ),
-    "gray-pixelcnnpp-cond": dict(
-        data="pixels",
-        in_channels=1,
-        height=4,
-        width=4,
-        channels=8,
-        backbone="pixelcnnpp",
-        nr_resnet=1,
-        num_scales=2,
-        num_classes=2,
-    ),
-}
-
-
-def random_data(model: PixelCNN, n: int, gen: torch.Generator) -> torch.Tensor:
-    cfg = model.config
-    if cfg.data == "codes":
-        return torch.randint(cfg.num_codes, (n, *model.data_shape), generator=gen)
-    idx = torch.randint(cfg.num_bins, (n, *model.data_shape), generator=gen)
-    return from_bins(idx, cfg.num_bins, torch.float64)
-
 
 def make(name: str) -> tuple[PixelCNN, torch.Tensor | None]:
-    torch.manual_seed(0)
-    model = PixelCNN(PixelCNNConfig(**CASES[name])).double().eval()
-    cond = torch.tensor([1]) if model.config.num_classes else None
+    model, cond, _ = build(name, 1)
     return model, cond
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_log_prob_is_causal_for_every_element(name: str) -> None:
     """Changing element e leaves every earlier element's log-probability unchanged."""
-    model, cond = make(name)
+    model, cond, spatial = build(name, 1)
     gen = torch.Generator().manual_seed(1)
     x = random_data(model, 1, gen)
-    base = model.log_prob(x, cond, reduction="none").flatten()
+    base = model.log_prob(x, cond, reduction="none", spatial_cond=spatial).flatten()
     other = random_data(model, 1, gen)
     # raster order (row, column, channel): move channels last before flattening
     order = x[0] if x.dim() == 3 else x[0].permute(1, 2, 0)
@@ -100,7 +39,7 @@ def test_log_prob_is_causal_for_every_element(name: str) -> None:
         y[(0, *pos)] = other[(0, *pos)]
         if torch.equal(y, x):
             continue
-        lp = model.log_prob(y, cond, reduction="none").flatten()
+        lp = model.log_prob(y, cond, reduction="none", spatial_cond=spatial).flatten()
         lp_raster = torch.empty_like(lp)
         lp_raster[flat_index.flatten()] = lp
         assert torch.equal(lp_raster[:e], base_raster[:e]), f"element {e} leaks into an earlier one"

@@ -236,14 +236,25 @@ def train_prior_cmd(
     _report(train_prior(cfg, out, _devices(kw), seed, codes_dir=codes_dir))
 
 
-@cli.command("encode")
-@click.option(
-    "--vae",
-    "vae_dir",
+def _vae_option(required: bool, help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    kind = _Existing("VAE run dir", directory=True)
+    return click.option("--vae", "vae_dir", required=required, default=None, type=kind, help=help)
+
+
+_prior_option = click.option(
+    "--prior",
+    "prior_dir",
     required=True,
-    type=_Existing("VAE run dir", directory=True),
-    help="train-vae run dir",
+    type=_Existing("prior run dir", directory=True),
+    help="train-prior run dir",
 )
+_inference_device_option = click.option(
+    "--device", default=None, help="cpu or cuda (default: cuda when available)"
+)
+
+
+@cli.command("encode")
+@_vae_option(required=True, help="train-vae run dir")
 @click.option(
     "--config",
     "config_path",
@@ -258,7 +269,7 @@ def train_prior_cmd(
     help="directory for {train,val,test}.safetensors",
 )
 @click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
+@_inference_device_option
 def encode_cmd(
     vae_dir: str,
     config_path: str | None,
@@ -277,20 +288,8 @@ def encode_cmd(
 
 
 @cli.command("generate")
-@click.option(
-    "--prior",
-    "prior_dir",
-    required=True,
-    type=_Existing("prior run dir", directory=True),
-    help="train-prior run dir",
-)
-@click.option(
-    "--vae",
-    "vae_dir",
-    default=None,
-    type=_Existing("VAE run dir", directory=True),
-    help="train-vae run dir (codes prior)",
-)
+@_prior_option
+@_vae_option(required=False, help="train-vae run dir (codes prior)")
 @click.option("--num", type=int, default=64, show_default=True)
 @click.option(
     "--out",
@@ -301,7 +300,7 @@ def encode_cmd(
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--temperature", type=float, default=1.0, show_default=True)
 @click.option("--label", type=int, default=None, help="class label (conditional prior)")
-@click.option("--device", default=None, help="cpu or cuda (default: cuda when available)")
+@_inference_device_option
 @click.option("--method", default="auto", show_default=True, help="sampler: auto or naive")
 def generate_cmd(**kw: Any) -> None:
     """Sample from a prior (decoding codes through the VAE) into a PNG grid and tensors."""
@@ -311,19 +310,13 @@ def generate_cmd(**kw: Any) -> None:
 
 
 @cli.command("evaluate")
-@click.option(
-    "--prior",
-    "prior_dir",
-    required=True,
-    type=_Existing("prior run dir", directory=True),
-    help="train-prior run dir",
-)
-@click.option("--vae", "vae_dir", default=None, type=_Existing("VAE run dir", directory=True))
+@_prior_option
+@_vae_option(required=False, help="train-vae run dir (codes prior: adds the decoder's bits)")
 @click.option(
     "--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True
 )
 @click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--device", default=None)
+@_inference_device_option
 def evaluate_cmd(**kw: Any) -> None:
     """Bits per dimension on a split (pixels prior, or prior + decoder for codes)."""
     from vqprior.train.inference import evaluate

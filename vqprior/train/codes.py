@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vqprior.artifacts import load_codes, save_codes
 from vqprior.data import DataConfig, ImageSplits, load_image_splits
-from vqprior.io import CheckpointError, content_hash, load_pretrained
+from vqprior.io import CheckpointError, content_hash
 from vqprior.models.vqvae import VQVAE
 from vqprior.train.common import find_export, read_json
 
@@ -30,10 +30,7 @@ def default_device(device: str | None = None) -> torch.device:
 def load_vae(vae_dir: str | Path) -> tuple[VQVAE, Path]:
     """The exported VQVAE of a train-vae run dir (or an export dir), in eval mode."""
     path = find_export(vae_dir, "VAE")
-    vae = load_pretrained(path)
-    if not isinstance(vae, VQVAE):
-        raise CheckpointError(f"{path} holds a {type(vae).__name__}, not a VQVAE")
-    return vae, path
+    return VQVAE.from_pretrained(path), path
 
 
 def vae_record(vae: VQVAE, export: Path, image_shape: tuple[int, int, int]) -> dict[str, Any]:

@@ -149,6 +149,22 @@ def lr_lambda(train: TrainConfig) -> Any:
     return factor
 
 
+class StageModule(L.LightningModule):
+    """Routes Lightning's train/val/test steps to one ``_step(batch, stage)`` (STYLE.md)."""
+
+    def _step(self, batch: Any, stage: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "test")
+
+
 def configure_adamw(params: Iterable[torch.nn.Parameter], train: TrainConfig) -> dict[str, Any]:
     """AdamW plus a per-step LambdaLR schedule, in Lightning's configure_optimizers format."""
     trainable = [p for p in params if p.requires_grad]

@@ -19,7 +19,6 @@ from vqprior.io import (
     CheckpointError,
     atomic_write_bytes,
     content_hash,
-    load_pretrained,
     safe_torch_load,
 )
 from vqprior.models.pixelcnn import PixelCNN, PixelCNNConfig
@@ -34,10 +33,7 @@ LN2 = math.log(2.0)
 
 def load_prior(prior_dir: str | Path) -> tuple[PixelCNN, Path]:
     path = find_export(prior_dir, "prior")
-    prior = load_pretrained(path)
-    if not isinstance(prior, PixelCNN):
-        raise CheckpointError(f"{path} holds a {type(prior).__name__}, not a PixelCNN prior")
-    return prior, path
+    return PixelCNN.from_pretrained(path), path
 
 
 def matching_vae(prior: PixelCNN, prior_path: Path, vae_dir: str | Path | None) -> VQVAE:

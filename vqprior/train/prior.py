@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import lightning as L
 import torch
 from torch.optim.swa_utils import AveragedModel
 
 from vqprior.models.pixelcnn import PixelCNN, PixelCNNConfig
-from vqprior.train.common import configure_adamw
+from vqprior.train.common import StageModule, configure_adamw
 from vqprior.train.config import TrainConfig
 from vqprior.train.vae import channels_last
 
@@ -36,7 +35,7 @@ def warmup_ema(decay: float) -> Any:
     return update
 
 
-class PriorModule(L.LightningModule):
+class PriorModule(StageModule):
     """Trains one PixelCNN (codes or pixels); validation, sampling and export use the EMA weights.
 
     ``vae`` (a plain dict, or None for pixels) records which VAE produced the codes.
@@ -95,15 +94,6 @@ class PriorModule(L.LightningModule):
             prog_bar=True,
         )
         return loss
-
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "test")
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:

@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
 from vqprior.models.vqvae import VQVAE, VQVAEConfig, VQVAEOutput
-from vqprior.train.common import configure_adamw
+from vqprior.train.common import StageModule, configure_adamw
 from vqprior.train.config import TrainConfig
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -24,7 +23,7 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class VQVAEModule(L.LightningModule):
+class VQVAEModule(StageModule):
     """Trains one VQVAE; hparams hold plain dicts only (weights_only checkpoints)."""
 
     def __init__(self, model: dict[str, Any], train: dict[str, Any], compile: bool = False) -> None:
@@ -63,15 +62,6 @@ class VQVAEModule(L.LightningModule):
             prog_bar=True,
         )
         return out.loss
-
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "test")
 
     # Codebook usage over each epoch, from the quantizer's counters (summed over ranks).
     def on_train_epoch_start(self) -> None:
