@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from vqprior.io import content_hash
-from vqprior.pipeline_ddp import CALL_ENV, RANK_ENVS
+from vqprior.pipeline.ddp import CALL_ENV, RANK_ENVS
 from vqprior.train.rankdump import ENV_VAR
 
 ROOT = Path(__file__).resolve().parents[1]

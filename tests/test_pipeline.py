@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from vqprior.cli import cli
 from vqprior.config import ConfigError
 from vqprior.io import content_hash, file_sha256
-from vqprior.pipeline_spec import load_pipeline
+from vqprior.pipeline.spec import load_pipeline
 from vqprior.train import codes, inference, stages
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,8 +11,8 @@ keys and output hashes of the stages it reads), status, times and output hashes.
 - with ``from_stage``, redoes that stage and every stage after it.
 
 At the end ``<out>/summary.md``, ``<out>/summary.json`` and ``<out>/losses.png`` show the key
-figures of every stage (see :mod:`vqprior.pipeline_report`). See :mod:`vqprior.pipeline_spec`
-for the file format and :mod:`vqprior.pipeline_ddp` for multi-device runs.
+figures of every stage (see :mod:`vqprior.pipeline.report`). See :mod:`vqprior.pipeline.spec`
+for the file format and :mod:`vqprior.pipeline.ddp` for multi-device runs.
 """
 
 from __future__ import annotations
@@ -25,11 +25,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from vqprior import pipeline_ddp as ddp
-from vqprior import pipeline_report as report
 from vqprior.config import ConfigError
 from vqprior.io import atomic_write_text, content_hash, file_sha256
-from vqprior.pipeline_spec import Pipeline, Stage, load_pipeline, stage_key
+from vqprior.pipeline import ddp, report
+from vqprior.pipeline.spec import Pipeline, Stage, load_pipeline, stage_key
 from vqprior.train.config import DeviceOptions
 
 logger = logging.getLogger(__name__)
