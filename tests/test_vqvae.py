@@ -46,7 +46,7 @@ def test_shapes(downsample: int, recon: str) -> None:
     out = model(x)
     assert out.codes.shape == (2, h, h) and out.codes.dtype == torch.long
     assert out.recon.shape == x.shape
-    assert float(out.recon.min()) >= -1.0 and float(out.recon.max()) <= 1.0
+    assert float(out.recon.detach().min()) >= -1.0 and float(out.recon.detach().max()) <= 1.0
     codes = model.encode(x)
     assert codes.shape == (2, h, h) and codes.dtype == torch.long
     assert int(codes.min()) >= 0 and int(codes.max()) < 16
@@ -112,6 +112,54 @@ def test_bad_inputs_raise_value_error() -> None:
         model.decode(torch.zeros(1, 2, 2))
 
 
+@pytest.mark.parametrize("recon", ["mse", "mixture"])
+def test_forward_reconstruction_carries_gradient_to_the_encoder(recon: str) -> None:
+    torch.manual_seed(3)
+    model = VQVAE(tiny(recon=recon, num_mixtures=2)).train()
+    x = images(2, 3, 8, seed=3)
+    out = model(x)
+    assert out.recon.requires_grad
+    weight = torch.randn_like(out.recon)
+    grads = torch.autograd.grad((out.recon * weight).sum(), list(model.encoder.parameters()))
+    assert all(torch.count_nonzero(g) > 0 for g in grads)  # every encoder tensor gets gradient
+    # decode stays differentiable in the decoder's parameters
+    (model.decode(out.codes) * weight).sum().backward()
+    assert all(
+        p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in model.decoder.parameters()
+    )
+
+
+def test_mixture_reconstruction_gradient_is_the_mixture_mean_gradient() -> None:
+    """One channel: value = the mode, d recon / d params = d/d params of sum_m pi_m mu_m."""
+    torch.manual_seed(4)
+    m = 3
+    model = VQVAE(tiny(in_channels=1, recon="mixture", num_mixtures=m))
+    params = (0.3 * torch.randn(2, model.out_channels, 4, 4)).requires_grad_()
+    recon = model._output_to_image(params)
+    torch.testing.assert_close(recon.detach(), model._output_to_image(params.detach()))
+    weight = torch.randn_like(recon)
+    (got,) = torch.autograd.grad((recon * weight).sum(), params)
+    logits, means = params[:, :m], params[:, m : 2 * m]  # layout [logits | means | log_scales]
+    mean = (torch.softmax(logits, 1) * means).sum(1, keepdim=True)
+    inside = (mean.abs() < 1).float()  # the mean is clamped to [-1, 1]
+    (want,) = torch.autograd.grad((mean * weight * inside).sum(), params)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("scale", ["0-255", "slightly-over"])
+def test_images_outside_minus_one_one_raise_one_clear_error(scale: str) -> None:
+    model = VQVAE(tiny()).eval()
+    x = images(1, 3, 8) if scale == "slightly-over" else torch.randint(0, 256, (1, 3, 8, 8)).float()
+    if scale == "slightly-over":
+        x[0, 0, 0, 0] = 1.01
+    for call in (model.encode, model):
+        with pytest.raises(ValueError, match=r"must lie in \[-1, 1\].*2v/255 - 1"):
+            call(x)
+    edge = torch.ones(1, 3, 8, 8)
+    edge[0, 1] = -1.0
+    assert model.encode(edge).shape == (1, 2, 2)  # the range's ends are fine
+
+
 @pytest.mark.parametrize(
     ("key", "value", "field"),
     [
@@ -126,6 +174,9 @@ def test_bad_inputs_raise_value_error() -> None:
         ("kmeans_iters", 0, "kmeans_iters"),
         ("restart_dead_codes", 2, "restart_dead_codes"),
         ("in_channels", True, "in_channels"),
+        ("levels", 3, "levels"),
+        ("levels", True, "levels"),
+        ("top_downsample", 8, "top_downsample"),
     ],
 )
 def test_config_validation_names_the_field(key: str, value: object, field: str) -> None:

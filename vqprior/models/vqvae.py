@@ -4,6 +4,11 @@
 ``h = H / downsample``; ``decode`` maps code maps back to images in [-1, 1]. The decoder either
 regresses pixels (``recon="mse"``) or outputs a discretized logistic mixture
 (``recon="mixture"``), whose mode is the reconstruction and whose NLL gives bits per dim.
+The reconstruction carries gradient to the decoder and, straight through the quantizer, to the
+encoder (for the mixture head through the mixture's mean), so extra losses can be put on it.
+
+``levels=2`` builds the two-level hierarchy of VQ-VAE-2 (:mod:`vqprior.models.hierarchy`):
+``VQVAE(VQVAEConfig(levels=2))`` returns a :class:`~vqprior.models.hierarchy.VQVAE2`.
 """
 
 from __future__ import annotations
@@ -19,10 +24,18 @@ from torch import nn
 
 from vqprior.config import Config, ConfigError, check_choice, check_range
 from vqprior.io import PretrainedMixin
-from vqprior.nn.mixture import mixture_log_prob, mixture_sample, num_mixture_params
+from vqprior.nn.mixture import (
+    mixture_log_prob,
+    mixture_sample,
+    num_mixture_params,
+    split_mixture_params,
+)
 from vqprior.nn.quantize import VectorQuantizer
 
 DOWNSAMPLES = (2, 4, 8)
+LEVELS = (1, 2)
+TOP_DOWNSAMPLES = (2, 4)
+RANGE_TOL = 1e-5  # images may exceed [-1, 1] by this much (float rounding), no more
 
 
 def _check_int(name: str, value: object, low: int) -> None:
@@ -57,6 +70,8 @@ class VQVAEConfig(Config):
     recon: str = "mse"
     num_mixtures: int = 5
     num_bins: int = 256
+    levels: int = 1  # 2: VQ-VAE-2 (top and bottom code maps), see vqprior.models.hierarchy
+    top_downsample: int = 2  # levels=2: the top map is this much coarser than the bottom
 
     def __post_init__(self) -> None:
         for name, low in (
@@ -69,9 +84,13 @@ class VQVAEConfig(Config):
             ("kmeans_iters", 1),
             ("num_mixtures", 1),
             ("num_bins", 2),
+            ("levels", 1),
+            ("top_downsample", 1),
         ):
             _check_int(name, getattr(self, name), low)
         check_choice("downsample", self.downsample, DOWNSAMPLES)
+        check_choice("levels", self.levels, LEVELS)
+        check_choice("top_downsample", self.top_downsample, TOP_DOWNSAMPLES)
         check_choice("codebook", self.codebook, ("ema", "learned"))
         check_choice("recon", self.recon, ("mse", "mixture"))
         for name in ("restart_dead_codes", "kmeans_init"):
@@ -117,9 +136,9 @@ class ResidualBlock(nn.Module):
         return x + self.block(x)
 
 
-def _stride_channels(cfg: VQVAEConfig) -> list[int]:
+def _stride_channels(cfg: VQVAEConfig, downsample: int | None = None) -> list[int]:
     """Channels after each stride-2 stage: hidden/2 for all but the last, hidden for the last."""
-    n = int(math.log2(cfg.downsample))
+    n = int(math.log2(downsample or cfg.downsample))
     half = max(cfg.hidden_channels // 2, 1)
     return [half] * (n - 1) + [cfg.hidden_channels]
 
@@ -139,9 +158,13 @@ def build_encoder(cfg: VQVAEConfig) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def build_decoder(cfg: VQVAEConfig, out_channels: int) -> nn.Sequential:
-    """[b, code_dim, h, w] -> [b, out_channels, h*ds, w*ds]; mirrors :func:`build_encoder`."""
-    layers: list[nn.Module] = [nn.Conv2d(cfg.code_dim, cfg.hidden_channels, 3, padding=1)]
+def build_decoder(
+    cfg: VQVAEConfig, out_channels: int, in_channels: int | None = None
+) -> nn.Sequential:
+    """[b, in_channels (code_dim), h, w] -> [b, out_channels, h*ds, w*ds]; mirrors
+    :func:`build_encoder`."""
+    first = nn.Conv2d(in_channels or cfg.code_dim, cfg.hidden_channels, 3, padding=1)
+    layers: list[nn.Module] = [first]
     layers += [
         ResidualBlock(cfg.hidden_channels, cfg.res_channels) for _ in range(cfg.num_res_blocks)
     ]
@@ -162,6 +185,14 @@ class VQVAE(nn.Module, PretrainedMixin):
     model_type = "VQVAE"
     config_class = VQVAEConfig
     config: VQVAEConfig
+
+    def __new__(cls, config: VQVAEConfig | None = None) -> VQVAE:
+        """``levels=2`` builds the two-level subclass; everything else this class."""
+        if cls is VQVAE and config is not None and config.levels == 2:
+            from vqprior.models.hierarchy import VQVAE2
+
+            return super().__new__(VQVAE2)
+        return super().__new__(cls)
 
     def __init__(self, config: VQVAEConfig | None = None) -> None:
         super().__init__()
@@ -204,6 +235,7 @@ class VQVAE(nn.Module, PretrainedMixin):
         if x.shape[1] != c:
             raise ValueError(f"images have {x.shape[1]} channels but the model expects {c}")
         self.latent_shape(x.shape[2], x.shape[3])
+        check_image_range(x)
 
     def _check_codes(self, codes: torch.Tensor) -> None:
         k = self.config.num_codes
@@ -231,16 +263,24 @@ class VQVAE(nn.Module, PretrainedMixin):
         return self._output_to_image(out)
 
     def _output_to_image(self, out: torch.Tensor) -> torch.Tensor:
-        """Decoder output [b, out_channels, H, W] -> reconstruction in [-1, 1]."""
+        """Decoder output [b, out_channels, H, W] -> reconstruction in [-1, 1] (differentiable).
+
+        mixture: the value is the mode (on the pixel grid); the gradient is that of the
+        mixture's mean given the mode's earlier channels (straight-through).
+        """
         cfg = self.config
         if cfg.recon == "mse":
             return out.clamp(-1.0, 1.0)
         b, _, h, w = out.shape
         u_comp = torch.full((b, h, w), 0.5, device=out.device)
         u_val = torch.full((b, cfg.in_channels, h, w), 0.5, device=out.device)
-        return mixture_sample(
+        mode = mixture_sample(
             out.detach(), cfg.in_channels, cfg.num_mixtures, cfg.num_bins, u_comp, u_val, 0.0
         )
+        if not out.requires_grad:
+            return mode
+        mean = mixture_mean(out, mode, cfg.num_mixtures)
+        return mode + (mean - mean.detach())  # value: exactly the mode
 
     def recon_loss(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """mse: mean squared error; mixture: NLL in nats per dimension (fp32)."""
@@ -262,7 +302,7 @@ class VQVAE(nn.Module, PretrainedMixin):
         else:
             bits_per_dim = torch.full((), float("nan"), device=x.device)
         return VQVAEOutput(
-            recon=self._output_to_image(out.detach()),
+            recon=self._output_to_image(out),
             codes=q.codes,
             loss=recon_loss + q.commit_loss + q.codebook_loss,
             recon_loss=recon_loss,
@@ -271,3 +311,32 @@ class VQVAE(nn.Module, PretrainedMixin):
             bits_per_dim=bits_per_dim,
             perplexity=q.perplexity,
         )
+
+
+def check_image_range(x: torch.Tensor) -> None:
+    """ValueError unless every value of ``x`` lies in [-1, 1] (skipped under torch.compile)."""
+    if torch.compiler.is_compiling() or x.numel() == 0:
+        return
+    low, high = float(x.detach().min()), float(x.detach().max())
+    if low < -1.0 - RANGE_TOL or high > 1.0 + RANGE_TOL:
+        raise ValueError(
+            f"images must lie in [-1, 1] but range over [{low:.4g}, {high:.4g}]: map 8-bit "
+            "values v by 2v/255 - 1 (torchvision ToTensor output u by 2u - 1)"
+        )
+
+
+def mixture_mean(out: torch.Tensor, earlier: torch.Tensor, num_mixtures: int) -> torch.Tensor:
+    """Mean of the discretized logistic mixture given by ``out`` [b, P, H, W], clamped to [-1, 1]:
+    sum_m pi_m (mu_mc + sum_{c'<c} coeff_m(c, c') earlier_c') -> [b, c, H, W], with ``earlier``
+    [b, c, H, W] the values taken for the earlier channels (the mode)."""
+    c = earlier.shape[1]
+    p = split_mixture_params(out, c, num_mixtures)
+    weights = rearrange(torch.softmax(p.logits, dim=1), "b m h w -> b m 1 h w")
+    means = []
+    for ch in range(c):
+        mean = p.means[:, :, ch]  # [b, m, H, W]
+        for prev in range(ch):
+            mean = mean + p.coeffs[:, :, ch * (ch - 1) // 2 + prev] * earlier[:, None, prev]
+        means.append(mean)
+    mixed = (weights * torch.stack(means, dim=2)).sum(1)  # [b, c, H, W]
+    return mixed.clamp(-1.0, 1.0).to(earlier.dtype)
