@@ -17,6 +17,8 @@ import click
 import yaml
 
 from vqprior.config import ConfigError, apply_overrides
+from vqprior.lock import RunLockedError
+from vqprior.uses.cli import register as register_uses
 
 
 class _EchoHandler(logging.Handler):
@@ -43,7 +45,8 @@ def _one_line(err: BaseException) -> str:
 
 # user errors: a bad file, key, value, checkpoint or data (exit 2)
 _USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError,
-                                                 IsADirectoryError, NotADirectoryError)  # fmt: skip
+                                                 IsADirectoryError, NotADirectoryError,
+                                                 RunLockedError)  # fmt: skip
 
 
 class _Group(click.Group):
@@ -375,6 +378,9 @@ def bench_cmd(args: tuple[str, ...]) -> None:
     except ImportError as err:
         raise click.ClickException(f"the bench command is unavailable ({err})") from None
     bench_main(list(args))
+
+
+register_uses(cli)  # score, complete, compress, decompress (vqprior.uses)
 
 
 def main(argv: list[str] | None = None) -> None:

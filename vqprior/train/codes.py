@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from vqprior.artifacts import load_codes, save_codes
 from vqprior.data import DataConfig, ImageSplits, load_image_splits
 from vqprior.io import CheckpointError, content_hash
+from vqprior.lock import RunLock
 from vqprior.models.vqvae import VQVAE
 from vqprior.train.common import find_export, read_json
 
@@ -111,7 +112,8 @@ def encode_codes(
     splits = load_image_splits(cfg)
     check_vae_channels(vae, splits)
     record = vae_record(vae, export, (splits.channels, splits.height, splits.width))
-    encode_splits(vae, record, splits, cfg, Path(out), batch_size, device)
+    with RunLock(out):
+        encode_splits(vae, record, splits, cfg, Path(out), batch_size, device)
     return {s: Path(out) / f"{s}.safetensors" for s in SPLITS}
 
 

@@ -6,7 +6,6 @@ import csv
 import json
 import logging
 import math
-import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from vqprior.config import ConfigError
 from vqprior.io import atomic_path, atomic_torch_save, atomic_write_text, safe_torch_load
+from vqprior.ranks import is_rank_zero
 from vqprior.train.callbacks import NonFiniteGuard, PruneCheckpoints
 from vqprior.train.config import DeviceOptions, TrainConfig
 from vqprior.train.rankdump import rank_dump_callbacks
@@ -73,20 +73,11 @@ def _first_difference(old: Any, new: Any, prefix: str = "") -> tuple[str, Any, A
     return prefix.rstrip("."), old, new
 
 
-def prepare_run_dir(out: Path, resolved: dict[str, Any]) -> Path | None:
-    """Write ``config.yaml`` (or check it equals ``resolved``); return a checkpoint to resume.
-
-    An out dir that holds a different run's config, or other files than a run's and no
-    ``config.yaml`` (not a run dir), is refused with one line. Temp files that a killed run
-    left behind are removed.
-    """
+def check_run_dir(out: Path, resolved: dict[str, Any]) -> None:
+    """Refuse (one line) an ``out`` that is a file, holds a different run's config, or holds
+    other files than a run's and no ``config.yaml`` (not a run dir). Writes nothing."""
     resolved = yaml.safe_load(yaml.safe_dump(resolved, sort_keys=False))
     cfg_file = out / "config.yaml"
-    if not _launcher_rank_zero():
-        # a DDP child re-runs the command while rank 0 is already training: it must neither
-        # write nor clean up (it could delete rank 0's checkpoint temp file mid-write)
-        last = out / CKPT_DIR / LAST_CKPT
-        return last if last.is_file() else None
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: pass a directory for the run")
     if cfg_file.is_file():
@@ -97,31 +88,39 @@ def prepare_run_dir(out: Path, resolved: dict[str, Any]) -> Path | None:
                 f"{out} holds a different run ({key} is {a!r} there, {b!r} now): "
                 f"use another --out, or delete {out} to start over"
             )
-    else:
-        foreign = (
-            sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES and p.name[0] != ".")
-            if out.is_dir()
-            else []
+    elif out.is_dir():
+        foreign = sorted(
+            p.name for p in out.iterdir() if p.name not in RUN_ENTRIES and p.name[0] != "."
         )
         if foreign:
             raise ConfigError(
                 f"--out {out} is not empty ({', '.join(foreign[:3])}) and is not a vqprior run "
                 "(no config.yaml): use a new or empty directory"
             )
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(cfg_file, yaml.safe_dump(resolved, sort_keys=False))
-    remove_stale_temps(out, out / CKPT_DIR, out / "codes", out / MODEL_DIR)
+
+
+def prepare_run_dir(out: Path, resolved: dict[str, Any]) -> Path | None:
+    """Write ``config.yaml`` (or check it equals ``resolved``); return a checkpoint to resume.
+
+    Refuses what :func:`check_run_dir` refuses. Temp files that a killed run left behind are
+    removed. Call it holding the run's :class:`vqprior.lock.RunLock`.
+    """
     last = out / CKPT_DIR / LAST_CKPT
+    if not is_rank_zero():
+        # a DDP child re-runs the command while rank 0 is already training: it must neither
+        # write nor clean up (it could delete rank 0's checkpoint temp file mid-write)
+        return last if last.is_file() else None
+    check_run_dir(out, resolved)
+    cfg_file = out / "config.yaml"
+    if not cfg_file.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        plain = yaml.safe_load(yaml.safe_dump(resolved, sort_keys=False))
+        atomic_write_text(cfg_file, yaml.safe_dump(plain, sort_keys=False))
+    remove_stale_temps(out, out / CKPT_DIR, out / "codes", out / MODEL_DIR)
     if last.is_file():
         logger.info("resuming from %s", last)
         return last
     return None
-
-
-def _launcher_rank_zero() -> bool:
-    """True unless this process is a non-zero rank started by Lightning's DDP launcher (it
-    sets LOCAL_RANK / NODE_RANK in the environment of the processes it starts)."""
-    return all(os.environ.get(name, "0") == "0" for name in ("LOCAL_RANK", "NODE_RANK"))
 
 
 def _read_run_config(cfg_file: Path) -> Any:

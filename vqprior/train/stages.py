@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import Callback
 
 from vqprior.config import apply_overrides
 from vqprior.data import DataConfig, ImageSplits, load_image_splits
+from vqprior.lock import RunLock
 from vqprior.models.vqvae import VQVAE
 from vqprior.train.callbacks import ImageGrids
 from vqprior.train.codes import (
@@ -40,6 +41,7 @@ from vqprior.train.common import (
     IMAGES_DIR,
     MODEL_DIR,
     build_trainer,
+    check_run_dir,
     prepare_run_dir,
     read_json,
     run_training,
@@ -113,6 +115,19 @@ def train_vae(
     """Stage one: fit a VQ-VAE; rerunning with the same config resumes. Returns the summary."""
     started, device, out = time.time(), device or DeviceOptions(), Path(out_dir)
     cfg, splits = resolve_vae_stage(_with_seed(cfg_dict, seed))
+    check_run_dir(out, cfg.to_dict())  # before the lock: refused dirs get no .lock file
+    with RunLock(out):
+        return _fit_vae(cfg, splits, out, device, callbacks, started)
+
+
+def _fit_vae(
+    cfg: VAEStageConfig,
+    splits: ImageSplits,
+    out: Path,
+    device: DeviceOptions,
+    callbacks: list[Callback] | None,
+    started: float,
+) -> dict[str, Any]:
     resume = prepare_run_dir(out, cfg.to_dict())
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     module = VQVAEModule(cfg.model.to_dict(), cfg.train.to_dict(), compile=device.compile)
@@ -208,13 +223,28 @@ def train_prior(
     """
     started, device, out = time.time(), device or DeviceOptions(), Path(out_dir)
     cfg, splits, vae, record = resolve_prior_stage(_with_seed(cfg_dict, seed))
+    check_run_dir(out, cfg.to_dict())
+    with RunLock(out):
+        codes = Path(codes_dir) if codes_dir else None
+        return _fit_prior(cfg, splits, vae, record, out, device, codes, callbacks, started)
+
+
+def _fit_prior(
+    cfg: PriorStageConfig,
+    splits: ImageSplits,
+    vae: VQVAE | None,
+    record: dict[str, Any] | None,
+    out: Path,
+    device: DeviceOptions,
+    codes_dir: Path | None,
+    callbacks: list[Callback] | None,
+    started: float,
+) -> dict[str, Any]:
     resume = prepare_run_dir(out, cfg.to_dict())
     _check_vae_unchanged(out, record)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     if vae is not None and record is not None:
-        codes = _prior_codes(
-            cfg, splits, vae, record, out, Path(codes_dir) if codes_dir else None, device
-        )
+        codes = _prior_codes(cfg, splits, vae, record, out, codes_dir, device)
         dm = codes_datamodule(codes, cfg.train.batch_size, cfg.train.num_workers, cfg.train.seed)
         has_val = len(codes["val"][0]) > 0
     else:
