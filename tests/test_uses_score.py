@@ -1,0 +1,99 @@
+"""vqprior score: CSV bits/dim against the model's log_prob, heatmaps, one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from einops import rearrange
+from PIL import Image
+from test_uses_common import invoke, one_error_line, save_pixel_prior, save_two_stage, write_npz
+
+from vqprior.data import uint8_to_float
+from vqprior.nn.mixture import mixture_log_prob
+from vqprior.uses.images import png_bytes
+from vqprior.uses.models import load_models
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.parametrize("case", ["gray-mixture", "rgb-categorical"])
+def test_csv_bits_per_dim_is_minus_log_prob(tmp_path: Path, case: str) -> None:
+    prior_dir = save_pixel_prior(tmp_path, case)
+    channels = 1 if case.startswith("gray") else 3
+    npz = write_npz(tmp_path / "x.npz", 5, (5, 4, channels))
+    result = invoke(
+        "score", "--prior", str(prior_dir), "--images", str(npz), "--out", str(tmp_path / "o")
+    )
+    assert result.exit_code == 0, result.output
+    rows = read_csv(tmp_path / "o" / "scores.csv")
+    models = load_models(prior_dir)
+    x = rearrange(torch.from_numpy(np.load(npz)["x"]), "n h w c -> n c h w")
+    want = -models.prior.log_prob(uint8_to_float(x)).double() / (math.log(2) * x[0].numel())
+    got = torch.tensor([float(r["bits_per_dim"]) for r in rows], dtype=torch.float64)
+    assert torch.allclose(got, want, atol=1e-5)
+    for r, img in zip(rows, x, strict=True):
+        png = 8 * len(png_bytes(img)) / img.numel()
+        assert float(r["png_bits_per_dim"]) == pytest.approx(png, abs=1e-5)
+        assert float(r["complexity_corrected"]) == pytest.approx(
+            float(r["bits_per_dim"]) - png, abs=1e-5
+        )
+    maps = sorted((tmp_path / "o" / "heatmaps").iterdir())
+    assert [m.stem for m in maps] == [r["name"] for r in rows]
+    with Image.open(maps[0]) as im:
+        assert im.size == (4, 5)  # (width, height) of the image
+
+
+def test_codes_prior_columns_and_upsampled_heatmap(tmp_path: Path) -> None:
+    prior_dir, vae_dir = save_two_stage(tmp_path)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("one.png", "two.png"):  # RGB 10x12 files: converted to gray, resized to 8x8
+        Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(folder / name)
+    out = tmp_path / "o"
+    result = invoke("score", "--prior", str(prior_dir), "--images", str(folder), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    rows = read_csv(out / "scores.csv")
+    assert [r["name"] for r in rows] == ["one.png", "two.png"]
+    models = load_models(prior_dir, vae_dir)
+    assert models.vae is not None
+    from vqprior.uses.images import fit_images, read_images
+
+    x = uint8_to_float(fit_images(read_images(folder), 1, 8, 8))
+    with torch.no_grad():
+        codes = models.vae.encode(x)
+        prior_bits = -models.prior.log_prob(codes).double() / math.log(2)
+        params = models.vae.decoder(models.vae.quantizer.lookup(codes))
+        dec_bits = -mixture_log_prob(x, params, 2).flatten(1).sum(1).double() / math.log(2)
+    for i, r in enumerate(rows):
+        assert float(r["prior_bits"]) == pytest.approx(float(prior_bits[i]), abs=2e-3)
+        assert float(r["decoder_bits"]) == pytest.approx(float(dec_bits[i]), abs=2e-3)
+        assert float(r["total_bits"]) == pytest.approx(float(prior_bits[i] + dec_bits[i]), abs=4e-3)
+        assert float(r["bits_per_dim"]) == pytest.approx(
+            float(prior_bits[i] + dec_bits[i]) / 64, abs=1e-5
+        )
+    with Image.open(out / "heatmaps" / "one.png") as im:
+        assert im.size == (8, 8)
+        heat = np.asarray(im)
+    assert (heat[::2, ::2] == heat[1::2, 1::2]).all()  # one colour per code (2x2 pixels)
+
+
+def test_bad_path_and_wrong_channels_are_one_line(tmp_path: Path) -> None:
+    prior_dir = save_pixel_prior(tmp_path, "rgb-mixture")
+    result = invoke("score", "--prior", str(prior_dir), "--images", str(tmp_path / "missing.npz"))
+    assert "missing.npz not found" in one_error_line(result)
+    npz = write_npz(tmp_path / "two.npz", 2, (5, 4, 2))
+    result = invoke(
+        "score", "--prior", str(prior_dir), "--images", str(npz), "--out", str(tmp_path / "o")
+    )
+    assert "2 channels and cannot be converted" in one_error_line(result)
+    result = invoke("score", "--prior", str(tmp_path / "nodir"), "--images", str(npz))
+    assert "not found" in one_error_line(result)

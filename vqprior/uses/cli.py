@@ -1,0 +1,66 @@
+"""Click commands of the uses: score, complete, compress, decompress.
+
+:func:`register` adds them to the ``vqprior`` group; the heavy imports happen when a command
+runs, so ``vqprior --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+
+def _report(result: dict[str, Any]) -> None:
+    click.echo(json.dumps(result, sort_keys=True, default=str))
+
+
+def _options(group: click.Group) -> tuple[Any, Any, Any]:
+    from vqprior.cli import _Existing
+
+    prior = click.option(
+        "--prior",
+        "prior_dir",
+        required=True,
+        type=_Existing("prior run dir", directory=True),
+        help="train-prior run dir (or exported model dir)",
+    )
+    vae = click.option(
+        "--vae",
+        "vae_dir",
+        default=None,
+        type=_Existing("VAE run dir", directory=True),
+        help="train-vae run dir (codes prior; default: the one the prior records)",
+    )
+    device = click.option("--device", default=None, help="cpu (default) or cuda")
+    return prior, vae, device
+
+
+def register(group: click.Group) -> None:
+    """Add score, complete, compress and decompress to ``group``."""
+    prior_opt, vae_opt, device_opt = _options(group)
+
+    @group.command("score")
+    @prior_opt
+    @vae_opt
+    @click.option(
+        "--images", required=True, help="a folder of image files or an .npz (x uint8 [N,H,W,C])"
+    )
+    @click.option("--out", default="scores", show_default=True, type=click.Path(file_okay=False))
+    @click.option("--batch-size", type=int, default=64, show_default=True)
+    @click.option("--heatmaps/--no-heatmaps", default=True, show_default=True)
+    @device_opt
+    def score_cmd(**kw: Any) -> None:
+        """Per-image bits/dim into OUT/scores.csv and per-element NLL heatmaps into
+        OUT/heatmaps/ (codes prior: per code, upsampled to the image).
+
+        Columns: name, bits_per_dim, png_bits_per_dim, complexity_corrected (= bits_per_dim
+        minus the PNG size in bits/dim, Serra et al. 2020) and, for a codes prior,
+        prior_bits, decoder_bits, total_bits. The default OOD score is complexity_corrected
+        (higher = more out-of-distribution). Images are converted to the prior's channels
+        and resized to its size.
+        """
+        from vqprior.uses.score import score
+
+        _report(score(**kw))
