@@ -13,6 +13,7 @@ import torch
 from model_cases import CASES, build
 
 from vqprior import PixelCNN, PixelCNNConfig
+from vqprior.nn.step import supports_steps
 
 
 def draw(model, cond, spatial, method: str, temperature: float, seed: int = 7) -> torch.Tensor:
@@ -27,7 +28,7 @@ def draw(model, cond, spatial, method: str, temperature: float, seed: int = 7) -
 def test_fast_samplers_equal_the_reference_loop(name: str, temperature: float) -> None:
     model, cond, spatial = build(name, 3, sharpen=True)
     ref = draw(model, cond, spatial, "naive", temperature)
-    methods = ["auto", "fixed_point"] + (["cached"] if model.config.backbone == "gated" else [])
+    methods = ["auto", "fixed_point"] + (["cached"] if supports_steps(model.backbone) else [])
     for method in methods:
         got = draw(model, cond, spatial, method, temperature)
         assert got.dtype == ref.dtype and got.shape == ref.shape
@@ -60,8 +61,25 @@ def test_sample_arguments_are_checked() -> None:
         model.sample(2)
     with pytest.raises(ValueError, match="method"):
         model.sample(2, cond=cond, method="magic")
-    pp, _, _ = build("rgb-pixelcnnpp", 1)
-    with pytest.raises(ValueError, match="cached"):
-        pp.sample(1, method="cached")
     scalar = model.sample(2, cond=torch.tensor(1), generator=torch.Generator().manual_seed(0))
     assert scalar.shape == (2, 4, 5)
+
+
+class NoSteps(torch.nn.Module):
+    """A backbone without the step interface (it only forwards)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args):
+        return self.inner(*args)
+
+
+def test_a_backbone_without_steps_falls_back_to_full_passes() -> None:
+    model, _, _ = build("rgb-pixelcnnpp", 2, sharpen=True)
+    model.backbone = NoSteps(model.backbone)
+    with pytest.raises(ValueError, match="cached"):
+        model.sample(1, method="cached")
+    ref = draw(model, None, None, "naive", 1.0)
+    assert torch.equal(draw(model, None, None, "auto", 1.0), ref)  # auto: fixed_point

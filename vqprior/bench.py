@@ -79,7 +79,7 @@ def bench_sampling(
     model = PixelCNN(cfg).to(device).eval()
     steps = num_steps(model)
     timed = min(steps, naive_steps)
-    gen = torch.Generator(device=device)
+    gen = torch.Generator()  # sampling noise is drawn on the CPU (same seed, same samples)
     with torch.no_grad():
         noise = draw_noise(model, batch, gen.manual_seed(1), device)
         sample_naive(model, batch, None, 1.0, noise, None, 2)  # warm-up both paths at this batch
@@ -101,7 +101,7 @@ def _prefix_equal(model: PixelCNN, ref: torch.Tensor, fast: torch.Tensor, steps:
     """Compare the first ``steps`` sequential elements (raster order) of two samples."""
     if ref.dim() == 3:
         ref, fast = ref[:, None], fast[:, None]
-    groups = model.config.groups
+    groups = model.config.channel_groups
     flat_ref = ref.permute(0, 2, 3, 1).flatten(1)  # raster order: row, column, channel
     flat_fast = fast.permute(0, 2, 3, 1).flatten(1)
     elements = steps if groups > 1 else steps * ref.shape[1]

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -18,8 +19,15 @@ from torch import Tensor, nn
 
 from vqprior.config import Config, ConfigError, check_choice
 from vqprior.io import PretrainedMixin
+from vqprior.models.checks import check_cond, check_data, check_spatial
+from vqprior.models.steps import (
+    ModelSteps,
+    model_step_output,
+    model_step_write,
+    start_model_steps,
+)
 from vqprior.nn.categorical import categorical_log_prob
-from vqprior.nn.gated import CausalHead, GatedStack
+from vqprior.nn.gated import CausalHead, GatedStack, conv1x1_fp32
 from vqprior.nn.grid import to_bins
 from vqprior.nn.masked import channel_groups
 from vqprior.nn.mixture import mixture_log_prob, num_mixture_params
@@ -49,6 +57,9 @@ class PixelCNNConfig(Config):
     dropout: float = 0.0  # pixelcnnpp backbone
     cond_dim: int = 32  # class embedding width (when num_classes > 0)
     spatial_cond_channels: int = 0  # hook: a [b, s, H, W] map given to every gated layer
+    attention_every: int = 0  # gated backbone: a causal self-attention block every k layers
+    attention_heads: int = 4
+    class_dropout: float = 0.0  # > 0: a learned null class for classifier-free guidance
 
     def __post_init__(self) -> None:
         check_choice("data", self.data, ("pixels", "codes"))
@@ -72,6 +83,11 @@ class PixelCNNConfig(Config):
             raise ConfigError(f"num_bins={self.num_bins} must be >= 2")
         if self.num_classes < 0 or self.spatial_cond_channels < 0:
             raise ConfigError("num_classes and spatial_cond_channels must be >= 0")
+        self._check_attention()
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise ConfigError(f"class_dropout={self.class_dropout} must lie in [0, 1)")
+        if self.class_dropout and not self.num_classes:
+            raise ConfigError("class_dropout > 0 needs a class-conditional prior (num_classes > 0)")
         if self.kernel_size < 3 or self.kernel_size % 2 == 0:
             raise ConfigError(f"kernel_size={self.kernel_size} must be odd and >= 3")
         if not 0.0 <= self.dropout < 1.0:
@@ -85,13 +101,35 @@ class PixelCNNConfig(Config):
                 raise ConfigError("backbone=pixelcnnpp with several channels needs head=mixture")
             if self.spatial_cond_channels:
                 raise ConfigError("spatial_cond_channels is supported by backbone=gated only")
-        if self.channels % self.groups:
+        if self.channels % self.channel_groups:
             raise ConfigError(
-                f"channels={self.channels} must be divisible by {self.groups} channel groups"
+                f"channels={self.channels} must be divisible by {self.channel_groups} channel groups"
             )
 
+    def _check_attention(self) -> None:
+        if self.attention_every < 0 or self.attention_heads < 1:
+            raise ConfigError(
+                f"attention_every={self.attention_every} must be >= 0 and "
+                f"attention_heads={self.attention_heads} >= 1"
+            )
+        if not self.attention_every:
+            return
+        if self.backbone != "gated":
+            raise ConfigError("attention_every > 0 is supported by backbone=gated only")
+        if self.channels % self.attention_heads:
+            raise ConfigError(
+                f"channels={self.channels} must be divisible by attention_heads={self.attention_heads}"
+            )
+        if importlib.util.find_spec("vqprior.nn.attention") is None:
+            raise ConfigError("attention is not implemented yet: set attention_every=0")
+
     @property
-    def groups(self) -> int:
+    def has_null_class(self) -> bool:
+        """A learned null class (label ``num_classes``) for classifier-free guidance."""
+        return self.class_dropout > 0
+
+    @property
+    def channel_groups(self) -> int:
         """Channel groups in the masks: one per channel for a categorical pixel head."""
         return self.in_channels if self.data == "pixels" and self.head == "categorical" else 1
 
@@ -115,7 +153,8 @@ class PixelCNN(nn.Module, PretrainedMixin):
         self.embed = nn.Embedding(cfg.num_codes, f) if cfg.data == "codes" else None
         in_ch = f if cfg.data == "codes" else cfg.in_channels
         cond_dim = cfg.cond_dim if cfg.num_classes else 0
-        self.class_embed = nn.Embedding(cfg.num_classes, cond_dim) if cfg.num_classes else None
+        rows = cfg.num_classes + int(cfg.has_null_class)  # the null class is the last row
+        self.class_embed = nn.Embedding(rows, cond_dim) if cfg.num_classes else None
         out_ch, out_groups = self._head_layout()
         self.backbone: nn.Module
         if cfg.backbone == "gated":
@@ -124,18 +163,20 @@ class PixelCNN(nn.Module, PretrainedMixin):
                 f,
                 cfg.num_layers,
                 cfg.kernel_size,
-                cfg.groups,
+                cfg.channel_groups,
                 cond_dim,
                 cfg.spatial_cond_channels,
+                cfg.attention_every,
+                cfg.attention_heads,
             )
-            self.head: nn.Module = CausalHead(f, out_ch, cfg.groups, out_groups)
+            self.head: nn.Module = CausalHead(f, out_ch, cfg.channel_groups, out_groups)
         else:
             from vqprior.nn.pixelcnnpp import PixelCNNPPBackbone
 
             self.backbone = PixelCNNPPBackbone(
                 in_ch, f, cfg.nr_resnet, cfg.num_scales, cfg.dropout, cond_dim
             )
-            self.head = nn.Sequential(nn.ELU(), nn.Conv2d(f, out_ch, 1))
+            self.head = Conv1x1Head(f, out_ch)  # the backbone already returns elu(features)
 
     def _head_layout(self) -> tuple[int, Tensor]:
         cfg = self.config
@@ -162,45 +203,35 @@ class PixelCNN(nn.Module, PretrainedMixin):
         """Elements per example (codes, or pixel values)."""
         return math.prod(self.data_shape)
 
-    def validate_input(self, x: Tensor, cond: Tensor | None = None) -> None:
-        """Raise ValueError with one clear line if ``x`` or ``cond`` does not fit this model."""
-        cfg = self.config
-        want = self.data_shape
-        if tuple(x.shape[1:]) != want or x.dim() != len(want) + 1:
-            layout = "[b, h, w] codes" if cfg.data == "codes" else "[b, c, H, W] pixels"
-            raise ValueError(
-                f"input of shape {tuple(x.shape)} does not fit this prior: expected {layout} with trailing shape {want}"
-            )
-        if cfg.data == "codes":
-            if x.dtype.is_floating_point:
-                raise ValueError("codes must be an integer tensor")
-            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= cfg.num_codes):
-                raise ValueError(
-                    f"codes must lie in [0, {cfg.num_codes}); got [{int(x.min())}, {int(x.max())}]"
-                )
-        elif not x.dtype.is_floating_point:
-            raise ValueError("pixels must be floats in [-1, 1]")
-        if cfg.num_classes:
-            if cond is None:
-                raise ValueError(
-                    f"this prior is class-conditional ({cfg.num_classes} classes): pass cond"
-                )
-            if cond.shape != (x.shape[0],) or cond.dtype.is_floating_point:
-                raise ValueError(f"cond must be an integer tensor of shape [{x.shape[0]}]")
-            if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= cfg.num_classes):
-                raise ValueError(f"class labels must lie in [0, {cfg.num_classes})")
-        elif cond is not None:
-            raise ValueError("this prior is unconditional (num_classes=0): cond must be None")
+    @property
+    def null_class(self) -> int | None:
+        """The label of the learned null class (classifier-free guidance), or None."""
+        return self.config.num_classes if self.config.has_null_class else None
+
+    def validate_input(
+        self, x: Tensor, cond: Tensor | None = None, spatial_cond: Tensor | None = None
+    ) -> None:
+        """Raise ValueError with one clear line if ``x``, ``cond`` or ``spatial_cond`` does not
+        fit this model."""
+        check_data(self.config, x, self.data_shape)
+        check_cond(self.config, cond, x.shape[0])
+        check_spatial(self.config, spatial_cond, x.shape[0])
 
     # --------------------------------------------------------------------------- network
     def embed_input(self, x: Tensor) -> Tensor:
         """Network input: code embeddings [b, F, h, w] or pixels [b, c, H, W]."""
         if self.embed is not None:
             return rearrange(self.embed(x), "b h w f -> b f h w")
-        return x.to(self.head_dtype())
+        return x.to(self.param_dtype())
+
+    def param_dtype(self) -> torch.dtype:
+        """The dtype of the weights (and of the network input and step caches)."""
+        return next(self.parameters()).dtype
 
     def head_dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        """The dtype of the head output, likelihoods and pixel samples: fp32 (fp64 for an
+        fp64 model), whatever the weights or autocast use."""
+        return torch.float64 if self.param_dtype() == torch.float64 else torch.float32
 
     def class_vector(self, cond: Tensor | None) -> Tensor | None:
         return None if self.class_embed is None or cond is None else self.class_embed(cond)
@@ -209,6 +240,7 @@ class PixelCNN(nn.Module, PretrainedMixin):
         self, x: Tensor, cond: Tensor | None = None, spatial_cond: Tensor | None = None
     ) -> Tensor:
         """Raw head output [b, P, H, W]: logits or mixture parameters at every position."""
+        check_spatial(self.config, spatial_cond, x.shape[0])
         h = self.embed_input(x)
         c = self.class_vector(cond)
         feats = (
@@ -238,12 +270,39 @@ class PixelCNN(nn.Module, PretrainedMixin):
         """Log-likelihood in nats: "none" per element (shape of x), "sum" per example [b],
         "mean" the mean per element (a scalar)."""
         check_choice("reduction", reduction, ("none", "sum", "mean"))
-        self.validate_input(x, cond)
+        self.validate_input(x, cond, spatial_cond)
         lp = self.element_log_prob(x, self(x, cond, spatial_cond))
         if reduction == "none":
             return lp
         per_example = lp.flatten(1).sum(1)
         return per_example if reduction == "sum" else per_example.mean() / self.num_dims
+
+    # ------------------------------------------------------------------------ step interface
+    def start_steps(
+        self,
+        n: int,
+        cond: Tensor | None = None,
+        spatial_cond: Tensor | None = None,
+        *,
+        naive: bool = False,
+    ) -> ModelSteps:
+        """Caches for stepping a batch of ``n`` through raster order (see :mod:`vqprior.nn.step`).
+
+        ``naive=True`` (or a backbone without the step protocol) makes every
+        :meth:`step_output` a full forward pass over the values written so far: the reference.
+        """
+        return start_model_steps(self, n, cond, spatial_cond, naive)
+
+    def step_output(self, state: ModelSteps, r: int, c: int) -> Tensor:
+        """Head output [n, P] at element (r, c) given every value written so far."""
+        return model_step_output(self, state, r, c)
+
+    def step_write(
+        self, state: ModelSteps, r: int, c: int, values: Tensor, group: int | None = None
+    ) -> None:
+        """Commit values at (r, c): codes long [n]; pixels [n, C] (group None: all channels;
+        else only channel ``group``, from [n, C] or [n])."""
+        model_step_write(self, state, r, c, values, group)
 
     @torch.no_grad()
     def sample(
@@ -254,10 +313,47 @@ class PixelCNN(nn.Module, PretrainedMixin):
         generator: torch.Generator | None = None,
         method: str = "auto",
         spatial_cond: Tensor | None = None,
+        *,
+        known: Tensor | None = None,
+        mask: Tensor | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        guidance: float | None = None,
     ) -> Tensor:
-        """Draw ``n`` samples; ``method`` "auto" (fast and exact), "cached", "fixed_point" or
-        "naive" (the reference loop). For the same generator every method returns the same
-        samples."""
+        """Draw ``n`` samples; see :func:`vqprior.sampling.sample` for every argument.
+
+        ``method`` "auto" (fast and exact), "cached", "fixed_point" or "naive" (the reference
+        loop); for the same generator every method returns the same samples. ``known`` and
+        ``mask`` (True: keep ``known`` there) complete partial inputs.
+        """
         from vqprior.sampling import sample as run_sampler
 
-        return run_sampler(self, n, cond, temperature, generator, method, spatial_cond)
+        return run_sampler(
+            self,
+            n,
+            cond,
+            temperature,
+            generator,
+            method,
+            spatial_cond,
+            known=known,
+            mask=mask,
+            top_k=top_k,
+            top_p=top_p,
+            guidance=guidance,
+        )
+
+
+class Conv1x1Head(nn.Module):
+    """A 1x1 convolution run in fp32 with autocast off (the PixelCNN++ output layer)."""
+
+    def __init__(self, channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return conv1x1_fp32(self.conv, x)
+
+    def step(self, x: Tensor) -> Tensor:
+        """Features [n, F] -> output [n, P] at one element."""
+        return self(x[:, :, None, None])[:, :, 0, 0]

@@ -1,6 +1,6 @@
 """Gated PixelCNN blocks with vertical and horizontal stacks (van den Oord et al. 2016).
 
-Convention used throughout (and by the cached sampler in :mod:`vqprior.sampling`):
+Convention used throughout (and by the step protocol of :mod:`vqprior.nn.step`):
 
 - vertical-stack features at row ``r`` depend only on input rows ``< r``: the first layer's
   vertical kernel covers rows ``r-p .. r-1`` (``p = k // 2``), later layers rows ``r-p .. r``
@@ -10,17 +10,24 @@ Convention used throughout (and by the cached sampler in :mod:`vqprior.sampling`
   ``c-p .. c``, masked at ``c`` for channel groups (type A in the first layer, B after).
 
 So the receptive field is the whole cone above plus the row to the left: no blind spot.
+Every layer also steps incrementally (``start_steps`` / ``step_row`` / ``step_element``),
+computing exactly what its ``forward`` computes at one row or one element.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from vqprior.nn.masked import MaskedConv2d, causal_mask, channel_groups
+from vqprior.nn.step import StepBlock, StepContext
+
+Bias = Tensor | float
 
 
 def gate(x: Tensor) -> Tensor:
@@ -29,10 +36,46 @@ def gate(x: Tensor) -> Tensor:
     return torch.tanh(a) * torch.sigmoid(b)
 
 
+def conv1x1_fp32(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """Apply a 1x1 ``conv`` to ``x`` [b, Cin, h, w] in fp32 (fp64 stays fp64), autocast off.
+
+    For the last layer of a head: its output feeds the likelihood, whose parameters (means,
+    log-scales, logits) must not be rounded to bf16 under mixed precision.
+    """
+    weight = conv.masked_weight() if isinstance(conv, MaskedConv2d) else conv.weight
+    dtype = torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
+    bias = None if conv.bias is None else conv.bias.to(dtype)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return F.conv2d(x.to(dtype), weight.to(dtype), bias)
+
+
 class LayerOut(NamedTuple):
     v: Tensor  # [b, F, H, W] gated vertical features
     h: Tensor  # [b, F, H, W] horizontal features (residual stream)
-    skip: Tensor  # [b, F, H, W]
+    skip: Tensor | None  # [b, F, H, W]; None: the block adds nothing to the skip sum
+
+
+def _row(b: Bias, r: int) -> Bias:
+    """Row r of a spatial bias [n, C, H, W] -> [n, C, 1, W]; class biases [n, C, 1, 1] stay."""
+    if isinstance(b, Tensor) and b.shape[-2] > 1:
+        return b[:, :, r : r + 1]
+    return b
+
+
+@dataclass
+class _GatedSteps:
+    """Caches of one gated layer for one batch (see :meth:`GatedLayer.start_steps`)."""
+
+    v_in: Tensor  # [n, Cin, H + kh - 1, W + 2p] vertical input rows, zero padded
+    h_out: Tensor  # [n, F, pad + W] horizontal output of the current row
+    h_bias: Tensor  # [n, 2F, W] vertical link + conditioning for the current row
+    w_v: Tensor  # [2F, Cin, kh, k] masked vertical kernel
+    w_h: Tensor  # [2F, Cin * (p + 1)] masked horizontal kernel, flattened
+    w_res: Tensor | None  # [F, F]; None in the last layer (its residual output is unused)
+    w_skip: Tensor  # [F, F]
+    bv: Bias  # conditioning bias of the vertical pre-activation
+    bh: Bias
+    pad: int
 
 
 class GatedLayer(nn.Module):
@@ -72,14 +115,12 @@ class GatedLayer(nn.Module):
             nn.Conv2d(spatial_channels, 4 * channels, 1, bias=False) if spatial_channels else None
         )
 
-    def biases(
-        self, cond: Tensor | None, spatial: Tensor | None
-    ) -> tuple[Tensor | float, Tensor | float]:
+    def biases(self, cond: Tensor | None, spatial: Tensor | None) -> tuple[Bias, Bias]:
         """Conditioning biases for the vertical and horizontal pre-activations.
 
         cond [b, cond_dim] gives [b, 2F, 1, 1] each; spatial [b, s, H, W] gives [b, 2F, H, W].
         """
-        total: Tensor | float = 0.0
+        total: Bias = 0.0
         if self.cond is not None:
             if cond is None:
                 raise ValueError("this layer is conditional: pass a class embedding")
@@ -94,8 +135,9 @@ class GatedLayer(nn.Module):
         return bv, bh
 
     def forward(
-        self, v: Tensor, h: Tensor, bv: Tensor | float = 0.0, bh: Tensor | float = 0.0
+        self, v: Tensor, h: Tensor, cond: Tensor | None = None, spatial: Tensor | None = None
     ) -> LayerOut:
+        bv, bh = self.biases(cond, spatial)
         v_pre = self.v_conv(v) + bv  # [b, 2F, H, W]
         h_pre = self.h_conv(h) + self.v_to_h(v_pre) + bh
         h_gated = gate(h_pre)
@@ -105,9 +147,84 @@ class GatedLayer(nn.Module):
             h_out = self.h_res(h_gated) if self.first else self.h_res(h_gated) + h
         return LayerOut(gate(v_pre), h_out, self.h_skip(h_gated))
 
+    # ------------------------------------------------------------------ step protocol
+    def start_steps(self, ctx: StepContext) -> _GatedSteps:
+        """Allocate the row caches and fold the masks and the conditioning in once."""
+        p, kh = self.p, self.v_conv.kernel_size[0]
+        f2, cin = self.v_conv.out_channels, self.v_conv.in_channels
+        n, H, W = ctx.n, ctx.height, ctx.width
+
+        def zeros(*shape: int) -> Tensor:
+            return torch.zeros(shape, device=ctx.device, dtype=ctx.dtype)
+
+        bv, bh = self.biases(ctx.cond, ctx.spatial)
+        return _GatedSteps(
+            v_in=zeros(n, cin, H + kh - 1, W + 2 * p),
+            h_out=zeros(n, f2 // 2, ctx.pad + W),
+            h_bias=zeros(n, f2, W),
+            w_v=self.v_conv.masked_weight(),
+            w_h=rearrange(self.h_conv.masked_weight(), "o i 1 k -> o (i k)"),
+            w_res=None if self.h_res is None else self.h_res.masked_weight()[:, :, 0, 0],
+            w_skip=self.h_skip.masked_weight()[:, :, 0, 0],
+            bv=bv,
+            bh=bh,
+            pad=ctx.pad,
+        )
+
+    def step_row(self, state: _GatedSteps, r: int, v_in: Tensor) -> Tensor:
+        """Vertical input row r [n, Cin, W] -> gated vertical output row r [n, F, W]."""
+        p, kh = self.p, state.w_v.shape[2]
+        state.v_in[:, :, r + kh - 1, p : p + v_in.shape[-1]] = v_in
+        rows = state.v_in[:, :, r : r + kh]  # the kernel's rows, ending at input row r
+        v_pre = F.conv2d(rows, state.w_v, self.v_conv.bias) + _row(state.bv, r)  # [n, 2F, 1, W]
+        state.h_bias.copy_((self.v_to_h(v_pre) + _row(state.bh, r))[:, :, 0])
+        return gate(v_pre)[:, :, 0]
+
+    def step_element(
+        self, state: _GatedSteps, r: int, c: int, h_row: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Horizontal stack at (r, c) from the input row ``h_row`` [n, Cin, pad + W] (column
+        ``pad + c`` current); returns this layer's output row buffer and the skip [n, F]."""
+        p, at = self.p, state.pad + c
+        window = rearrange(h_row[:, :, at - p : at + 1], "n i k -> n (i k)")
+        h_pre = F.linear(window, state.w_h, self.h_conv.bias) + state.h_bias[:, :, c]
+        hg = gate(h_pre)  # [n, F]
+        skip = F.linear(hg, state.w_skip, self.h_skip.bias)
+        if state.w_res is None:
+            return h_row, skip  # the last layer: its residual stream is never read
+        assert self.h_res is not None
+        h_out = F.linear(hg, state.w_res, self.h_res.bias)
+        state.h_out[:, :, at] = h_out if self.first else h_out + h_row[:, :, at]
+        return state.h_out, skip
+
+
+def _attention_block(channels: int, heads: int, groups: int, cond_dim: int, spatial: int) -> Any:
+    """The causal self-attention block of :mod:`vqprior.nn.attention` (see nn/step.py)."""
+    try:
+        from vqprior.nn.attention import AttentionBlock  # type: ignore[import-not-found]
+    except ImportError:
+        from vqprior.config import ConfigError
+
+        raise ConfigError(
+            "attention is not implemented yet (vqprior.nn.attention.AttentionBlock is missing); "
+            "set attention_every=0"
+        ) from None
+    return AttentionBlock(
+        channels=channels, heads=heads, groups=groups, cond_dim=cond_dim, spatial_channels=spatial
+    )
+
+
+@dataclass
+class _StackSteps:
+    blocks: list[Any]  # one state per block
+    x_row: Tensor  # [n, Cin, pad + W] network input of the current row (left zero pad)
+    row: int  # the row whose vertical stream has been computed (-1: none yet)
+    pad: int  # left zero columns of the horizontal row buffers
+
 
 class GatedStack(nn.Module):
-    """``num_layers`` gated layers; returns the summed skip features [b, F, H, W]."""
+    """``num_layers`` gated layers (and, every ``attention_every`` of them, an attention
+    block); returns the summed skip features [b, F, H, W]."""
 
     def __init__(
         self,
@@ -118,23 +235,35 @@ class GatedStack(nn.Module):
         groups: int = 1,
         cond_dim: int = 0,
         spatial_channels: int = 0,
+        attention_every: int = 0,
+        attention_heads: int = 4,
     ) -> None:
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        self.layers = nn.ModuleList(
-            GatedLayer(
-                in_channels if i == 0 else channels,
-                channels,
-                kernel_size,
-                groups,
-                first=i == 0,
-                cond_dim=cond_dim,
-                spatial_channels=spatial_channels,
-                last=i == num_layers - 1,
+        self.pad = kernel_size // 2
+        blocks: list[nn.Module] = []
+        for i in range(num_layers):
+            blocks.append(
+                GatedLayer(
+                    in_channels if i == 0 else channels,
+                    channels,
+                    kernel_size,
+                    groups,
+                    first=i == 0,
+                    cond_dim=cond_dim,
+                    spatial_channels=spatial_channels,
+                    last=i == num_layers - 1,
+                )
             )
-            for i in range(num_layers)
-        )
+            if attention_every and (i + 1) % attention_every == 0 and i < num_layers - 1:
+                blocks.append(
+                    _attention_block(channels, attention_heads, groups, cond_dim, spatial_channels)
+                )
+        self.layers = nn.ModuleList(blocks)
+
+    def _blocks(self) -> list[StepBlock]:
+        return [cast(StepBlock, block) for block in self.layers]
 
     @property
     def gated_layers(self) -> list[GatedLayer]:
@@ -144,16 +273,53 @@ class GatedStack(nn.Module):
         self, x: Tensor, cond: Tensor | None = None, spatial: Tensor | None = None
     ) -> Tensor:
         v, h, skips = x, x, 0.0
-        for layer in self.gated_layers:
-            bv, bh = layer.biases(cond, spatial)
-            v, h, skip = layer(v, h, bv, bh)
-            skips = skips + skip
+        for block in self.layers:
+            v, h, skip = block(v, h, cond, spatial)
+            if skip is not None:
+                skips = skips + skip
         assert isinstance(skips, Tensor)
         return skips
 
+    # ------------------------------------------------------------------ step protocol
+    def start_steps(self, ctx: StepContext) -> _StackSteps:
+        ctx = ctx._replace(pad=max(ctx.pad, self.pad))
+        cin = self.gated_layers[0].v_conv.in_channels
+        x_row = torch.zeros(ctx.n, cin, ctx.pad + ctx.width, device=ctx.device, dtype=ctx.dtype)
+        return _StackSteps([block.start_steps(ctx) for block in self._blocks()], x_row, -1, ctx.pad)
+
+    def step_write(self, state: _StackSteps, r: int, c: int, inp: Tensor) -> None:
+        """Set the network input at (r, c) [n, Cin] (all of it, unwritten groups zero)."""
+        if r != state.row:
+            self._advance_row(state, r)
+        state.x_row[:, :, state.pad + c] = inp
+
+    def step_output(self, state: _StackSteps, r: int, c: int) -> Tensor:
+        """Summed skip features at (r, c) [n, F], given every input written so far."""
+        if r != state.row:
+            self._advance_row(state, r)
+        h, skips = state.x_row, None
+        for block, block_state in zip(self._blocks(), state.blocks, strict=True):
+            h, skip = block.step_element(block_state, r, c, h)
+            if skip is not None:
+                skips = skip if skips is None else skips + skip
+        assert skips is not None
+        return skips
+
+    def _advance_row(self, state: _StackSteps, r: int) -> None:
+        """Start row r: feed the finished input row r - 1 down the vertical stream."""
+        if r != state.row + 1:
+            raise ValueError(f"steps must visit rows in order: row {r} after row {state.row}")
+        v = state.x_row[:, :, state.pad :].clone()  # input row r - 1 (zeros for r = 0)
+        state.x_row.zero_()
+        for block, block_state in zip(self._blocks(), state.blocks, strict=True):
+            v = block.step_row(block_state, r, v)
+        state.row = r
+
 
 class CausalHead(nn.Module):
-    """ReLU -> 1x1 (type B) -> ReLU -> 1x1 (type B) to ``out_channels`` with given out groups."""
+    """ReLU -> 1x1 (type B) -> ReLU -> 1x1 (type B) to ``out_channels`` with given out groups.
+
+    The last 1x1 runs in fp32 with autocast off (:func:`conv1x1_fp32`)."""
 
     def __init__(self, channels: int, out_channels: int, groups: int, out_groups: Tensor) -> None:
         super().__init__()
@@ -164,4 +330,8 @@ class CausalHead(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.out(F.relu(self.hidden(F.relu(x))))
+        return conv1x1_fp32(self.out, F.relu(self.hidden(F.relu(x))))
+
+    def step(self, x: Tensor) -> Tensor:
+        """The head at one element: features [n, F] -> output [n, P]."""
+        return self(x[:, :, None, None])[:, :, 0, 0]

@@ -1,0 +1,86 @@
+"""The model-level step interface of :class:`vqprior.PixelCNN` (see :mod:`vqprior.nn.step`).
+
+``start_steps`` -> ``step_output`` (head output at one element) -> ``step_write`` (commit its
+values), in raster order. With a backbone that implements the step protocol each step costs a
+few small matmuls; otherwise (or with ``naive=True``) ``step_output`` is a full forward pass
+over the values written so far, which is the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+from torch import Tensor
+
+from vqprior.nn.step import StepBackbone, StepContext, supports_steps
+
+if TYPE_CHECKING:
+    from vqprior.models.pixelcnn import PixelCNN
+
+
+@dataclass
+class ModelSteps:
+    """Step state of one batch: the values written so far and the backbone's caches."""
+
+    x: Tensor  # codes long [n, h, w] or pixels [n, C, H, W] (head dtype); unwritten: zero
+    cond: Tensor | None
+    spatial_cond: Tensor | None
+    backbone: Any | None  # the backbone's step state; None: a full pass per step
+
+
+def empty_values(model: PixelCNN, n: int, device: torch.device) -> Tensor:
+    """All-zero values of a batch of ``n``: codes long, pixels in the head dtype."""
+    dtype = torch.long if model.config.data == "codes" else model.head_dtype()
+    return torch.zeros((n, *model.data_shape), dtype=dtype, device=device)
+
+
+def start_model_steps(
+    model: PixelCNN, n: int, cond: Tensor | None, spatial_cond: Tensor | None, naive: bool
+) -> ModelSteps:
+    device = next(model.parameters()).device
+    x = empty_values(model, n, device)
+    model.validate_input(x, cond, spatial_cond)
+    state = ModelSteps(x, cond, spatial_cond, None)
+    if naive or not supports_steps(model.backbone):
+        return state
+    cfg = model.config
+    ctx = StepContext(
+        n,
+        cfg.height,
+        cfg.width,
+        model.class_vector(cond),
+        spatial_cond,
+        device,
+        model.param_dtype(),
+    )
+    state.backbone = cast(StepBackbone, model.backbone).start_steps(ctx)
+    return state
+
+
+def model_step_output(model: PixelCNN, state: ModelSteps, r: int, c: int) -> Tensor:
+    if state.backbone is None:
+        return model(state.x, state.cond, state.spatial_cond)[:, :, r, c]
+    feats = cast(StepBackbone, model.backbone).step_output(state.backbone, r, c)
+    step = getattr(model.head, "step", None)
+    return step(feats) if step is not None else model.head(feats[:, :, None, None])[:, :, 0, 0]
+
+
+def model_step_write(
+    model: PixelCNN, state: ModelSteps, r: int, c: int, values: Tensor, group: int | None
+) -> None:
+    x = state.x
+    if model.config.data == "codes":
+        x[:, r, c] = values
+    elif group is None:
+        x[:, :, r, c] = values
+    else:
+        x[:, group, r, c] = values[:, group] if values.dim() == 2 else values
+    if state.backbone is None:
+        return
+    if model.embed is not None:
+        inp = model.embed(x[:, r, c])
+    else:
+        inp = x[:, :, r, c].to(model.param_dtype())
+    cast(StepBackbone, model.backbone).step_write(state.backbone, r, c, inp)
