@@ -145,3 +145,95 @@ def test_sample_is_deterministic_given_generator() -> None:
     assert torch.equal(head.log_prob(logits, target), categorical_log_prob(logits, target))
     with pytest.raises(ValueError):
         head.log_prob(torch.randn(5, 3, 3), target)
+
+
+# ----------------------------------------------------------------------------- truncation
+
+
+def reference_truncated(
+    row: list[float], t: float, top_k: int | None, top_p: float | None
+) -> list[float]:
+    """Brute force: tempered probabilities, rank by logit (ties by index), keep, renormalise."""
+    z = [v / t for v in row]
+    top = max(z)
+    p = [math.exp(v - top) for v in z]
+    total = sum(p)
+    p = [v / total for v in p]
+    ranked = sorted(range(len(row)), key=lambda i: (-row[i], i))
+    kept, mass = [], 0.0
+    for r, i in enumerate(ranked):
+        if top_k is not None and r >= top_k:
+            break
+        if top_p is not None and top_p < 1 and mass >= top_p:
+            break
+        kept.append(i)
+        mass += p[i]
+    kept_mass = sum(p[i] for i in kept)
+    return [p[i] / kept_mass if i in kept else 0.0 for i in range(len(row))]
+
+
+TRUNCATIONS = [(1, None), (3, None), (None, 0.5), (None, 0.9), (4, 0.8), (100, None), (None, 1.0)]
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), TRUNCATIONS)
+@pytest.mark.parametrize("t", [1.0, 0.6, 2.5])
+def test_truncated_inverse_cdf_is_exact(top_k: int | None, top_p: float | None, t: float) -> None:
+    """On a fine grid of u the sampler is the inverse CDF of the brute-force distribution."""
+    g = torch.Generator().manual_seed(30)
+    rows = torch.randn(5, 8, generator=g, dtype=torch.float64).mul(2).round().div(2)  # with ties
+    u = (torch.arange(4000, dtype=torch.float64) + 0.5) / 4000
+    for row in rows:
+        probs = torch.tensor(
+            reference_truncated(row.tolist(), t, top_k, top_p), dtype=torch.float64
+        )
+        cdf = probs.cumsum(0)
+        want = torch.searchsorted(cdf / cdf[-1], u).clamp(max=7)  # first class with cdf >= u
+        got = categorical_sample(row.expand(4000, -1), u, t, top_k, top_p)
+        mismatch = (got != want).sum()
+        assert mismatch <= 2, (row, got[got != want], want[got != want])  # u on a boundary only
+        assert (probs[got] > 0).all()  # never a dropped class
+        freq = torch.bincount(got, minlength=8).double() / 4000
+        assert torch.allclose(freq, probs, atol=2 / 4000)
+
+
+def test_truncated_sampling_fits_distribution() -> None:
+    for top_k, top_p, t in [(3, None, 1.0), (None, 0.7, 1.0), (2, 0.95, 0.5)]:
+        head = CategoricalHead(LOGITS.numel())
+        grid = LOGITS.view(1, -1, 1, 1).expand(200, -1, 10, 10)
+        g = torch.Generator().manual_seed(31)
+        s = head.sample(grid, generator=g, temperature=t, top_k=top_k, top_p=top_p)
+        probs = torch.tensor(reference_truncated(LOGITS.tolist(), t, top_k, top_p))
+        assert_fits(torch.bincount(s.flatten(), minlength=6), probs)
+        u = torch.rand((200, 10, 10), generator=torch.Generator().manual_seed(31))
+        assert torch.equal(s, categorical_sample(grid, u, t, top_k, top_p))  # same draw order
+
+
+def test_top_k_one_is_temperature_zero_with_ties() -> None:
+    g = torch.Generator().manual_seed(32)
+    logits = torch.randint(-2, 3, (50, 7, 3, 3), generator=g).float()  # many tied maxima
+    u = torch.rand(50, 3, 3, generator=g)
+    argmax = categorical_sample(logits, u, 0.0)
+    assert torch.equal(argmax, logits.argmax(dim=1))
+    for t in (1e-3, 1.0, 10.0):
+        assert torch.equal(categorical_sample(logits, u, t, top_k=1), argmax)
+        assert torch.equal(categorical_sample(logits, u, t, top_p=1e-9), argmax)
+        # top_k >= n and top_p = 1 are no truncation at all.
+        plain = categorical_sample(logits, u, t)
+        assert torch.equal(categorical_sample(logits, u, t, top_k=7), plain)
+        assert torch.equal(categorical_sample(logits, u, t, top_k=70, top_p=1.0), plain)
+    assert torch.equal(categorical_sample(logits, u, 0.0, top_k=3, top_p=0.5), argmax)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = categorical_sample(logits.bfloat16(), u, 0.7, top_k=2, top_p=0.9)
+    assert torch.equal(got, categorical_sample(logits, u, 0.7, top_k=2, top_p=0.9))
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(top_k=0), dict(top_k=-2), dict(top_k=2.0), dict(top_k=True), dict(top_p=0.0),
+            dict(top_p=1.01), dict(top_p=-0.5), dict(top_p=float("nan")), dict(top_p="0.5")]
+)  # fmt: skip
+def test_truncation_arguments_are_validated(bad: dict[str, object]) -> None:
+    logits, u = torch.randn(2, 5), torch.rand(2)
+    with pytest.raises(ValueError, match="top_"):
+        categorical_sample(logits, u, 1.0, **bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="top_"):
+        CategoricalHead(5).sample(logits, temperature=0.0, **bad)  # type: ignore[arg-type]

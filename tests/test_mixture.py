@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -11,9 +12,14 @@ from torch import Tensor
 
 from vqprior.nn.grid import from_bins, to_bins
 from vqprior.nn.mixture import (
+    FLOOR_EPS,
+    LOG_SCALE_MAX,
     DiscretizedLogisticMixture,
     draw_mixture_noise,
+    log_scale_min,
+    mixture_channel_log_probs,
     mixture_log_prob,
+    mixture_mode,
     mixture_sample,
     num_mixture_params,
     split_mixture_params,
@@ -110,7 +116,7 @@ def reference_log_prob(x: Tensor, params: Tensor, c: int, m: int, n: int) -> Ten
             for cj in range(ci):
                 raw = pr[:, m + 2 * c * m + pair[(ci, cj)] * m + mi]
                 mu = mu + torch.tanh(raw) * x[:, cj]
-            s = torch.exp(pr[:, m + c * m + ci * m + mi].clamp(-40, 40))
+            s = torch.exp(pr[:, m + c * m + ci * m + mi].clamp(log_scale_min(n), LOG_SCALE_MAX))
             xc = x[:, ci]
             up, lo = (xc + half - mu) / s, (xc - half - mu) / s
             cdf_up = torch.where(xc > 1 - half, torch.ones_like(up), torch.sigmoid(up))
@@ -179,8 +185,10 @@ def test_split_layout() -> None:
             raw = params[0, m + 2 * c * m + k * m + mi, 0, 0]
             assert torch.allclose(out.coeffs[0, mi, k, 0, 0], torch.tanh(raw))
     big = torch.full((1, p, 1, 1), 100.0)
-    assert split_mixture_params(big, c, m).log_scales.max() == 40.0
-    assert split_mixture_params(-big, c, m).log_scales.min() == -40.0
+    assert split_mixture_params(big, c, m).log_scales.max() == LOG_SCALE_MAX == 40.0
+    assert split_mixture_params(-big, c, m).log_scales.min() == pytest.approx(log_scale_min(256))
+    floor16 = split_mixture_params(-big, c, m, num_bins=16).log_scales.min()
+    assert floor16 == pytest.approx(log_scale_min(16))
     with pytest.raises(ValueError):
         split_mixture_params(torch.zeros(1, p + 1, 1, 1), c, m)
 
@@ -239,17 +247,18 @@ def test_gradients_match_finite_differences() -> None:
     idx[0, 0, 0, 0], idx[0, 1, 0, 1] = 0, n - 1
     x = from_bins(idx, n, torch.float64)
     params.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda p: mixture_log_prob(x, p, m, n), (params,))
+    assert torch.autograd.gradcheck(
+        lambda p: mixture_log_prob(x, p, m, n), (params,), fast_mode=True
+    )
 
 
-def extreme_case() -> tuple[Tensor, Tensor, int]:
+def extreme_case(
+    log_scales: Sequence[float] = (-20.0, -7.0, 0.0, 7.0, 20.0),
+    means: Sequence[float] = (-50.0, -1.0, 0.0, 0.5, 50.0),
+) -> tuple[Tensor, Tensor, int]:
     """Params and targets over all combos of extreme log-scales, means and edge targets."""
     c, m = 3, 2
-    combos = list(
-        itertools.product(
-            [-20.0, -7.0, 0.0, 7.0, 20.0], [-50.0, -1.0, 0.0, 0.5, 50.0], [0, 77, 255]
-        )
-    )
+    combos = list(itertools.product(log_scales, means, [0, 77, 255]))
     w = len(combos)
     params = torch.zeros(1, num_mixture_params(c, m), 1, w)
     idx = torch.zeros(1, c, 1, w, dtype=torch.long)
@@ -263,6 +272,47 @@ def extreme_case() -> tuple[Tensor, Tensor, int]:
     params[0, :m] = torch.tensor([3.0, -2.0])[:, None, None]
     params[0, m + 2 * c * m :] = 3.0 * torch.tensor([1.0, -1.0] * 3)[:, None, None]
     return params, from_bins(idx, 256), m
+
+
+def gradient_bounds(params: Tensor, c: int, m: int, n: int) -> Tensor:
+    """Per-parameter bounds on |d sum(lp) / d params| from the module docstring."""
+    inv, d = math.exp(-log_scale_min(n)), 1.0 / (n - 1)
+    bound = torch.ones_like(params, dtype=torch.float64)  # logits: <= 1
+    bound[:, m : m + c * m] = inv  # means
+    mu = params[:, m : m + c * m].double().abs()
+    bound[:, m + c * m : m + 2 * c * m] = (mu + c + d) * inv + 2  # log-scales
+    bound[:, m + 2 * c * m :] = inv  # coefficients
+    return bound
+
+
+EXTREME_LOG_SCALES = (-60.0, -20.0, -9.0, -8.2, -7.0, -3.0, 0.0, 7.0, 20.0, 45.0)
+EXTREME_MEANS = (-1e3, -50.0, -1.5, -1.0, 0.0, 0.4, 1.0, 50.0, 1e3)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_gradients_bounded_at_extremes(bf16: bool) -> None:
+    """|grad| <= the documented per-parameter bound (1, 1/s_min = 3700, (|mu| + C + d)/s_min + 2)
+    at log-scales far below and above the clamp range and means far outside the grid."""
+    params, x, m = extreme_case(EXTREME_LOG_SCALES, EXTREME_MEANS)
+    c = 3
+    leaf = (params.bfloat16() if bf16 else params).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        lp = mixture_log_prob(x.to(leaf.dtype), leaf, m)
+    assert lp.dtype == torch.float32 and torch.isfinite(lp).all()
+    lp.sum().backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+    bound = gradient_bounds(leaf.detach(), c, m, 256)
+    excess = leaf.grad.double().abs() / bound
+    assert excess.max() <= 1.01, f"gradient {excess.max():.3f} x its bound"
+    assert math.exp(-log_scale_min(256)) == pytest.approx(3700, rel=1e-3)
+    # The old floor (-40) let the mean gradient reach ~e^40; now it stays at most 1/s_min.
+    assert leaf.grad[:, m : m + c * m].abs().max() <= 3700 * 1.01
+    # One component, far mean, log-scale below the floor: the mean bound is attained.
+    one = torch.tensor([0.0, 50.0, -20.0]).view(1, 3, 1, 1).requires_grad_(True)
+    mixture_log_prob(torch.full((1, 1, 1, 1), -1.0), one, 1).sum().backward()
+    assert one.grad is not None
+    assert one.grad[0, 1].item() == pytest.approx(-3700, rel=1e-3)
+    assert one.grad[0, 2].item() == 0.0  # below the floor: the clamp passes no gradient
 
 
 def test_extreme_params_finite_fp32() -> None:
@@ -293,13 +343,14 @@ def test_extreme_params_finite_bf16_autocast() -> None:
 def test_extreme_params_match_asymptotics() -> None:
     """One channel, one component: closed forms of the tails for tiny and huge scales."""
     n, d = 256, 1.0 / 255
+    inv = 1.0 / math.exp(log_scale_min(n))  # -20 clamps to the floor
     cases = [  # (log_scale, mean, bin, expected lp)
-        (-20.0, 50.0, 0, (-1 + d - 50) * math.exp(20)),  # lower tail, far: ~ a
+        (-20.0, 50.0, 0, (-1 + d - 50) * inv),  # lower tail, far: ~ a
         (-20.0, 50.0, 255, 0.0),  # upper edge holds all the mass
-        (-20.0, -50.0, 255, -(1 - d + 50) * math.exp(20)),  # upper tail, far: ~ -b
-        (-20.0, -50.0, 128, -(0 + 50) * math.exp(20)),  # interior, lower edge of bin 128 is 0
-        (-20.0, 50.0, 127, (0 - 50) * math.exp(20)),  # interior, upper edge of bin 127 is 0
-        (-20.0, 1 / 255, 128, 0.0),  # tiny scale at the bin centre: all mass
+        (-20.0, -50.0, 255, -(1 - d + 50) * inv),  # upper tail, far: ~ -b
+        (-20.0, -50.0, 128, -(0 + 50) * inv),  # interior, lower edge of bin 128 is 0
+        (-20.0, 50.0, 127, (0 - 50) * inv),  # interior, upper edge of bin 127 is 0
+        (-20.0, 1 / 255, 128, math.log((2 / FLOOR_EPS - 1) / (2 / FLOOR_EPS + 1))),  # the floor
         (-20.0, 0.0, 128, math.log(0.5)),  # mean exactly on the bin edge
         (20.0, 0.0, 128, math.log(d / 2) - 20.0),  # huge scale: mass ~ 2d * pdf(0)
         (20.0, 50.0, 0, math.log(0.5)),  # huge scale: half the mass below -1
@@ -309,6 +360,25 @@ def test_extreme_params_match_asymptotics() -> None:
     lp = mixture_log_prob(x, p, 1, n).flatten().double()
     want = torch.tensor([e for *_, e in cases], dtype=torch.float64)
     assert torch.allclose(lp, want, rtol=1e-5, atol=1e-5), (lp, want)
+
+
+def test_log_scale_floor_is_where_nothing_is_gained() -> None:
+    """At the floor the bin centred on the mean holds 1 - FLOOR_EPS; below it values are equal."""
+    for n in (2, 16, 256, 1024):
+        s_min, d = math.exp(log_scale_min(n)), 1.0 / (n - 1)
+        assert math.tanh(d / (2 * s_min)) >= 1 - FLOOR_EPS
+        assert math.tanh(d / (2 * s_min * 1.5)) < 1 - FLOOR_EPS  # a larger floor would lose more
+    assert log_scale_min(256) == pytest.approx(-8.216, abs=1e-3)
+    assert math.tanh((1 / 255) / (2 * math.exp(-7.0))) < 0.98  # PixelCNN++'s -7 costs 0.027 nats
+    params, x, m = extreme_case()
+    ls = slice(m + 3 * m, m + 6 * m)  # the log-scales of 3 channels
+    lower = params.clone()
+    lower[:, ls] = lower[:, ls].clamp(max=log_scale_min(256))
+    deeper = lower.clone()
+    deeper[:, ls] -= 30.0
+    assert torch.equal(mixture_log_prob(x, lower, m), mixture_log_prob(x, deeper, m))
+    with pytest.raises(ValueError):
+        log_scale_min(1)
 
 
 def test_off_grid_inputs_snap_and_bad_shapes_raise() -> None:
@@ -403,36 +473,118 @@ def test_chi2_check_has_power() -> None:
     assert stat > chi2_quantile(0.999, dof)
 
 
-def reference_mode(params: Tensor, c: int, m: int, n: int) -> Tensor:
-    """T = 0 by explicit loops: argmax component, chain of quantised means."""
-    b, _, h, w = params.shape
-    out = torch.zeros(b, c, h, w)
-    for bi, hi, wi in itertools.product(range(b), range(h), range(w)):
-        v = params[bi, :, hi, wi].double()
-        k = int(v[:m].argmax())
-        xs: list[float] = []
-        for ci in range(c):
-            mu = float(v[m + ci * m + k])
-            for cj in range(ci):
-                mu += (
-                    math.tanh(float(v[m + 2 * c * m + (ci * (ci - 1) // 2 + cj) * m + k])) * xs[cj]
-                )
-            q = min(max(round((mu + 1) * (n - 1) / 2), 0), n - 1)
-            xs.append(2 * q / (n - 1) - 1)
-        out[bi, :, hi, wi] = torch.tensor(xs)
-    return out
-
-
-def test_mode_is_argmax_component_mean_chain() -> None:
+def test_channel_log_probs_normalise_and_match_log_prob() -> None:
     c, m, n = 3, 3, 256
-    params = random_params(2, c, m, 3, 3, mean=(-1.3, 1.3), seed=15)
+    params = random_params(2, c, m, 2, 3, seed=19, dtype=torch.float64)
+    params[:, m + 2 * c * m :] *= 2
+    idx = torch.randint(0, n, (2, c, 2, 3), generator=torch.Generator().manual_seed(20))
+    x = from_bins(idx, n, torch.float64)
+    for ci in range(c):
+        lp = mixture_channel_log_probs(params, x, ci, m, n)  # [2, 256, 2, 3]
+        assert lp.shape == (2, n, 2, 3) and lp.dtype == torch.float64
+        assert torch.allclose(
+            torch.logsumexp(lp, 1), torch.zeros(2, 2, 3, dtype=lp.dtype), atol=1e-12
+        )
+        # Entry v is mixture_log_prob at channel ci with x_ci = bin v (later channels ignored).
+        xs = x[None].expand(n, -1, -1, -1, -1).clone()  # [256, 2, c, 2, 3]
+        xs[:, :, ci] = from_bins(torch.arange(n), n, torch.float64)[:, None, None, None]
+        xs[:, :, ci + 1 :] = 0.3  # anything
+        full = mixture_log_prob(xs.flatten(0, 1), params.repeat(n, 1, 1, 1), m, n)
+        want = full.view(n, 2, c, 2, 3)[:, :, ci].transpose(0, 1)
+        assert torch.allclose(lp, want, rtol=1e-12, atol=1e-10)
+        ref = reference_log_prob(xs.flatten(0, 1), params.repeat(n, 1, 1, 1), c, m, n)
+        assert torch.allclose(lp, ref.view(n, 2, c, 2, 3)[:, :, ci].transpose(0, 1), atol=1e-8)
+    assert torch.equal(
+        mixture_channel_log_probs(params, None, 0, m, n),
+        mixture_channel_log_probs(params, x, 0, m, n),
+    )
+    # fp32 and extreme params: still normalised and finite.
+    ext, xe, me = extreme_case(EXTREME_LOG_SCALES, EXTREME_MEANS)
+    for ci in range(3):
+        lp32 = mixture_channel_log_probs(ext, xe, ci, me)
+        assert lp32.dtype == torch.float32 and torch.isfinite(lp32).all()
+        assert torch.allclose(torch.logsumexp(lp32, 1), torch.zeros(1, 1, ext.shape[-1]), atol=1e-5)
+    for bad in (
+        dict(channel=3),
+        dict(channel=-1),
+        dict(channel=1, x=None),
+        dict(channel=2, x=x[:, :1]),
+    ):
+        args = dict(params=params, x=x, num_mixtures=m, num_bins=n) | bad
+        with pytest.raises(ValueError):
+            mixture_channel_log_probs(**args)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        mixture_channel_log_probs(params[:, 1:], x, 0, m, n)
+
+
+def reference_mode(params: Tensor, c: int, m: int, n: int) -> Tensor:
+    """Greedy mode by brute force: for each channel enumerate all n bins with the independent
+    float64 reference and take the most probable one given the earlier chosen values."""
+    b, _, h, w = params.shape
+    x = torch.zeros(b, c, h, w, dtype=torch.float64)
+    grid = from_bins(torch.arange(n), n, torch.float64)
+    for ci in range(c):
+        xs = x[None].repeat(n, 1, 1, 1, 1)
+        xs[:, :, ci] = grid[:, None, None, None]
+        lp = reference_log_prob(xs.flatten(0, 1), params.repeat(n, 1, 1, 1), c, m, n)
+        best = lp.view(n, b, c, h, w)[:, :, ci].argmax(0)  # [b, h, w]
+        x[:, ci] = grid[best]
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mode_is_greedy_most_probable_bin(dtype: torch.dtype) -> None:
+    c, m, n = 3, 3, 256
+    params = random_params(2, c, m, 3, 3, mean=(-1.3, 1.3), seed=15, dtype=dtype)
     params[:, m + 2 * c * m :] *= 2
     head = DiscretizedLogisticMixture(c, m, n)
     mode = head.mode(params)
-    assert torch.allclose(mode, reference_mode(params, c, m, n), atol=1e-6)
+    assert mode.dtype == dtype
+    assert torch.equal(to_bins(mode, n), to_bins(reference_mode(params.double(), c, m, n), n))
+    for ci in range(c):  # each channel maximises its conditional given the chosen earlier ones
+        lp = mixture_channel_log_probs(params.double(), mode.double(), ci, m, n)
+        chosen = lp.gather(1, to_bins(mode[:, ci : ci + 1], n))
+        assert (chosen >= lp.amax(1, keepdim=True) - 1e-12).all()
     u_comp, u_val = draw_mixture_noise((2, c, 3, 3), torch.Generator().manual_seed(0))
     assert torch.equal(mixture_sample(params, c, m, n, u_comp, u_val, 0.0), mode)
+    assert torch.equal(mixture_sample(params, c, m, n, u_comp, u_val, 0.0, top_k=1), mode)
     assert torch.equal(head.sample(params, temperature=0.0), mode)
+    assert torch.equal(mixture_mode(params, c, m, n), mode)
+
+
+def test_mode_is_not_the_heaviest_components_mean() -> None:
+    """A broad heavy component and a sharp lighter one: the mode is the sharp one's bin, not the
+    heavy component's mean (the old "argmax component, quantised mean" answer, bin 128)."""
+    n, centre = 256, 2 * 191 / 255 - 1
+    params = torch.tensor([0.2, 0.0, 0.0, centre, 0.0, -7.0]).view(1, 6, 1, 1)  # weights .55/.45
+    assert mixture_mode(params, 1, 2, n).item() == pytest.approx(centre)
+    lp = mixture_channel_log_probs(params, None, 0, 2, n)[0, :, 0, 0]
+    assert int(lp.argmax()) == 191 and lp[191] > lp[128] + 3
+
+
+def test_mixture_truncation_acts_on_components() -> None:
+    """top_k / top_p keep the most probable components of softmax(logits / T), renormalised."""
+    params, c, m, n = fixed_three_channel_params(), 3, 2, 4
+    for top_k, top_p, keep in [(1, None, [0]), (None, 0.5, [0]), (None, 0.7, [0, 1])]:
+        trunc = params.clone()
+        drop = [k for k in range(m) if k not in keep]
+        trunc[:, drop] = -1e4  # the dropped components get no mass
+        head = DiscretizedLogisticMixture(c, m, n)
+        g = torch.Generator().manual_seed(21)
+        x = head.sample(
+            params.float().expand(20000, -1, -1, -1), g, temperature=1.0, top_k=top_k, top_p=top_p
+        )
+        idx = to_bins(x, n)
+        flat = (idx[:, 0] * n + idx[:, 1]) * n + idx[:, 2]
+        assert_fits(torch.bincount(flat.flatten(), minlength=n**c), exact_probs(trunc, c, m, n))
+    # With T the truncation uses the tempered weights: softmax([.3, -.2] / 0.2) keeps only 0.
+    u_comp, u_val = draw_mixture_noise((500, c, 1, 1), torch.Generator().manual_seed(22))
+    a = mixture_sample(params.expand(500, -1, -1, -1), c, m, n, u_comp, u_val, 0.2, top_p=0.9)
+    b = mixture_sample(params.expand(500, -1, -1, -1), c, m, n, u_comp, u_val, 0.2, top_k=1)
+    assert torch.equal(a, b)
+    for bad in (dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=1.5)):
+        with pytest.raises(ValueError):
+            mixture_sample(params, c, m, n, u_comp[:1], u_val[:1], **bad)  # type: ignore[arg-type]
 
 
 def test_sample_is_deterministic_given_noise_and_draw_order() -> None:

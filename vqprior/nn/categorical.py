@@ -3,14 +3,20 @@
 Logits are ``[b, n, *rest]`` (class axis 1, e.g. ``[b, k, h, w]`` for code maps); targets and
 samples are long ``[b, *rest]``. All math runs in fp32 (fp64 inputs stay fp64) with autocast
 disabled, so bf16 logits from an autocast region give fp32 log-probabilities.
+
+Temperature ``T`` means ``softmax(logits / T)`` (below 1 sharpens, above 1 flattens); ``T = 0``
+is the mode (the argmax, ties to the lowest index). Truncation (``top_k``, ``top_p``) acts on
+the tempered distribution, which is then renormalised; ``top_k = 1`` equals ``T = 0``.
 """
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CategoricalHead", "categorical_log_prob", "categorical_sample"]
+__all__ = ["CategoricalHead", "categorical_log_prob", "categorical_sample", "check_truncation"]
 
 
 def _upcast(t: Tensor) -> Tensor:
@@ -21,6 +27,18 @@ def _upcast(t: Tensor) -> Tensor:
 def _check_temperature(temperature: float) -> None:
     if not temperature >= 0.0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+
+
+def check_truncation(top_k: int | None, top_p: float | None) -> None:
+    """ValueError unless ``top_k`` is None or an int >= 1 and ``top_p`` None or in (0, 1]."""
+    if top_k is not None and (
+        isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1
+    ):
+        raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+    if top_p is not None and (
+        isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0.0 < top_p <= 1.0
+    ):
+        raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
 
 
 def _check_rest(logits: Tensor, other: Tensor, name: str) -> None:
@@ -48,22 +66,51 @@ def categorical_log_prob(logits: Tensor, target: Tensor) -> Tensor:
         return log_p.gather(1, target.long().unsqueeze(1)).squeeze(1)
 
 
-def categorical_sample(logits: Tensor, u: Tensor, temperature: float = 1.0) -> Tensor:
-    """Draw classes by the inverse CDF of ``softmax(logits / temperature)``.
+def _keep_mask(logits: Tensor, probs: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
+    """Classes kept by truncation, bool ``[b, n, *rest]``.
 
-    The class is the number of cumulative probabilities below ``u`` (scaled by the total mass,
-    so a rounding shortfall can never pick a zero-probability class), clamped to ``n - 1``.
-    ``temperature == 0`` gives the argmax and ignores ``u``.
+    Classes are ranked by logit, ties by index (a stable sort, so rank 0 is the argmax);
+    ``top_k`` keeps ranks ``< k``, ``top_p`` the ranks whose mass before them is ``< p`` (the
+    smallest prefix with mass ``>= p``; rank 0 always).
+    """
+    n = logits.shape[1]
+    order = torch.sort(logits, dim=1, descending=True, stable=True).indices
+    rank = torch.arange(n, device=logits.device).view(1, n, *[1] * (logits.dim() - 2))
+    keep = (rank < (n if top_k is None else min(int(top_k), n))).expand_as(logits)
+    if top_p is not None and top_p < 1.0:
+        sorted_p = probs.gather(1, order)
+        before = torch.cat([torch.zeros_like(sorted_p[:, :1]), sorted_p[:, :-1].cumsum(1)], 1)
+        keep = keep & (before < top_p * sorted_p.sum(dim=1, keepdim=True))
+    return torch.zeros_like(keep).scatter(1, order, keep)
+
+
+def categorical_sample(
+    logits: Tensor,
+    u: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> Tensor:
+    """Draw classes by the inverse CDF of the (truncated) ``softmax(logits / temperature)``.
+
+    The class is the number of cumulative probabilities (in class order, over the kept classes)
+    below ``u`` times the kept mass (so a rounding shortfall can never pick a zero-probability
+    or dropped class), clamped to ``n - 1``. ``temperature == 0`` gives the argmax (ties: the
+    lowest index) and ignores ``u``, ``top_k`` and ``top_p``.
 
     Args:
         logits: float ``[b, n, *rest]``.
         u: uniforms in (0, 1), ``[b, *rest]``, drawn by the caller (so sampling is deterministic).
         temperature: >= 0; below 1 sharpens, above 1 flattens.
+        top_k: keep the ``k`` largest logits (ties: lowest indices first); ``k >= n`` keeps all.
+        top_p: keep the smallest set of most probable classes whose tempered mass is ``>= p``
+            (at least one class); ``1`` keeps all.
 
     Returns:
         long ``[b, *rest]``.
     """
     _check_temperature(temperature)
+    check_truncation(top_k, top_p)
     _check_rest(logits, u, "u")
     with torch.autocast(device_type=logits.device.type, enabled=False):
         logits = _upcast(logits)
@@ -71,7 +118,10 @@ def categorical_sample(logits: Tensor, u: Tensor, temperature: float = 1.0) -> T
             return logits.argmax(dim=1)
         # Subtract the max before dividing so tiny temperatures cannot overflow to inf.
         shifted = (logits - logits.amax(dim=1, keepdim=True)) / temperature
-        cdf = torch.softmax(shifted, dim=1).cumsum(dim=1)  # [b, n, *rest]
+        probs = torch.softmax(shifted, dim=1)
+        if top_k is not None or top_p is not None:
+            probs = torch.where(_keep_mask(logits, probs, top_k, top_p), probs, 0.0)
+        cdf = probs.cumsum(dim=1)  # [b, n, *rest]
         u = _upcast(u).clamp(torch.finfo(cdf.dtype).tiny, 1.0)  # u == 0 must not pick p == 0
         threshold = u.unsqueeze(1) * cdf[:, -1:]  # [b, 1, *rest]
         idx = (cdf < threshold).sum(dim=1)
@@ -113,8 +163,10 @@ class CategoricalHead(nn.Module):
         logits: Tensor,
         generator: torch.Generator | None = None,
         temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
     ) -> Tensor:
-        """Draw long ``[b, *rest]`` classes from ``[b, n, *rest]`` logits.
+        """Draw long ``[b, *rest]`` classes from ``[b, n, *rest]`` logits (see categorical_sample).
 
         The uniforms come from ``torch.rand`` on the generator's device, then move to the logits'.
         """
@@ -123,4 +175,4 @@ class CategoricalHead(nn.Module):
         draw_device = generator.device if generator is not None else logits.device
         u = torch.rand(shape, generator=generator, device=draw_device, dtype=torch.float32)
         u = u.to(logits.device)
-        return categorical_sample(logits, u, temperature)
+        return categorical_sample(logits, u, temperature, top_k, top_p)

@@ -11,7 +11,29 @@ Coefficient ``k`` couples the pair ``(c, c')``, ``c' < c``, in the order (1,0), 
 exactly PixelCNN++: G uses R, B uses R and G) and scale ``exp(log_scale[m, c])``; the component
 is shared by all channels of a pixel. Values live on the ``num_bins`` grid of
 :mod:`vqprior.nn.grid` with bin half-width ``d = 1 / (num_bins - 1)``; the edge bins take the
-logistic tails. Log-scales are clamped to [-40, 40] only to keep ``exp`` finite.
+logistic tails, so the ``num_bins`` masses sum to one exactly (they telescope).
+
+Log-scale floor. Log-scales are clamped to ``[log_scale_min(num_bins), LOG_SCALE_MAX]``. The
+bin centred on the mean holds ``tanh(d / 2s) >= 1 - 2 exp(-d / s)`` of a component's mass, so
+at ``s_min = d / log(2 / eps)`` (``eps = FLOOR_EPS = 1e-6``) the best bin already holds
+``1 - eps``: a smaller scale gains under ``1e-6`` nats and only inflates gradients. For 256
+bins ``log s_min = log(1/255) - log(log 2e6) = -8.216`` and ``1/s_min = 3700`` (PixelCNN++'s
+-7 would cap a perfectly predicted interior value at -0.027 nats; the old floor -40 let
+gradients reach 1e17). The gradients of a pixel's joint log-probability are then bounded for
+any finite params, per parameter::
+
+    |d/d logit_m| <= 1     |d/d mu_mc| <= 1/s_min     |d/d raw coeff| <= 1/s_min
+    |d/d log_scale_mc| <= (|mean_mc - x_c| + d) / s_min + 2    (0 outside the clamp range)
+
+with ``mean_mc`` the conditional mean (``|mean_mc - x_c| <= |mu_mc| + C``). The ceiling
+``LOG_SCALE_MAX = 40`` only keeps ``exp(-log_scale)`` and ``2d/s`` normal floats; gradients are
+bounded there anyway.
+
+Temperature ``T`` (sampling): component weights ``softmax(logits / T)`` and every logistic
+scale times ``T``. ``T = 0`` is the mode, taken greedily channel by channel: channel ``c`` is the
+most probable bin of ``p(x_c | x_{<c})`` given the already chosen earlier channels (see
+:func:`mixture_channel_log_probs`). This is not the limit ``T -> 0+`` (argmax component at its
+quantised mean), which need not be a mode at all.
 
 All math runs in fp32 (fp64 inputs stay fp64) with autocast disabled.
 """
@@ -27,21 +49,27 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from vqprior.nn.categorical import categorical_sample
+from vqprior.nn.categorical import categorical_sample, check_truncation
 from vqprior.nn.grid import from_bins, to_bins
 
 __all__ = [
+    "FLOOR_EPS",
+    "LOG_SCALE_MAX",
     "DiscretizedLogisticMixture",
     "MixtureParams",
     "draw_mixture_noise",
+    "log_scale_min",
+    "mixture_channel_log_probs",
     "mixture_log_prob",
+    "mixture_mode",
     "mixture_sample",
     "num_mixture_params",
     "split_mixture_params",
 ]
 
-LOG_SCALE_MIN = -40.0
+FLOOR_EPS = 1e-6
 LOG_SCALE_MAX = 40.0
+_MODE_CHUNK = 1 << 22  # elements of one [b, m, bins, h, w] block in mixture_mode
 
 
 class MixtureParams(NamedTuple):
@@ -49,7 +77,7 @@ class MixtureParams(NamedTuple):
 
     logits: Tensor  # [b, m, h, w] unnormalised component log-weights
     means: Tensor  # [b, m, c, h, w] unconditional means mu
-    log_scales: Tensor  # [b, m, c, h, w] clamped to [-40, 40]
+    log_scales: Tensor  # [b, m, c, h, w] clamped to [log_scale_min(num_bins), LOG_SCALE_MAX]
     coeffs: Tensor  # [b, m, c(c-1)/2, h, w] after tanh
 
 
@@ -63,6 +91,13 @@ def _pair_index(c: int, c_prev: int) -> int:
     return c * (c - 1) // 2 + c_prev
 
 
+def log_scale_min(num_bins: int) -> float:
+    """Log-scale floor ``log(d / log(2 / FLOOR_EPS))``, ``d = 1 / (num_bins - 1)`` (module doc)."""
+    if num_bins < 2:
+        raise ValueError(f"num_bins must be at least 2, got {num_bins}")
+    return math.log(1.0 / (num_bins - 1) / math.log(2.0 / FLOOR_EPS))
+
+
 def num_mixture_params(num_channels: int, num_mixtures: int) -> int:
     """Network output channels ``M + 2 C M + M C (C - 1) / 2`` for C channels, M mixtures."""
     if num_channels < 1 or num_mixtures < 1:
@@ -73,7 +108,19 @@ def num_mixture_params(num_channels: int, num_mixtures: int) -> int:
     return m + 2 * c * m + m * c * (c - 1) // 2
 
 
-def split_mixture_params(params: Tensor, num_channels: int, num_mixtures: int) -> MixtureParams:
+def _infer_channels(num_params: int, num_mixtures: int) -> int:
+    """The channel count C with ``num_mixture_params(C, M) == num_params``."""
+    c = 1
+    while num_mixture_params(c, num_mixtures) < num_params:
+        c += 1
+    if num_mixture_params(c, num_mixtures) != num_params:
+        raise ValueError(f"{num_params} params fit no channel count for {num_mixtures} mixtures")
+    return c
+
+
+def split_mixture_params(
+    params: Tensor, num_channels: int, num_mixtures: int, num_bins: int = 256
+) -> MixtureParams:
     """Split ``[b, P, h, w]`` network output into :class:`MixtureParams` (see module doc)."""
     c, m = num_channels, num_mixtures
     expected = num_mixture_params(c, m)
@@ -91,7 +138,7 @@ def split_mixture_params(params: Tensor, num_channels: int, num_mixtures: int) -
             logits=logits,
             means=rearrange(means, "b (c m) h w -> b m c h w", c=c),
             log_scales=rearrange(log_scales, "b (c m) h w -> b m c h w", c=c).clamp(
-                LOG_SCALE_MIN, LOG_SCALE_MAX
+                log_scale_min(num_bins), LOG_SCALE_MAX
             ),
             coeffs=torch.tanh(rearrange(raw, "b (k m) h w -> b m k h w", m=m)),
         )
@@ -109,35 +156,40 @@ def _conditional_mean(mu: Tensor, coeffs: Tensor, x: Sequence[Tensor], c: int) -
     return mean
 
 
-def _log1mexp(t: Tensor) -> Tensor:
-    """``log(1 - exp(-t))`` for ``t > 0``, accurate at both ends (Maechler 2012).
-
-    Each branch only ever sees inputs in its own range, so neither produces a NaN gradient.
-    """
-    t = t.clamp(min=torch.finfo(t.dtype).tiny)
-    small = torch.log(-torch.expm1(-t.clamp(max=math.log(2.0))))
-    large = torch.log1p(-torch.exp(-t.clamp(min=math.log(2.0))))
-    return torch.where(t <= math.log(2.0), small, large)
-
-
 def _log_bin_mass(idx: Tensor, mean: Tensor, log_scale: Tensor, num_bins: int) -> Tensor:
-    """Log mass of grid bin ``idx`` under logistic(mean, exp(log_scale)).
+    """Log mass of grid bin ``idx`` under logistic(mean, exp(log_scale)), floor-clamped scale.
 
-    ``idx`` broadcasts against ``mean``/``log_scale``; result has their broadcast shape.
+    With standardised edges ``a = (x + d - mean) / s`` and ``b = (x - d - mean) / s``:
+    ``log(sigmoid(a) - sigmoid(b)) = logsigmoid(a) + logsigmoid(-b) + log(1 - exp(-2d/s))``; bin
+    0 keeps only the first term, bin N-1 only the second. Two logsigmoids, one exp, one expm1
+    and one log per element (``2d/s`` is computed directly: no cancellation for a far mean;
+    ``log(-expm1(-t))`` is accurate to an ulp absolute for every ``t``, which a log-likelihood
+    needs). ``idx`` broadcasts against ``mean``/``log_scale``.
     """
-    half = 1.0 / (num_bins - 1)
+    n1 = num_bins - 1
     inv_scale = torch.exp(-log_scale)
-    # Bin edges x -/+ d = (2 idx - (N - 1) -/+ 1) / (N - 1): exact integer numerators.
-    twice = 2 * idx - (num_bins - 1)
-    upper = (twice + 1).to(mean.dtype) / (num_bins - 1)
-    lower = (twice - 1).to(mean.dtype) / (num_bins - 1)
-    a = (upper - mean) * inv_scale  # upper edge, standardised
-    b = (lower - mean) * inv_scale  # lower edge, standardised
-    left = F.logsigmoid(a)  # log sigmoid(a): bin 0 takes the whole lower tail
-    right = F.logsigmoid(-b)  # log(1 - sigmoid(b)) = -softplus(b): the upper tail
-    # a - b computed directly as 2d/s: no cancellation when the mean is far away.
-    interior = F.logsigmoid(a) + F.logsigmoid(-b) + _log1mexp(2.0 * half * inv_scale)
-    return torch.where(idx == 0, left, torch.where(idx == num_bins - 1, right, interior))
+    twice = 2 * idx - n1  # bin centre times (N - 1): exact integers
+    a = ((twice + 1).to(mean.dtype) / n1 - mean) * inv_scale  # upper edge, standardised
+    b = ((twice - 1).to(mean.dtype) / n1 - mean) * inv_scale  # lower edge, standardised
+    lm = torch.where(idx == n1, 0.0, F.logsigmoid(a)) + torch.where(idx == 0, 0.0, F.logsigmoid(-b))
+    width = torch.log(-torch.expm1(inv_scale * (-2.0 / n1)))  # log(1 - exp(-2d/s))
+    return lm + torch.where((idx > 0) & (idx < n1), width, 0.0)
+
+
+def _channel_log_weights(lm: Tensor, logits: Tensor) -> Tensor:
+    """Log posterior component weights before each channel: ``log_softmax_m(logits +
+    sum_{c' < c} lm[:, m, c'])`` for ``lm`` ``[b, m, c, h, w]`` -> ``[b, m, c, h, w]``."""
+    before = torch.cat([torch.zeros_like(lm[:, :, :1]), lm[:, :, :-1].cumsum(dim=2)], dim=2)
+    return torch.log_softmax(logits[:, :, None] + before, dim=1)
+
+
+def _check_x(x: Tensor, params: Tensor) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape [b, c, h, w], got {tuple(x.shape)}")
+    if params.shape[:1] + params.shape[2:] != x.shape[:1] + x.shape[2:]:
+        raise ValueError(
+            f"params {tuple(params.shape)} and x {tuple(x.shape)} differ in batch or grid size"
+        )
 
 
 def mixture_log_prob(x: Tensor, params: Tensor, num_mixtures: int, num_bins: int = 256) -> Tensor:
@@ -155,27 +207,159 @@ def mixture_log_prob(x: Tensor, params: Tensor, num_mixtures: int, num_bins: int
     Returns:
         float32 ``[b, c, h, w]`` (float64 for float64 params), finite for any finite params.
     """
-    if x.dim() != 4:
-        raise ValueError(f"x must have shape [b, c, h, w], got {tuple(x.shape)}")
-    if params.shape[:1] + params.shape[2:] != x.shape[:1] + x.shape[2:]:
-        raise ValueError(
-            f"params {tuple(params.shape)} and x {tuple(x.shape)} differ in batch or grid size"
-        )
+    _check_x(x, params)
     num_channels = x.shape[1]
     with torch.autocast(device_type=params.device.type, enabled=False):
-        p = split_mixture_params(params, num_channels, num_mixtures)
+        p = split_mixture_params(params, num_channels, num_mixtures, num_bins)
         idx = to_bins(x, num_bins)  # [b, c, h, w]
         xq = from_bins(idx, num_bins, dtype=p.means.dtype)
         x_prev = [xq[:, None, c] for c in range(num_channels)]  # each [b, 1, h, w]
-        mean = torch.stack(
-            [_conditional_mean(p.means, p.coeffs, x_prev, c) for c in range(num_channels)], dim=2
-        )  # [b, m, c, h, w]
+        mean = p.means
+        if num_channels > 1:
+            mean = torch.stack(
+                [_conditional_mean(p.means, p.coeffs, x_prev, c) for c in range(num_channels)], 2
+            )  # [b, m, c, h, w]
         lm = _log_bin_mass(idx[:, None], mean, p.log_scales, num_bins)  # [b, m, c, h, w]
-        # Component log-weights given the earlier channels: log pi_m + sum_{c' < c} l[m, c'].
-        before = torch.cat([torch.zeros_like(lm[:, :, :1]), lm[:, :, :-1].cumsum(dim=2)], dim=2)
-        prior = torch.log_softmax(p.logits, dim=1)[:, :, None] + before  # [b, m, c, h, w]
-        # LSE(prior + l) - LSE(prior), taken as LSE(log_softmax(prior) + l) to avoid cancellation.
-        return torch.logsumexp(torch.log_softmax(prior, dim=1) + lm, dim=1)
+        # LSE_m(w + l) with w already normalised: no LSE(prior + l) - LSE(prior) cancellation.
+        return torch.logsumexp(_channel_log_weights(lm, p.logits) + lm, dim=1)
+
+
+def _earlier_channels(
+    p: MixtureParams, x: Tensor | None, channel: int, num_bins: int
+) -> tuple[Tensor, list[Tensor]]:
+    """Log posterior component weights ``[b, m, h, w]`` given channels ``< channel`` of ``x``,
+    and those channels' grid values, each ``[b, 1, h, w]``."""
+    log_w = torch.log_softmax(p.logits, dim=1)
+    if channel == 0:
+        return log_w, []
+    assert x is not None
+    idx = to_bins(x[:, :channel], num_bins)  # [b, channel, h, w]
+    xq = from_bins(idx, num_bins, dtype=p.means.dtype)
+    x_prev = [xq[:, None, c] for c in range(channel)]
+    mean = torch.stack([_conditional_mean(p.means, p.coeffs, x_prev, c) for c in range(channel)], 2)
+    lm = _log_bin_mass(idx[:, None], mean, p.log_scales[:, :, :channel], num_bins)
+    return torch.log_softmax(p.logits + lm.cumsum(dim=2)[:, :, -1], dim=1), x_prev
+
+
+def mixture_channel_log_probs(
+    params: Tensor, x: Tensor | None, channel: int, num_mixtures: int, num_bins: int = 256
+) -> Tensor:
+    """Exact, normalised ``log p(x_c = v | x_{<c})`` for every bin ``v`` of one channel ``c``.
+
+    The conditional distribution of channel ``channel`` at each position given the values of the
+    earlier channels of the same pixel (the component posterior given them, times each
+    component's bin masses); ``logsumexp`` over dim 1 is 0 and entry ``v`` equals
+    :func:`mixture_log_prob` at channel ``c`` for ``x_c`` = bin ``v``. For lossless coding and
+    for the greedy mode.
+
+    Args:
+        params: ``[b, P, h, w]`` raw network output for ``C`` channels (inferred from ``P``).
+        x: float ``[b, k, h, w]`` on the grid with ``k >= channel``; only channels ``< channel``
+            are read (later ones may hold anything). May be None for ``channel == 0``.
+        channel: ``c`` in ``[0, C)``.
+        num_mixtures: M.
+        num_bins: grid levels N.
+
+    Returns:
+        ``[b, num_bins, h, w]`` log-probabilities in nats (fp32; fp64 for fp64 params).
+    """
+    if params.dim() != 4:
+        raise ValueError(f"params must have shape [b, P, h, w], got {tuple(params.shape)}")
+    num_channels = _infer_channels(params.shape[1], num_mixtures)
+    if not 0 <= channel < num_channels:
+        raise ValueError(f"channel must lie in [0, {num_channels}), got {channel}")
+    if channel and (x is None or x.dim() != 4 or x.shape[1] < channel):
+        raise ValueError(f"x must be [b, >= {channel}, h, w] holding the earlier channels")
+    if x is not None and channel:
+        _check_x(x, params)
+    with torch.autocast(device_type=params.device.type, enabled=False):
+        p = split_mixture_params(params, num_channels, num_mixtures, num_bins)
+        log_w, x_prev = _earlier_channels(p, x, channel, num_bins)
+        mean = _conditional_mean(p.means, p.coeffs, x_prev, channel)  # [b, m, h, w]
+        bins = torch.arange(num_bins, device=params.device).view(1, 1, num_bins, 1, 1)
+        lm = _log_bin_mass(bins, mean[:, :, None], p.log_scales[:, :, channel, None], num_bins)
+        return torch.logsumexp(log_w[:, :, None] + lm, dim=1)  # [b, N, h, w]
+
+
+def _candidate_windows(mu: Tensor, num_bins: int) -> tuple[Tensor, Tensor]:
+    """Interior bins ``[lo, hi]`` (per row of ``mu`` ``[P, m]``) that can hold the mixture's mode.
+
+    A component's interior bin mass ``F(x + d) - F(x - d)`` grows with the bin centre ``x`` while
+    ``x`` is below its mean (and an edge bin holds at least that much), so an interior bin whose
+    upper neighbour's centre is at most every component's mean is strictly beaten by that
+    neighbour; likewise on the right. Only bins 0 and N-1 and the bins between the lowest and the
+    highest component mean (plus one on each side) remain.
+    """
+    half = (num_bins - 1) / 2
+    lo = torch.floor((mu.amin(1).clamp(-2.0, 2.0) + 1.0) * half) - 1
+    hi = torch.ceil((mu.amax(1).clamp(-2.0, 2.0) + 1.0) * half) + 1
+    return lo.clamp(1, num_bins - 2).long(), hi.clamp(1, num_bins - 2).long()
+
+
+def _argmax_over_window(
+    w: Tensor, mu: Tensor, inv: Tensor, start: Tensor, size: int, num_bins: int
+) -> Tensor:
+    """Most probable of the bins ``0``, ``start .. start + size - 1`` and ``N - 1`` per row, from
+    float64 rows ``[P, m]`` of weights, means and inverse scales (mixture-CDF differences)."""
+    n, rows = num_bins, start.shape[0]
+    span = start[:, None] + torch.arange(size + 1, device=start.device)  # edges e_start..
+    one, last = start.new_ones(rows, 1), start.new_full((rows, 1), n - 1)
+    edges = torch.cat([one, span, last], 1)  # edge k lies between bins k - 1 and k
+    x = (2 * edges - n).double() / (n - 1)  # [P, size + 3]
+    cdf = (torch.sigmoid((x[:, None] - mu[:, :, None]) * inv[:, :, None]) * w[:, :, None]).sum(1)
+    total = w.sum(1, keepdim=True)
+    mass = torch.cat([cdf[:, :1], cdf[:, 2:-1] - cdf[:, 1:-2], total - cdf[:, -1:]], 1)
+    bins = torch.cat([one * 0, span[:, :-1], last], 1)  # 0, the window, N - 1: increasing
+    return bins.gather(1, mass.argmax(1, keepdim=True)).squeeze(1)
+
+
+def _most_probable_bin(log_w: Tensor, mean: Tensor, log_scale: Tensor, num_bins: int) -> Tensor:
+    """``argmax_v sum_m w_m mass_m(v)`` for log weights, means, log-scales ``[b, m, h, w]``.
+
+    Only the candidate bins of :func:`_candidate_windows` are evaluated, positions grouped by
+    window width (powers of two). The masses are differences of the float64 mixture CDF at
+    the bin edges; the largest mass is at least ``1/N``, far above the ``1e-16`` rounding of a
+    difference, so the argmax is that of the exact masses up to ties, which go to the lowest
+    bin. Returns long ``[b, h, w]``.
+    """
+    b, _, h, wd = mean.shape
+    rows = "b m h w -> (b h w) m"
+    w = rearrange(torch.softmax(log_w.double(), dim=1), rows)
+    mu = rearrange(mean.double(), rows)
+    inv = rearrange(torch.exp(-log_scale.double()), rows)
+    best = torch.zeros(mu.shape[0], dtype=torch.long, device=mu.device)
+    if num_bins == 2:
+        cdf0 = (torch.sigmoid(-mu * inv) * w).sum(1)
+        return rearrange((w.sum(1) - cdf0 > cdf0).long(), "(b h w) -> b h w", b=b, h=h, w=wd)
+    lo, hi = _candidate_windows(mu, num_bins)
+    interior, size = num_bins - 2, 1
+    pending = torch.ones_like(best, dtype=torch.bool)
+    while bool(pending.any()):
+        size = min(size, interior)
+        fits = pending & (hi - lo < size) if size < interior else pending
+        sel = fits.nonzero().squeeze(1)
+        step = max(1, _MODE_CHUNK // (mu.shape[1] * (size + 3)))
+        for part in sel.split(step):
+            start = lo[part].clamp(max=num_bins - 1 - size)
+            best[part] = _argmax_over_window(w[part], mu[part], inv[part], start, size, num_bins)
+        pending[sel] = False
+        size *= 2
+    return rearrange(best, "(b h w) -> b h w", b=b, h=h, w=wd)
+
+
+def mixture_mode(params: Tensor, num_channels: int, num_mixtures: int, num_bins: int) -> Tensor:
+    """The greedy mode: channel by channel the most probable bin of ``p(x_c | x_{<c})`` given the
+    earlier channels already chosen this way (the ``T = 0`` sample) -> ``[b, c, h, w]`` values."""
+    with torch.autocast(device_type=params.device.type, enabled=False):
+        p = split_mixture_params(params.detach(), num_channels, num_mixtures, num_bins)
+        b, _, h, w = params.shape
+        x = torch.zeros(b, num_channels, h, w, dtype=p.means.dtype, device=params.device)
+        for c in range(num_channels):
+            log_w, x_prev = _earlier_channels(p, x, c, num_bins)
+            mean = _conditional_mean(p.means, p.coeffs, x_prev, c)
+            idx = _most_probable_bin(log_w, mean, p.log_scales[:, :, c], num_bins)
+            x[:, c] = from_bins(idx, num_bins, dtype=x.dtype)
+        return x
 
 
 def _gather_component(t: Tensor, comp: Tensor) -> Tensor:
@@ -192,13 +376,17 @@ def mixture_sample(
     u_comp: Tensor,
     u_val: Tensor,
     temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
 ) -> Tensor:
     """Sample pixels on the grid, deterministically given pre-drawn uniforms.
 
-    The component is the inverse CDF of ``softmax(logits / T)`` at ``u_comp``; then channel by
-    channel ``x_c = mean_c + exp(log_scale_c) * T * logit(u_val[c])`` quantised to the grid, where
-    ``mean_c`` uses the already sampled (quantised) earlier channels. ``T == 0`` takes the argmax
-    component and ``x_c = mean_c`` (quantised), ignoring the uniforms.
+    The component is the inverse CDF at ``u_comp`` of ``softmax(logits / T)``, truncated by
+    ``top_k`` / ``top_p`` over the M components exactly as in
+    :func:`~vqprior.nn.categorical.categorical_sample`; then channel by channel
+    ``x_c = mean_c + exp(log_scale_c) * T * logit(u_val[c])`` quantised to the grid, where
+    ``mean_c`` uses the already sampled (quantised) earlier channels. ``T == 0`` is the greedy
+    mode (:func:`mixture_mode`): it ignores the uniforms and the truncation.
 
     Args:
         params: ``[b, P, h, w]`` raw network output.
@@ -208,10 +396,13 @@ def mixture_sample(
         u_comp: uniforms in (0, 1), ``[b, h, w]``.
         u_val: uniforms in (0, 1), ``[b, c, h, w]``.
         temperature: >= 0.
+        top_k: keep the k most probable components (None: all).
+        top_p: keep the smallest set of most probable components with mass >= p (None: all).
 
     Returns:
         float32 ``[b, c, h, w]`` on the grid (float64 for float64 params).
     """
+    check_truncation(top_k, top_p)
     if not temperature >= 0.0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     b, _, h, w = params.shape
@@ -220,9 +411,11 @@ def mixture_sample(
             f"u_comp must be {(b, h, w)} and u_val {(b, num_channels, h, w)}, got "
             f"{tuple(u_comp.shape)} and {tuple(u_val.shape)}"
         )
+    if temperature == 0.0:
+        return mixture_mode(params, num_channels, num_mixtures, num_bins)
     with torch.autocast(device_type=params.device.type, enabled=False):
-        p = split_mixture_params(params, num_channels, num_mixtures)
-        comp = categorical_sample(p.logits, u_comp, temperature)  # [b, h, w]
+        p = split_mixture_params(params, num_channels, num_mixtures, num_bins)
+        comp = categorical_sample(p.logits, u_comp, temperature, top_k, top_p)  # [b, h, w]
         mu = _gather_component(p.means, comp)  # [b, c, h, w]
         log_scale = _gather_component(p.log_scales, comp)  # [b, c, h, w]
         coeffs = _gather_component(p.coeffs, comp)  # [b, c(c-1)/2, h, w]
@@ -232,8 +425,7 @@ def mixture_sample(
         out: list[Tensor] = []
         for c in range(num_channels):
             value = _conditional_mean(mu, coeffs, out, c)
-            if temperature > 0.0:
-                value = value + torch.exp(log_scale[:, c]) * temperature * noise[:, c]
+            value = value + torch.exp(log_scale[:, c]) * temperature * noise[:, c]
             out.append(from_bins(to_bins(value, num_bins), num_bins, dtype=mu.dtype))
         return torch.stack(out, dim=1)
 
@@ -288,21 +480,26 @@ class DiscretizedLogisticMixture(nn.Module):
         params: Tensor,
         generator: torch.Generator | None = None,
         temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
     ) -> Tensor:
-        """Draw ``[b, c, h, w]`` grid values from ``[b, P, h, w]`` params."""
+        """Draw ``[b, c, h, w]`` grid values from ``[b, P, h, w]`` params (see mixture_sample)."""
         b, _, h, w = params.shape
         u_comp, u_val = draw_mixture_noise(
             (b, self.num_channels, h, w), generator=generator, device=params.device
         )
         return mixture_sample(
-            params, self.num_channels, self.num_mixtures, self.num_bins, u_comp, u_val, temperature
+            params,
+            self.num_channels,
+            self.num_mixtures,
+            self.num_bins,
+            u_comp,
+            u_val,
+            temperature,
+            top_k,
+            top_p,
         )
 
     def mode(self, params: Tensor) -> Tensor:
-        """The ``temperature = 0`` sample: argmax component, each channel at its (quantised) mean."""
-        b, _, h, w = params.shape
-        u_comp = torch.full((b, h, w), 0.5, device=params.device)
-        u_val = torch.full((b, self.num_channels, h, w), 0.5, device=params.device)
-        return mixture_sample(
-            params, self.num_channels, self.num_mixtures, self.num_bins, u_comp, u_val, 0.0
-        )
+        """The ``temperature = 0`` sample: the greedy channel-by-channel mode."""
+        return mixture_mode(params, self.num_channels, self.num_mixtures, self.num_bins)
