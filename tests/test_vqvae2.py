@@ -296,3 +296,15 @@ def test_mismatched_priors_are_refused() -> None:
         check_two_level(model, other, bottom_prior)
     with pytest.raises(ValueError, match="two-level"):
         check_two_level(VQVAE(tiny(levels=1)), top_prior, bottom_prior)
+
+
+def test_level_quantizers_and_reconstruct_cover_both_kinds() -> None:
+    from vqprior.models.hierarchy import level_quantizers, reconstruct
+
+    torch.manual_seed(11)
+    two, one = vae2().eval(), VQVAE(tiny(levels=1)).eval()
+    assert level_quantizers(two) == {"top": two.quantizer_top, "bottom": two.quantizer}
+    assert level_quantizers(one) == {"": one.quantizer}
+    x = images(2, 3, 8, seed=11)
+    assert torch.equal(reconstruct(two, x), two(x).recon.detach())
+    assert torch.equal(reconstruct(one, x), one.decode(one.encode(x)))

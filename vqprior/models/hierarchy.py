@@ -233,6 +233,18 @@ class VQVAE2(VQVAE):
         return -lp.flatten(1).sum(1)
 
 
+def level_quantizers(vae: VQVAE) -> dict[str, VectorQuantizer]:
+    """The codebooks by level: ``{"": quantizer}`` for one level, ``{"top", "bottom"}`` for two."""
+    return vae.quantizers if isinstance(vae, VQVAE2) else {"": vae.quantizer}
+
+
+def reconstruct(vae: VQVAE, x: Tensor) -> Tensor:
+    """decode(encode(x)) through every level: images [b, c, H, W] in [-1, 1] -> same."""
+    if isinstance(vae, VQVAE2):
+        return vae.decode_levels(*vae.encode_levels(x))
+    return vae.decode(vae.encode(x))
+
+
 # ------------------------------------------------------------------------- priors over levels
 def top_condition(vae: VQVAE2, top: Tensor, bottom_hw: tuple[int, int]) -> Tensor:
     """The bottom prior's spatial condition: the top codes' codebook vectors [b, d, ht, wt]
