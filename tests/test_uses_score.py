@@ -11,7 +11,14 @@ import pytest
 import torch
 from einops import rearrange
 from PIL import Image
-from test_uses_common import invoke, one_error_line, save_pixel_prior, save_two_stage, write_npz
+from test_uses_common import (
+    invoke,
+    one_error_line,
+    save_pixel_prior,
+    save_two_stage,
+    single_thread,  # noqa: F401 (autouse fixture)
+    write_npz,
+)
 
 from vqprior.data import uint8_to_float
 from vqprior.nn.mixture import mixture_log_prob

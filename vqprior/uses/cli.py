@@ -64,3 +64,31 @@ def register(group: click.Group) -> None:
         from vqprior.uses.score import score
 
         _report(score(**kw))
+
+    @group.command("compress")
+    @prior_opt
+    @vae_opt
+    @click.argument("images")
+    @click.option("-o", "--out", "out_file", required=True, type=click.Path(dir_okay=False))
+    @click.option("--batch-size", type=int, default=16, show_default=True)
+    @device_opt
+    def compress_cmd(**kw: Any) -> None:
+        """Losslessly compress IMAGES (a folder of images or an .npz, exactly the model's
+        size and channels) with the prior (codes prior: codes, then pixels under the VAE's
+        mixture decoder) into one file. Decompress on the same device type."""
+        from vqprior.uses.compress import compress
+
+        _report(compress(**kw))
+
+    @group.command("decompress")
+    @click.argument("file")
+    @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
+    @click.option("--prior", "prior_dir", default=None, help="default: the prior the file records")
+    @click.option("--vae", "vae_dir", default=None, help="default: the VAE the file records")
+    @device_opt
+    def decompress_cmd(**kw: Any) -> None:
+        """Decompress FILE into PNGs in OUT (named after the originals; .npz: 00000.png, ...).
+        A file written with another model is refused."""
+        from vqprior.uses.compress import decompress
+
+        _report(decompress(**kw))

@@ -1,0 +1,325 @@
+"""Lossless image compression with a trained prior: range coding (the ``constriction``
+library) driven by the model's conditional distributions.
+
+Pixel prior: the raster walk :func:`vqprior.sampling.autoregress` visits every element; its
+``choose`` function codes the element's value under the distribution the model gives there
+(mixture head: channel by channel, :func:`mixture_channel_log_probs` given the earlier
+channels; categorical head: the softmax of that channel's logits). Two-stage model: the codes
+under the codes prior the same way, then the pixels under the VAE's mixture decoder given the
+codes (one decoder pass gives every pixel's parameters; channel by channel given the earlier
+channels). Encoder and decoder run the *same* code path (:class:`Coder` either encodes the
+known value or decodes it), on batches of the same composition, so their probabilities are
+bit-identical. Decompress on the same device type and software as compress.
+
+Probabilities are quantised deterministically to integer frequencies
+``floor(p * (2**24 - n)) + 1`` (float64 ``p`` normalised to sum 1, ``n`` symbols), so that no
+symbol has zero mass; constriction maps them (deterministically) to its fixed-point model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vqprior.data import uint8_to_float
+from vqprior.io import atomic_write_bytes
+from vqprior.nn.grid import from_bins
+from vqprior.uses import fallback
+from vqprior.uses.container import CompressedFileError, header_bytes, pack, unpack
+from vqprior.uses.images import exact_images, png_bytes, read_images
+from vqprior.uses.models import Models, load_models
+
+try:  # the core's (helper H2's exact per-channel bin log-probs; helper H1's step walk)
+    from vqprior.nn.mixture import mixture_channel_log_probs  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - an older core
+    mixture_channel_log_probs = fallback.channel_log_probs
+try:
+    from vqprior.sampling import autoregress  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - an older core
+    autoregress = fallback.naive_autoregress  # type: ignore[assignment]
+
+LN2 = math.log(2.0)
+PRECISION = 24  # bits of the integer frequencies
+
+
+def frequencies(log_probs: Tensor, precision: int = PRECISION) -> np.ndarray:
+    """Log-probabilities ``[n, k]`` -> integer frequencies (as float64) ``[n, k]``, each
+    ``floor(p * (2**precision - k)) + 1`` of the normalised float64 ``p``: deterministic,
+    never zero, summing to at most ``2**precision``."""
+    p = log_probs.detach().double().cpu().exp()
+    p = p / p.sum(dim=1, keepdim=True)
+    k = p.shape[1]
+    return (torch.floor(p * float((1 << precision) - k)) + 1.0).numpy()
+
+
+class Coder:
+    """One range-coded stream. ``coder(log_probs [n, k], symbols [n] | None)`` encodes the
+    given symbols (encoder) or decodes them (decoder: ``words`` given) and returns them."""
+
+    def __init__(self, words: np.ndarray | None = None) -> None:
+        try:
+            import constriction
+        except ImportError:
+            raise ValueError(
+                "compress needs the constriction package: pip install 'vqprior[compress]'"
+            ) from None
+
+        self.family = constriction.stream.model.Categorical(perfect=False)
+        stream = constriction.stream.queue
+        self.encoder = stream.RangeEncoder() if words is None else None
+        self.decoder = stream.RangeDecoder(words) if words is not None else None
+        self.ideal_bits = 0.0  # -log2 of the model's (float) probabilities of the symbols
+
+    def __call__(self, log_probs: Tensor, symbols: Tensor | None) -> Tensor:
+        freqs = frequencies(log_probs)
+        if self.encoder is not None:
+            assert symbols is not None
+            sym = symbols.detach().long().cpu()
+            self.encoder.encode(sym.numpy().astype(np.int32), self.family, freqs)
+            picked = log_probs.detach().double().cpu().gather(1, sym[:, None])
+            self.ideal_bits -= float(picked.sum()) / LN2
+            return symbols
+        assert self.decoder is not None
+        decoded = self.decoder.decode(self.family, freqs).astype(np.int64)
+        return torch.from_numpy(decoded).to(log_probs.device)
+
+    def words(self) -> np.ndarray:
+        assert self.encoder is not None
+        return np.asarray(self.encoder.get_compressed(), dtype=np.uint32)
+
+
+def _walk_method(models: Models) -> str:
+    if autoregress is fallback.naive_autoregress:
+        return "naive"
+    try:
+        from vqprior.nn.step import supports_steps
+    except ImportError:  # pragma: no cover - older core
+        return "naive"
+    return "cached" if supports_steps(models.prior.backbone) else "naive"
+
+
+def _prior_choose(models: Models, coder: Coder, known: Tensor | None) -> Any:
+    """``choose`` for :func:`autoregress`: code each element; ``known`` holds the symbols
+    (codes [n, h, w], or pixel bins [n, C, H, W]) when encoding, None when decoding."""
+    cfg = models.prior.config
+
+    def choose(out: Tensor, r: int, c: int, group: int | None) -> Tensor:
+        if cfg.data == "codes":
+            lp = torch.log_softmax(out.float(), dim=1)
+            return coder(lp, None if known is None else known[:, r, c])
+        values = torch.zeros(out.shape[0], cfg.in_channels, dtype=out.dtype, device=out.device)
+        channels = range(cfg.in_channels) if group is None else [group]
+        for ch in channels:
+            if cfg.head == "mixture":
+                grid = values[:, :, None, None]
+                lp = mixture_channel_log_probs(
+                    out[:, :, None, None], grid, ch, cfg.num_mixtures, cfg.num_bins
+                )
+                lp = lp[:, :, 0, 0]
+            else:
+                lp = torch.log_softmax(
+                    out[:, ch * cfg.num_bins : (ch + 1) * cfg.num_bins].float(), 1
+                )
+            sym = coder(lp, None if known is None else known[:, ch, r, c])
+            values[:, ch] = from_bins(sym, cfg.num_bins, values.dtype)
+        return values
+
+    return choose
+
+
+def _decoder_pixels(models: Models, coder: Coder, codes: Tensor, known: Tensor | None) -> Tensor:
+    """Code the pixels under the VAE's mixture decoder given ``codes`` -> uint8 [n, C, H, W]."""
+    assert models.vae is not None
+    vcfg = models.vae.config
+    params = models.vae.decoder(models.vae.quantizer.lookup(codes))  # [n, P, H, W]
+    n, _, h, w = params.shape
+    x = torch.zeros(n, vcfg.in_channels, h, w, dtype=torch.float32, device=params.device)
+    for ch in range(vcfg.in_channels):
+        lp = mixture_channel_log_probs(params, x, ch, vcfg.num_mixtures, vcfg.num_bins)
+        lp = lp.permute(0, 2, 3, 1).reshape(n * h * w, vcfg.num_bins)  # [(n h w), bins]
+        sym = coder(lp, None if known is None else known[:, ch].reshape(-1))
+        x[:, ch] = from_bins(sym.view(n, h, w), vcfg.num_bins)
+    return ((x + 1.0) * ((vcfg.num_bins - 1) / 2.0)).round().to(torch.uint8)
+
+
+@torch.no_grad()
+def code_batch(
+    models: Models, coder: Coder, n: int, x8: Tensor | None, cond: Tensor | None, method: str
+) -> Tensor:
+    """Encode uint8 images ``x8`` [n, C, H, W] into ``coder`` (returns them), or decode n
+    images from it (``x8`` None) -> uint8 [n, C, H, W]."""
+    prior = models.prior
+    dev = next(prior.parameters()).device
+    if models.vae is None:
+        known = None if x8 is None else x8.to(dev).long()
+        x = autoregress(prior, n, _prior_choose(models, coder, known), cond, None, method)
+        return ((x.float() + 1.0) * 127.5).round().to(torch.uint8)
+    codes = None if x8 is None else models.vae.encode(uint8_to_float(x8.to(dev)))
+    codes = autoregress(prior, n, _prior_choose(models, coder, codes), cond, None, method)
+    return _decoder_pixels(models, coder, codes.long(), None if x8 is None else x8.to(dev).long())
+
+
+def _check_codable(models: Models) -> None:
+    bins = models.prior.config.num_bins if models.vae is None else models.vae.config.num_bins
+    if models.vae is not None and models.vae.config.recon != "mixture":
+        raise ValueError(
+            "compressing through a codes prior needs the VAE's mixture decoder (recon=mixture); "
+            "this VAE has recon=mse"
+        )
+    if bins != 256:
+        raise ValueError(f"lossless 8-bit coding needs num_bins=256, the model has {bins}")
+
+
+class Compressed(NamedTuple):
+    data: bytes
+    ideal_bits: float  # -log2 p of the images under the model's float probabilities
+    seconds: float
+
+
+def compress_images(
+    models: Models,
+    x8: Tensor,
+    names: list[str],
+    labels: Tensor | None = None,
+    batch_size: int = 16,
+    from_files: bool = False,
+) -> Compressed:
+    """uint8 images [N, C, H, W] of the model's shape -> the compressed file's bytes."""
+    _check_codable(models)
+    cond = _labels(models, labels, len(x8))
+    method, start, streams, ideal = _walk_method(models), time.perf_counter(), [], 0.0
+    for i in range(0, len(x8), batch_size):
+        coder = Coder()
+        part = None if cond is None else cond[i : i + batch_size]
+        code_batch(models, coder, len(x8[i : i + batch_size]), x8[i : i + batch_size], part, method)
+        streams.append(coder.words())
+        ideal += coder.ideal_bits
+    header = {
+        "num_images": len(x8),
+        "image_shape": list(x8.shape[1:]),
+        "names": names,
+        "from_files": from_files,
+        "labels": None if cond is None else cond.cpu().tolist(),
+        "batch_size": batch_size,
+        "method": method,
+        "precision": PRECISION,
+        "device": next(models.prior.parameters()).device.type,
+        "prior_hash": models.prior_hash,
+        "prior_path": str(models.prior_path.resolve()),
+        "vae_hash": models.vae_hash,
+        "vae_path": None if models.vae_path is None else str(models.vae_path.resolve()),
+    }
+    return Compressed(pack(header, streams), ideal, time.perf_counter() - start)
+
+
+def _labels(models: Models, labels: Tensor | None, n: int) -> Tensor | None:
+    k = models.prior.config.num_classes
+    if not k:
+        return None
+    if labels is None or len(labels) != n:
+        raise ValueError(
+            f"this prior is class-conditional ({k} classes): give an .npz with labels y"
+        )
+    return labels.long().to(next(models.prior.parameters()).device)
+
+
+def check_models(header: dict[str, Any], models: Models, where: str | Path) -> None:
+    """Refuse (one line) models other than the ones that wrote ``header``."""
+    for what, want, got in (
+        ("prior", header["prior_hash"], models.prior_hash),
+        ("VAE", header["vae_hash"], models.vae_hash),
+    ):
+        if want != got:
+            raise CompressedFileError(
+                f"{where} was compressed with a {what} of hash {want} but this {what} has hash "
+                f"{got}: pass the {what} it was compressed with"
+            )
+
+
+def decompress_bytes(data: bytes, models: Models, where: str = "file") -> tuple[Tensor, dict]:
+    """The compressed bytes -> (uint8 images [N, C, H, W], header)."""
+    header, streams = unpack(data, where)
+    check_models(header, models, where)
+    n, bs = header["num_images"], header["batch_size"]
+    cond = None if header["labels"] is None else torch.tensor(header["labels"])
+    dev = next(models.prior.parameters()).device
+    out = []
+    for j, words in enumerate(streams):
+        count = min(bs, n - j * bs)
+        part = None if cond is None else cond[j * bs : j * bs + count].to(dev)
+        out.append(code_batch(models, Coder(words), count, None, part, header["method"]).cpu())
+    return torch.cat(out), header
+
+
+def _output_names(header: dict[str, Any]) -> list[str]:
+    names = header["names"]
+    if not header["from_files"]:
+        return [f"{i:05d}.png" for i in range(len(names))]
+    stems = [Path(name).stem for name in names]
+    unique = len(set(stems)) == len(stems)
+    return [f"{s}.png" if unique else f"{name}.png" for s, name in zip(stems, names, strict=True)]
+
+
+def compress(
+    prior_dir: str | Path,
+    images: str | Path,
+    out_file: str | Path,
+    vae_dir: str | Path | None = None,
+    batch_size: int = 16,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Compress a folder or ``.npz`` of images (exactly the model's shape) into ``out_file``."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size} must be >= 1")
+    models = load_models(prior_dir, vae_dir, device)
+    found = read_images(images)
+    x8 = exact_images(found, *models.image_shape)
+    result = compress_images(models, x8, found.names, found.labels, batch_size, found.from_files)
+    atomic_write_bytes(out_file, result.data)
+    size = len(result.data)
+    png = sum(len(png_bytes(img)) for img in x8)
+    return {
+        "file": str(out_file),
+        "num_images": len(x8),
+        "bytes": size,
+        "header_bytes": header_bytes(result.data),
+        "bytes_per_image": size / len(x8),
+        "model_bits": result.ideal_bits,
+        "file_bits_over_model_bits": 8 * size / result.ideal_bits,
+        "bits_per_dim": 8 * size / x8.numel(),
+        "png_bytes_per_image": png / len(x8),
+        "seconds_per_image": result.seconds / len(x8),
+    }
+
+
+def decompress(
+    file: str | Path,
+    out_dir: str | Path,
+    prior_dir: str | Path | None = None,
+    vae_dir: str | Path | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Decompress ``file`` into PNGs in ``out_dir`` (the models default to those it records)."""
+    path = Path(file)
+    if not path.is_file():
+        raise FileNotFoundError(f"compressed file {path} not found")
+    data = path.read_bytes()
+    header, _ = unpack(data, path)
+    models = load_models(prior_dir or header["prior_path"], vae_dir or header["vae_path"], device)
+    start = time.perf_counter()
+    x8, header = decompress_bytes(data, models, str(path))
+    seconds = time.perf_counter() - start
+    names = _output_names(header)
+    for name, img in zip(names, x8, strict=True):
+        atomic_write_bytes(Path(out_dir) / name, png_bytes(img))
+    return {
+        "out": str(out_dir),
+        "num_images": len(names),
+        "seconds_per_image": seconds / len(names),
+    }
