@@ -92,3 +92,31 @@ def register(group: click.Group) -> None:
         from vqprior.uses.compress import decompress
 
         _report(decompress(**kw))
+
+    @group.command("complete")
+    @prior_opt
+    @vae_opt
+    @click.option("--images", required=True, help="a folder of image files or an .npz")
+    @click.option(
+        "--keep",
+        required=True,
+        help="top:N (keep the top N rows), left:N (the left N columns) or box:r0,c0,r1,c1 "
+        "(REMOVE that box, rows r0..r1-1, columns c0..c1-1; keep the rest)",
+    )
+    @click.option(
+        "--out", default="completions.png", show_default=True, type=click.Path(dir_okay=False)
+    )
+    @click.option("--samples", type=int, default=4, show_default=True, help="completions per image")
+    @click.option(
+        "--limit", type=int, default=8, show_default=True, help="images used (the first N)"
+    )
+    @click.option("--seed", type=int, default=0, show_default=True)
+    @click.option("--temperature", type=float, default=1.0, show_default=True)
+    @click.option("--label", type=int, default=None, help="class label (conditional prior)")
+    @device_opt
+    def complete_cmd(**kw: Any) -> None:
+        """Keep part of each image (codes prior: of its code map), sample the rest: a PNG grid
+        with one row per image: original, masked input (removed part gray), completions."""
+        from vqprior.uses.complete import complete
+
+        _report(complete(**kw))
