@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +88,7 @@ def test_first_run_writes_every_artefact(first: tuple[Path, Result]) -> None:
     for i, name in enumerate(NAMES, 1):
         assert f"[{i}/8] " in result.stderr and f" {name} " in result.stderr
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [*NAMES, "manifest.json", "summary.md", "summary.json", "losses.png"]
+        [*NAMES, "manifest.json", "summary.md", "summary.json", "losses.png", ".lock"]
     )
     entries = manifest(out)
     assert list(entries) == NAMES and all(e["status"] == "done" for e in entries.values())
@@ -187,7 +190,7 @@ def test_interrupted_stage_resumes_from_its_checkpoint(
         return original(*args, **{**kw, "callbacks": [*kw.get("callbacks", []), StopAt(3)]})
 
     monkeypatch.setattr(stages, "train_prior", killed)
-    sets = ["--set", "prior_pixels.train.max_steps=8"]
+    sets = ["--set", "prior_pixels.train.max_steps=8", "--set", "prior_pixels.train.seed=1"]
     result = pipeline(run, *sets)
     assert result.exit_code == 1  # a crash, whether the CLI reports it in one line or not
     assert "killed at step 3" in result.stderr + repr(result.exception)
@@ -209,13 +212,38 @@ def test_interrupted_stage_resumes_from_its_checkpoint(
     assert len(list(run.glob("prior_pixels.stale-*"))) == 1  # only the first --set moved one
 
 
+def test_second_pipeline_on_the_same_out_is_refused(
+    run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the first pipeline runs a stage, a second process on its --out stops at once."""
+    seen: list[subprocess.CompletedProcess[str]] = []
+    original = inference.generate
+
+    def generate_and_race(*args: Any, **kw: Any) -> Any:
+        cmd = [sys.executable, "-m", "vqprior", "pipeline", str(PIPE), "--out", str(run), *DEV]
+        seen.append(subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120))
+        return original(*args, **kw)
+
+    monkeypatch.setattr(inference, "generate", generate_and_race)
+    before = (run / "manifest.json").read_text()
+    result = pipeline(run, "--set", "samples_pixels.num=5")
+    assert result.exit_code == 0, result.output
+    (second,) = seen
+    assert second.returncode == 2, second.stderr[-2000:]
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: another vqprior process is using")
+    assert str(os.getpid()) in lines[0]  # it names the holder
+    assert statuses(run)["samples_pixels"] == "redone"  # the first run went on undisturbed
+    assert (run / "manifest.json").read_text() != before
+
+
 def test_unknown_stage_or_key_is_one_line_exit_2(tmp_path: Path) -> None:
     for args, needle in (
         (["--set", "nope.train.lr=1"], "unknown stage 'nope'"),
         (["--set", "vae.train.lrr=1"], "train.lrr"),
         (["--set", "samples_codes.nun=3"], "unknown key 'nun'"),
         (["--from", "nope"], "--from nope"),
-        (["--num-nodes", "2"], "one node"),
+        (["--num-nodes", "2"], "torchrun or srun"),
     ):
         result = pipeline(tmp_path / "x", *args)
         assert result.exit_code == 2, result.output

@@ -2,7 +2,9 @@
 
 Each stage runs in ``<out>/<stage>/`` through the library's stage functions. The manifest
 ``<out>/manifest.json`` records, per stage, its key (a hash of its resolved config and the
-keys and output hashes of the stages it reads), status, times and output hashes. A rerun
+keys and output hashes of the stages it reads), status, times and output hashes. Only rank
+zero writes anything, holding ``<out>/.lock`` (:class:`vqprior.lock.RunLock`): a second
+pipeline on the same run directory is refused. A rerun
 
 - skips a finished stage whose key is unchanged (and whose outputs are still there);
 - resumes an interrupted stage (same key) in place: training restarts from its last checkpoint;
@@ -27,11 +29,13 @@ from typing import Any
 
 from vqprior.config import ConfigError
 from vqprior.io import atomic_write_text, content_hash, file_sha256
+from vqprior.lock import RunLock
 from vqprior.pipeline import ddp, report
 from vqprior.pipeline.spec import Pipeline, Stage, load_pipeline, stage_key
+from vqprior.ranks import is_rank_zero
 from vqprior.train.config import DeviceOptions
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("vqprior.pipeline")  # the stage headers the CLI shows
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -87,7 +91,7 @@ def _move_aside(folder: Path) -> Path:
     return target
 
 
-def _train(call: ddp.Call, device: DeviceOptions) -> dict[str, Any]:
+def _train(call: ddp.Call, device: DeviceOptions) -> dict[str, Any]:  # on every rank
     from vqprior.train import stages
 
     if call["kind"] == "train-vae":
@@ -122,8 +126,10 @@ def _data_device(device: DeviceOptions) -> str | None:
     return "cpu" if device.accelerator == "cpu" else None
 
 
-def _execute(pipe: Pipeline, stage: Stage, folder: Path, device: DeviceOptions) -> dict[str, Any]:
-    """Run one stage into ``folder``; return its key figures."""
+def _execute(
+    pipe: Pipeline, stage: Stage, folder: Path, device: DeviceOptions, leader: ddp.Leader
+) -> dict[str, Any]:
+    """Run one stage into ``folder`` (a training stage on every rank); return its key figures."""
     from vqprior.train import codes, inference
 
     dirs = {k: str(pipe.out / v) for k, v in stage.refs.items()}
@@ -138,7 +144,7 @@ def _execute(pipe: Pipeline, stage: Stage, folder: Path, device: DeviceOptions) 
             "out": str(folder),
             "codes_dir": dirs.get("codes"),
         }
-        summary = ddp.run_call(call, lambda c: _train(c, device), lambda c: _prepare(c, device))
+        summary = leader.run_call(call, lambda c: _train(c, device), lambda c: _prepare(c, device))
         return report.training_figures(stage.kind, folder, summary, pipe.out)
     folder.mkdir(parents=True, exist_ok=True)
     if stage.kind == "encode":
@@ -159,8 +165,10 @@ def _execute(pipe: Pipeline, stage: Stage, folder: Path, device: DeviceOptions) 
 class _Runner:
     """Walks the stages in order, keeping the manifest on disk current after every change."""
 
-    def __init__(self, pipe: Pipeline, device: DeviceOptions, from_index: int | None) -> None:
-        self.pipe, self.device, self.from_index = pipe, device, from_index
+    def __init__(
+        self, pipe: Pipeline, device: DeviceOptions, from_index: int | None, leader: ddp.Leader
+    ) -> None:
+        self.pipe, self.device, self.from_index, self.leader = pipe, device, from_index, leader
         self.out = pipe.out
         self.manifest = read_manifest(self.out)
         self.manifest.update(format_version=FORMAT_VERSION, pipeline=str(pipe.file))
@@ -189,7 +197,7 @@ class _Runner:
             "deps": {d: self.done[d]["key"] for d in stage.deps},
         }  # fmt: skip
         self.save()
-        figures = _execute(self.pipe, stage, folder, self.device)
+        figures = _execute(self.pipe, stage, folder, self.device, self.leader)
         seconds = round(time.time() - started, 2)
         entry = {
             **self.manifest["stages"][name],
@@ -250,21 +258,64 @@ def run_pipeline(
     """Run the pipeline ``file`` (``overrides``: ``STAGE.key=value``); return the summary.
 
     ``out`` replaces the file's run directory; ``from_stage`` redoes that stage and every
-    later one. On a DDP worker rank this joins rank zero's trainings and returns ``{}``.
+    later one. On a nonzero DDP rank this joins rank zero's trainings and returns ``{}``
+    (see :mod:`vqprior.pipeline.ddp`).
     """
     device = device or DeviceOptions()
+
+    def train(call: ddp.Call) -> dict[str, Any]:
+        return _train(call, device)
+
+    def plan() -> tuple[Pipeline, int | None]:
+        return _plan(file, overrides, out, from_stage)
+
     if ddp.is_worker():
-        ddp.serve(lambda call: _train(call, device))
+        ddp.serve(train, ddp.spawned_call())
         return {}
-    ddp.check_launch(device.num_nodes)
+    if ddp.launched_externally():
+        ddp.join(device)
+        pipe, from_index = ddp.agree(plan, _describe)
+        if not is_rank_zero():
+            ddp.serve(train)
+            return {}
+    else:
+        ddp.check_launch(device.num_nodes)
+        pipe, from_index = plan()
+    leader = ddp.Leader()
+    try:
+        with RunLock(pipe.out):  # a second pipeline on this --out is refused in one line
+            return _run(pipe, from_index, device, leader)
+    except BaseException as err:
+        leader.abort(err)  # ranks waiting for the next message stop too
+        raise
+
+
+def _plan(
+    file: str | Path, overrides: list[str] | tuple[str, ...], out: str | Path | None,
+    from_stage: str | None,
+) -> tuple[Pipeline, int | None]:  # fmt: skip
     pipe = load_pipeline(file, overrides, out)
     from_index = pipe.index(from_stage, f"--from {from_stage}") if from_stage is not None else None
+    return pipe, from_index
+
+
+def _describe(plan: tuple[Pipeline, int | None]) -> Any:
+    """What every rank must agree on (not the file's path: checkouts may live elsewhere)."""
+    pipe, from_index = plan
+    stages = [[s.name, s.kind, s.config, s.refs] for s in pipe.stages]
+    return {"out": str(pipe.out), "from": from_index, "stages": stages}
+
+
+def _run(
+    pipe: Pipeline, from_index: int | None, device: DeviceOptions, leader: ddp.Leader
+) -> dict[str, Any]:
+    """Rank zero: every stage in order, then the summary."""
     pipe.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    runner = _Runner(pipe, device, from_index)
+    runner = _Runner(pipe, device, from_index, leader)
     for i, stage in enumerate(pipe.stages):
         runner.run(i, stage)
-    ddp.finish()  # on failure the other ranks fail too, or see rank zero's exit
+    leader.finish()
     return _finish(pipe, runner, started)
 
 
