@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from vqprior.bench import format_table, main
+from vqprior.bench_ab import compare_trees, this_tree
+from vqprior.bench_profile import GROUPS, format_profiles, profile_model
+from vqprior.bench_train import TRAIN_MODELS, Variant, bench_model, build_model, variants
 
 
 def test_bench_writes_json_and_a_table(tmp_path, capsys) -> None:
@@ -24,6 +30,8 @@ def test_bench_writes_json_and_a_table(tmp_path, capsys) -> None:
             "1",
             "--train-batch",
             "2",
+            "--train-models",
+            "prior-codes-8x8,vqvae-32x32x3",
             "--out",
             str(out),
         ]
@@ -34,11 +42,63 @@ def test_bench_writes_json_and_a_table(tmp_path, capsys) -> None:
     assert row["model"] == "codes-8x8" and row["batch"] == 2 and row["steps"] == 64
     assert row["naive_steps_timed"] == 3 and row["prefix_equal"] is True
     assert row["speedup"] > 0 and row["fast_method"] == "cached"
-    assert {r["model"] for r in saved["training"]} == {
-        "vqvae-32x32x3",
-        "prior-codes-8x8",
-        "prior-pixels-32x32x3",
-    }
+    got = [(r["model"], r["precision"], r["mode"]) for r in saved["training"]]
+    assert got == [
+        (m, p, "eager") for m in ("prior-codes-8x8", "vqvae-32x32x3") for p in ("fp32", "bf16")
+    ]
     assert all(r["images_per_s"] > 0 for r in saved["training"])
-    assert "speedup" in capsys.readouterr().out
+    assert [r["ratio"] for r in saved["training"][::2]] == [1.0, 1.0]  # fp32 rows: baselines
+    text = capsys.readouterr().out
+    assert "speedup" in text and "ratio" in text
     assert "extrapolated" in format_table(saved)
+
+
+def test_training_variants_put_the_fp32_eager_baseline_first() -> None:
+    assert variants(["bf16"], True) == [
+        Variant(),
+        Variant(precision="bf16"),
+        Variant(compiled=True),
+        Variant(precision="bf16", compiled=True),
+    ]
+    assert variants(["fp32"], False) == [Variant()]
+    with pytest.raises(ValueError, match="unknown precision"):
+        variants(["fp16"], False)
+
+
+def test_every_training_model_builds_and_the_tiny_config_matches_the_port() -> None:
+    for name in TRAIN_MODELS:
+        assert isinstance(build_model(name), torch.nn.Module)
+    tiny = build_model("pixelcnnpp-tiny")
+    assert sum(p.numel() for p in tiny.parameters()) == pytest.approx(577_000, rel=0.01)
+    with pytest.raises(ValueError, match="unknown training model"):
+        build_model("nope")
+
+
+def test_bf16_rows_train_in_channels_last() -> None:
+    rows = bench_model(
+        "prior-codes-8x8", [Variant(), Variant(precision="bf16")], 2, torch.device("cpu"), 1
+    )
+    assert [r.channels_last for r in rows] == [False, True]
+    assert rows[0].ratio == 1.0 and rows[1].ratio > 0
+
+
+def test_profile_charges_time_to_the_right_groups() -> None:
+    prof = profile_model("pixelcnnpp-tiny", Variant(), 2, torch.device("cpu"))
+    assert set(prof.groups) == set(GROUPS)
+    assert prof.total_ms == pytest.approx(sum(prof.groups.values()))
+    for group in ("convolution", "dropout", "likelihood", "activations", "optimizer"):
+        assert prof.groups[group] > 0, group
+    assert prof.groups["vector quantizer"] == 0 and prof.groups["weight norm"] == 0
+    codes = profile_model("prior-codes-8x8", Variant(), 2, torch.device("cpu"))
+    assert codes.groups["dropout"] == 0 and codes.groups["convolution"] > 0
+    vae = profile_model("vqvae-32x32x3", Variant(), 2, torch.device("cpu"))
+    assert vae.groups["vector quantizer"] > 0 and vae.groups["likelihood"] == 0
+    assert "top ops" in format_profiles([prof, codes])
+
+
+def test_baseline_tree_comparison_runs_alternating_subprocesses() -> None:
+    (row,) = compare_trees(this_tree(), ["prior-codes-8x8"], ["fp32"], 2, 1, 1, 1)
+    assert row.model == "prior-codes-8x8" and row.base_precision == "fp32"
+    assert row.base_images_per_s > 0 and row.images_per_s > 0 and row.ratio > 0
+    with pytest.raises(ValueError, match="no vqprior package"):
+        compare_trees(this_tree() / "tests", ["prior-codes-8x8"], ["fp32"], 2, 1, 1, 1)

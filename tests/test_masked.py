@@ -107,3 +107,47 @@ def test_channel_groups_rejects_uneven_split(bad: tuple[int, int]) -> None:
 def test_even_kernel_rejected() -> None:
     with pytest.raises(ValueError, match="odd"):
         MaskedConv2d.causal(1, 1, 4, "A")
+
+
+def _reference(conv: MaskedConv2d, x: torch.Tensor) -> torch.Tensor:
+    weight = conv.weight if conv.mask is None else conv.weight * conv.mask
+    return torch.nn.functional.conv2d(torch.nn.functional.pad(x, conv.pad), weight, conv.bias)
+
+
+def test_cached_masked_weight_follows_every_weight_change() -> None:
+    """Without autograd the masked weight is reused; any change of the weight is seen."""
+    torch.manual_seed(2)
+    conv = MaskedConv2d.causal(3, 6, 3, "A", 3)
+    x = torch.randn(2, 3, 5, 5)
+    opt = torch.optim.SGD(conv.parameters(), lr=0.5)
+    for _ in range(2):
+        with torch.no_grad():
+            assert torch.equal(conv(x), _reference(conv, x))
+            assert conv.masked_weight() is conv.masked_weight()  # cached
+        conv(x).square().sum().backward()  # with autograd: a fresh, differentiable product
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        assert torch.equal(conv(x), _reference(conv, x))
+        conv.load_state_dict({k: v + 1 for k, v in conv.state_dict().items()})
+        assert torch.equal(conv(x), _reference(conv, x))
+        conv.double()
+        assert torch.equal(conv(x.double()), _reference(conv, x.double()))
+        conv.mask[:, :, 0, 0] = 0  # an edited mask is seen too
+        assert torch.equal(conv(x.double()), _reference(conv, x.double()))
+
+
+def test_an_all_ones_mask_is_skipped_and_gradients_still_flow() -> None:
+    ones = causal_mask(1, "B", channel_groups(4, 1), channel_groups(5, 1))
+    assert torch.all(ones == 1)
+    conv = MaskedConv2d(4, 5, (1, 1), mask=ones)
+    assert conv.masked_weight() is conv.weight
+    x = torch.randn(2, 4, 3, 3)
+    conv(x).sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+    grouped = MaskedConv2d.causal(6, 6, 1, "B", 3)  # several groups: a real mask
+    with torch.no_grad():
+        assert torch.equal(
+            grouped(x[:, :3].repeat(1, 2, 1, 1)), _reference(grouped, x[:, :3].repeat(1, 2, 1, 1))
+        )
+    assert grouped.masked_weight() is not grouped.weight

@@ -221,3 +221,22 @@ def test_dropout_is_stochastic_in_train_mode_only():
     assert torch.equal(model(x), model(x))
     no_dropout = PixelCNNPPBackbone(3, 8, 1, 2, dropout=0.0).train()
     assert torch.equal(no_dropout(x), no_dropout(x))
+
+
+def test_dropout_keeps_one_minus_p_and_rescales_like_nn_dropout():
+    from vqprior.nn.pixelcnnpp import Dropout
+
+    torch.manual_seed(0)
+    drop = Dropout(0.3).train()
+    x = torch.ones(64, 8, 16, 16, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    assert kept.float().mean().item() == pytest.approx(0.7, abs=0.01)
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.7))
+    y.sum().backward()
+    assert x.grad is not None
+    assert torch.equal(x.grad != 0, kept)  # dropped elements get no gradient
+    cl = x.detach().contiguous(memory_format=torch.channels_last)
+    assert drop(cl).is_contiguous(memory_format=torch.channels_last)
+    assert drop(x.detach().bfloat16()).dtype == torch.bfloat16
+    assert torch.equal(drop.eval()(x), x)

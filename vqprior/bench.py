@@ -6,8 +6,11 @@ loop's cost per step is constant (every step is the same full pass), so it is ti
 prefix of steps and extrapolated; the table says how many steps were timed. The fast sampler
 always runs to completion, and on the timed prefix both must agree exactly.
 
-Training: images per second and peak memory for one optimiser step of the VQ-VAE and both
-priors (bf16 autocast on CUDA, fp32 on CPU).
+Training (:mod:`vqprior.bench_train`): images per second of the VQ-VAE, the default priors and
+the PixelCNN++ port's tiny config, in fp32 and bf16 autocast, eager and (``--compile``)
+compiled, each as a ratio to the model's fp32 eager row timed interleaved with it.
+``--baseline-tree DIR`` (:mod:`vqprior.bench_ab`) times another source tree in alternating
+subprocesses; ``--profile`` (:mod:`vqprior.bench_profile`) shows where a step's time goes.
 """
 
 from __future__ import annotations
@@ -16,16 +19,18 @@ import argparse
 import json
 import logging
 import platform
-import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
+from vqprior.bench_ab import compare_trees, format_ab
+from vqprior.bench_profile import format_profiles, profile_rows
+from vqprior.bench_train import PRECISIONS, TRAIN_MODELS, format_training, training_rows
 from vqprior.io import atomic_write_text
 from vqprior.models.pixelcnn import PixelCNN, PixelCNNConfig
-from vqprior.models.vqvae import VQVAE, VQVAEConfig
 from vqprior.sampling import draw_noise, num_steps, sample_naive
 
 log = logging.getLogger(__name__)
@@ -48,15 +53,6 @@ class SamplingRow:
     fast_s: float
     speedup: float
     prefix_equal: bool  # fast sample == reference on the timed prefix
-
-
-@dataclass
-class TrainingRow:
-    model: str
-    batch: int
-    images_per_s: float
-    peak_memory_mib: float
-    memory_kind: str
 
 
 def _sync(device: torch.device) -> None:
@@ -108,77 +104,6 @@ def _prefix_equal(model: PixelCNN, ref: torch.Tensor, fast: torch.Tensor, steps:
     return bool(torch.equal(flat_ref[:, :elements], flat_fast[:, :elements]))
 
 
-def _peak_memory(device: torch.device) -> tuple[float, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max_memory_allocated"
-    # ru_maxrss is KiB on Linux; a process-wide high-water mark, so it only ever grows
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
-
-
-def bench_training(
-    name: str,
-    model: torch.nn.Module,
-    batch_fn: Callable[[], tuple],
-    loss_fn: Callable[..., torch.Tensor],
-    batch: int,
-    device: torch.device,
-    steps: int,
-) -> TrainingRow:
-    model.to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    def step() -> None:
-        args = batch_fn()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = loss_fn(*args)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    def run() -> None:
-        for _ in range(steps):
-            step()
-
-    step()  # warm-up
-    elapsed, _ = _timed(run, device)
-    mem, kind = _peak_memory(device)
-    return TrainingRow(name, batch, batch * steps / elapsed, mem, kind)
-
-
-def training_rows(device: torch.device, batch: int, steps: int) -> list[TrainingRow]:
-    torch.manual_seed(0)
-    images = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1
-    codes = torch.randint(512, (batch, 8, 8), device=device)
-    vae = VQVAE(VQVAEConfig(in_channels=3))
-    pix = PixelCNN(SAMPLING_MODELS["pixels-32x32x3"])
-    cod = PixelCNN(SAMPLING_MODELS["codes-8x8"])
-    return [
-        bench_training(
-            "vqvae-32x32x3", vae, lambda: (images,), lambda x: vae(x).loss, batch, device, steps
-        ),
-        bench_training(
-            "prior-codes-8x8",
-            cod,
-            lambda: (codes,),
-            lambda c: -cod.log_prob(c, reduction="mean"),
-            batch,
-            device,
-            steps,
-        ),
-        bench_training(
-            "prior-pixels-32x32x3",
-            pix,
-            lambda: (images,),
-            lambda x: -pix.log_prob(x, reduction="mean"),
-            batch,
-            device,
-            steps,
-        ),
-    ]
-
-
 def format_table(result: dict) -> str:
     lines = [
         f"device: {result['device']}  torch {result['torch']}  threads {result['threads']}",
@@ -194,15 +119,24 @@ def format_table(result: dict) -> str:
     lines += [
         "",
         "naive times are extrapolated from the timed prefix of steps (constant cost per step)",
-        "",
-        "training (one optimiser step per batch)",
-        f"{'model':<22}{'batch':>6}{'images/s':>11}{'peak MiB':>10}  memory",
     ]
-    for r in result["training"]:
-        lines.append(
-            f"{r['model']:<22}{r['batch']:>6}{r['images_per_s']:>11.1f}{r['peak_memory_mib']:>10.0f}  {r['memory_kind']}"
-        )
+    if result["training"]:
+        lines += ["", *format_training(result["training"])]
+    if result.get("baseline"):
+        lines += ["", *format_ab(result["baseline"], result["baseline_tree"])]
     return "\n".join(lines)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainOptions:
+    batch: int = 32
+    steps: int = 5  # interleaved timed steps per variant; 0 skips training figures
+    models: Sequence[str] | None = None  # default: every TRAIN_MODELS entry
+    precisions: Sequence[str] = PRECISIONS
+    compile: bool = False  # add torch.compile variants (slow to compile on a CPU)
+    baseline_tree: str | None = None  # another source tree timed in alternating subprocesses
+    repeats: int = 3  # alternations against the baseline tree
+    threads: int = 0  # worker threads for the baseline comparison (0: this process's)
 
 
 def run_bench(
@@ -210,12 +144,12 @@ def run_bench(
     batch_sizes: Sequence[int] = (1, 16, 64),
     models: Sequence[str] | None = None,
     naive_steps: int = 32,
-    train_batch: int = 32,
-    train_steps: int = 5,
+    train: TrainOptions | None = None,
 ) -> dict:
     dev = torch.device(device)
+    opts = train or TrainOptions()
     rows = []
-    for name in models or list(SAMPLING_MODELS):
+    for name in SAMPLING_MODELS if models is None else models:
         if name not in SAMPLING_MODELS:
             raise ValueError(f"unknown bench model {name!r}; choose from {sorted(SAMPLING_MODELS)}")
         for batch in batch_sizes:
@@ -223,40 +157,97 @@ def run_bench(
             rows.append(
                 asdict(bench_sampling(name, SAMPLING_MODELS[name], batch, dev, naive_steps))
             )
-    train = [asdict(r) for r in training_rows(dev, train_batch, train_steps)] if train_steps else []
-    return {
+    result = {
         "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "sampling": rows,
-        "training": train,
+        "training": [],
+        "baseline": [],
+        "baseline_tree": opts.baseline_tree,
     }
+    if opts.steps:
+        train_rows = training_rows(
+            dev, opts.batch, opts.steps, opts.models, opts.precisions, opts.compile
+        )
+        result["training"] = [asdict(r) for r in train_rows]
+    if opts.baseline_tree:
+        ab = compare_trees(
+            Path(opts.baseline_tree),
+            opts.models or list(TRAIN_MODELS),
+            opts.precisions,
+            opts.batch,
+            max(opts.steps, 1),
+            opts.repeats,
+            opts.threads or torch.get_num_threads(),
+        )
+        result["baseline"] = [asdict(r) for r in ab]
+    return result
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def _names(text: str, known: Sequence[str], flag: str) -> list[str]:
+    names = [n for n in text.split(",") if n]
+    for n in names:
+        if n not in known:
+            raise ValueError(f"{flag}: unknown name {n!r}; choose from {', '.join(known)}")
+    return names
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vqprior bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-sizes", default="1,16,64", help="comma-separated")
-    parser.add_argument("--models", default=",".join(SAMPLING_MODELS), help="comma-separated")
+    parser.add_argument("--models", default=",".join(SAMPLING_MODELS), help="sampling models")
     parser.add_argument("--naive-steps", type=int, default=32, help="reference-loop steps timed")
     parser.add_argument("--train-batch", type=int, default=32)
     parser.add_argument("--train-steps", type=int, default=5, help="0 skips training figures")
+    parser.add_argument("--train-models", default=",".join(TRAIN_MODELS), help="comma-separated")
+    parser.add_argument("--precisions", default="fp32,bf16", help="training: fp32,bf16")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile variants")
+    parser.add_argument("--baseline-tree", default=None, help="source tree to compare against")
+    parser.add_argument("--repeats", type=int, default=3, help="baseline-tree alternations")
+    parser.add_argument("--threads", type=int, default=0, help="baseline-tree worker threads")
+    parser.add_argument("--profile", action="store_true", help="profile one training step")
     parser.add_argument("--out", default="bench.json", help="JSON file to write")
-    args = parser.parse_args(list(argv) if argv is not None else None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = _parser().parse_args(list(argv) if argv is not None else None)
     try:
         batches = [int(b) for b in args.batch_sizes.split(",") if b]
     except ValueError:
         raise ValueError(
             f"--batch-sizes {args.batch_sizes!r} must be comma-separated integers"
         ) from None
+    train_models = _names(args.train_models, list(TRAIN_MODELS), "--train-models")
+    precisions = _names(args.precisions, PRECISIONS, "--precisions")
+    if args.profile:
+        profiles = profile_rows(
+            torch.device(args.device), args.train_batch, train_models, precisions
+        )
+        result = {"profile": [asdict(p) for p in profiles]}
+        atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+        print(format_profiles(profiles))  # noqa: T201 - the command's output
+        print(f"\nwrote {args.out}")  # noqa: T201
+        return result
+    train = TrainOptions(
+        batch=args.train_batch,
+        steps=args.train_steps,
+        models=train_models,
+        precisions=precisions,
+        compile=args.compile,
+        baseline_tree=args.baseline_tree,
+        repeats=args.repeats,
+        threads=args.threads,
+    )
     result = run_bench(
         args.device,
         batches,
-        [m for m in args.models.split(",") if m],
+        _names(args.models, list(SAMPLING_MODELS), "--models"),
         args.naive_steps,
-        args.train_batch,
-        args.train_steps,
+        train,
     )
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(format_table(result))  # noqa: T201 - the command's output

@@ -82,6 +82,11 @@ class MaskedConv2d(nn.Conv2d):
                 f"mask shape {tuple(mask.shape)} != weight shape {tuple(self.weight.shape)}"
             )
         self.register_buffer("mask", mask, persistent=False)
+        # an all-ones mask (e.g. 1x1 type B with one group) is skipped; without autograd the
+        # masked weight is reused while the weight, the mask and the dtype are unchanged
+        self._mask_key: tuple[int, int] | None = None
+        self._mask_trivial = False
+        self._cache: tuple[tuple[object, ...], Tensor] | None = None
 
     @classmethod
     def causal(
@@ -103,8 +108,27 @@ class MaskedConv2d(nn.Conv2d):
         mask = causal_mask(kernel_size, mask_type, gi, go)
         return cls(in_channels, out_channels, (kernel_size, kernel_size), (p, p, p, p), mask)
 
+    def _trivial_mask(self, mask: Tensor) -> bool:
+        key = (mask.data_ptr(), mask._version)
+        if key != self._mask_key:
+            self._mask_key, self._mask_trivial = key, bool(mask.eq(1).all())
+        return self._mask_trivial
+
     def masked_weight(self) -> Tensor:
-        return self.weight if self.mask is None else self.weight * self.mask
+        """``weight * mask`` (differentiable whenever autograd records)."""
+        mask, weight = self.mask, self.weight
+        if mask is None:
+            return weight
+        if torch.compiler.is_compiling():
+            return weight * mask
+        if self._trivial_mask(mask):
+            return weight
+        if torch.is_grad_enabled() and weight.requires_grad:
+            return weight * mask
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, self._mask_key)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, (weight * mask).detach())
+        return self._cache[1]
 
     def forward(self, x: Tensor) -> Tensor:
         if any(self.pad):
