@@ -305,6 +305,9 @@ def encode_cmd(
 @click.option("--label", type=int, default=None, help="class label (conditional prior)")
 @_inference_device_option
 @click.option("--method", default="auto", show_default=True, help="sampler: auto or naive")
+@click.option("--top-k", type=int, default=None, help="truncate to the k likeliest (categorical)")
+@click.option("--top-p", type=float, default=None, help="nucleus sampling mass (categorical)")
+@click.option("--guidance", type=float, default=None, help="classifier-free guidance scale")
 def generate_cmd(**kw: Any) -> None:
     """Sample from a prior (decoding codes through the VAE) into a PNG grid and tensors."""
     from vqprior.train.inference import generate

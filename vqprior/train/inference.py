@@ -94,6 +94,9 @@ def generate(
     label: int | None = None,
     device: str | None = None,
     method: str = "auto",
+    top_k: int | None = None,
+    top_p: float | None = None,
+    guidance: float | None = None,
 ) -> dict[str, Any]:
     """Sample ``num`` images into a PNG grid, and raw samples into ``<out_png stem>.safetensors``.
 
@@ -108,7 +111,16 @@ def generate(
     prior = prior.to(dev)
     gen = torch.Generator(device=dev).manual_seed(seed)
     cond = _labels(prior, num, label, dev)
-    samples = prior.sample(num, cond=cond, temperature=temperature, generator=gen, method=method)
+    samples = prior.sample(
+        num,
+        cond=cond,
+        temperature=temperature,
+        generator=gen,
+        method=method,
+        top_k=top_k,
+        top_p=top_p,
+        guidance=guidance,
+    )
     images = samples if vae is None else vae.to(dev).eval().decode(samples)
     k = prior.config.num_classes
     nrow = k if (k and label is None and k <= 16) else max(1, int(math.sqrt(num)))
