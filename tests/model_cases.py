@@ -52,13 +52,13 @@ CASES: dict[str, dict] = {
 
 
 def build(
-    name: str, n: int, sharpen: bool = False
+    name: str, n: int, sharpen: bool = False, dtype: torch.dtype = torch.float64
 ) -> tuple[PixelCNN, torch.Tensor | None, torch.Tensor | None]:
-    """A float64 model in eval mode, with class labels and a spatial map for ``n`` examples
-    when the configuration takes them. ``sharpen`` doubles the weights so that a random
-    model's samples are structured rather than near uniform."""
+    """A float64 (or ``dtype``) model in eval mode, with class labels and a spatial map for
+    ``n`` examples when the configuration takes them. ``sharpen`` doubles the weights so that
+    a random model's samples are structured rather than near uniform."""
     torch.manual_seed(0)
-    model = PixelCNN(PixelCNNConfig(**CASES[name])).double().eval()
+    model = PixelCNN(PixelCNNConfig(**CASES[name])).to(dtype).eval()
     if sharpen:
         with torch.no_grad():
             for p in model.parameters():
@@ -67,13 +67,35 @@ def build(
     cond = torch.arange(n) % cfg.num_classes if cfg.num_classes else None
     gen = torch.Generator().manual_seed(1)
     spatial = (
-        torch.randn(
-            n, cfg.spatial_cond_channels, cfg.height, cfg.width, generator=gen, dtype=torch.float64
-        )
+        torch.randn(n, cfg.spatial_cond_channels, cfg.height, cfg.width, generator=gen, dtype=dtype)
         if cfg.spatial_cond_channels
         else None
     )
     return model, cond, spatial
+
+
+def chi_square_p(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> float:
+    """Pearson's chi-square goodness-of-fit p-value of ``counts`` against ``probs`` (states
+    whose expected count is below ``min_expected`` are pooled into one bin)."""
+    total = float(counts.sum())
+    expected = probs.double() * total
+    small = expected < min_expected
+    obs = torch.cat([counts[~small].double(), counts[small].double().sum().view(1)])
+    exp = torch.cat([expected[~small], expected[small].sum().view(1)])
+    keep = exp > 0
+    obs, exp = obs[keep], exp[keep]
+    stat = ((obs - exp) ** 2 / exp).sum()
+    dof = len(exp) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2.0), stat / 2.0))
+
+
+def state_counts(samples: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """How often each row of ``states`` [S, ...] occurs among ``samples`` [N, ...]."""
+    flat_s = samples.flatten(1).double()
+    flat_t = states.flatten(1).double()
+    match = (flat_s[:, None, :] == flat_t[None, :, :]).all(-1)  # [N, S]
+    assert bool(match.any(1).all()), "a sample is not one of the enumerated states"
+    return match.sum(0)
 
 
 def random_data(model: PixelCNN, n: int, gen: torch.Generator) -> torch.Tensor:
