@@ -49,6 +49,9 @@ def training_figures(kind: str, folder: Path, summary: dict[str, Any], out: Path
         "global_step": summary.get("global_step"),
         "num_parameters": summary.get("num_parameters"),
     }
+    for name in ("best_val_loss", "best_step", "exported"):  # which weights the export holds
+        if summary.get(name) is not None:
+            figures[name] = summary[name]
     if kind == "train-vae":
         figures.update(_pick(metrics, VAE_FIGURES))
         figures["num_codes"] = cfg["model"]["num_codes"]
@@ -148,6 +151,7 @@ def _digest(figures: dict[str, Any], parts: list[tuple[str, str]]) -> list[str]:
     return [fmt.format(v=_fmt(v)) for name, fmt in parts if (v := _get(figures, name)) is not None]
 
 
+BEST = [("best_val_loss", "best val loss {v}"), ("best_step", "at step {v}")]  # the export's
 DIGESTS: dict[str, list[tuple[str, str]]] = {
     "train-vae": [
         ("global_step", "{v} steps"),
@@ -156,12 +160,14 @@ DIGESTS: dict[str, list[tuple[str, str]]] = {
         ("num_codes", "of {v}"),
         ("perplexity", "perplexity {v}"),
         ("bits_per_dim", "{v} bits/dim"),
+        *BEST,
     ],
     "train-prior": [
         ("global_step", "{v} steps"),
         ("nats_per_code", "{v} nats/code"),
         ("bits_per_image", "{v} bits/image"),
         ("bits_per_dim", "{v} bits/dim"),
+        *BEST,
     ],
     "encode": [
         ("train_examples", "{v} train"),
@@ -188,6 +194,7 @@ def headline(kind: str, figures: dict[str, Any]) -> str:
     return (
         ", ".join(_digest(figures, DIGESTS.get(kind, [])))
         .replace(", of ", " of ")
+        .replace(", at step ", " at step ")
         .replace(":,", ":")
     )
 
