@@ -35,11 +35,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from vqprior.nn.pixelcnnpp_step import PixelCNNPPSteps
+    from vqprior.nn.step import StepContext
 
 ConvFactory = Callable[[int, int], nn.Conv2d]
 
@@ -255,6 +259,21 @@ class PixelCNNPPBackbone(nn.Module):
         x = torch.cat([x, ones], dim=1)
         u_list, ul_list = self._down_pass(x, cond)
         return F.elu(self._up_pass(u_list, ul_list, cond))
+
+    # -- step interface (vqprior.nn.step): exact incremental evaluation, in pixelcnnpp_step.py
+    def start_steps(self, ctx: StepContext) -> PixelCNNPPSteps:
+        """Caches for one batch of ``ctx.n`` images of ``ctx.height x ctx.width``."""
+        from vqprior.nn.pixelcnnpp_step import PixelCNNPPSteps
+
+        return PixelCNNPPSteps(self, ctx.n, ctx.height, ctx.width, ctx.cond)
+
+    def step_output(self, state: PixelCNNPPSteps, r: int, c: int) -> Tensor:
+        """Features ``[n, channels]`` at ``(r, c)`` given the pixels written before it."""
+        return state.output(r, c)
+
+    def step_write(self, state: PixelCNNPPSteps, r: int, c: int, inp: Tensor) -> None:
+        """Commit the network input ``inp [n, in_channels]`` at ``(r, c)``."""
+        state.write(r, c, inp)
 
     def _check_inputs(self, x: Tensor, cond: Tensor | None) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_channels:

@@ -1,0 +1,378 @@
+"""Exact incremental evaluation of :class:`~vqprior.nn.pixelcnnpp.PixelCNNPPBackbone`.
+
+The backbone-level step interface (:mod:`vqprior.nn.step`): after the pixels before
+``(r, c)`` are written, ``step_output(state, r, c)`` returns the backbone features at
+``(r, c)``, equal (to rounding) to a full forward pass, for a few small matmuls per layer.
+
+Every activation map lives in a zero-padded buffer (one row on top, one column each side),
+with its ``concat_elu`` beside it, and is filled in place exactly once, as soon as its inputs
+are final (the receptive fields derived in :mod:`vqprior.nn.pixelcnnpp`):
+
+- ``u`` stream (down-shifted): at scale ``s`` (factor ``f = 2**s``) coarse row ``p`` depends
+  on input rows ``< p f`` only, so at the start of fine row ``i`` every scale with ``f | i``
+  computes its row ``i / f``: the same convolutions, run on 2-row slices of the buffers.
+- ``ul`` stream (down-right-shifted): position ``(p, q)`` depends on pixels before
+  ``(p f, q f)`` only, so at pixel ``(i, j)`` every scale with ``f | i, j`` computes its
+  position ``(i / f, j / f)``: the down pass fine to coarse, then the up pass coarse to fine,
+  each coarse result upsampled into its four children at once. A convolution at one position
+  is a matmul of the flattened input window with the flattened kernel; the terms that depend
+  on the ``u`` stream only (the ``u`` part of each block's auxiliary input, the biases, the
+  class conditioning) are computed per row or once per batch.
+
+Dropout is skipped: the state evaluates the network as in eval mode.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, cast
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from vqprior.nn.pixelcnnpp import DownShiftedDeconv2d, GatedResnet, concat_elu
+
+if TYPE_CHECKING:
+    from vqprior.nn.pixelcnnpp import PixelCNNPPBackbone
+
+
+def _flat_t(weight: Tensor) -> Tensor:
+    """Kernel ``[o, i, kh, kw] -> [kh * kw * i, o]``: rows in the order of a flattened
+    channels-last window ``[n, kh, kw, i]``."""
+    return rearrange(weight, "o i kh kw -> (kh kw i) o").contiguous()
+
+
+class _Map:
+    """A padded map, channels last, ``raw [n, h + 1, w + 2, ch]`` (real ``(i, j)`` at
+    ``[i + 1, j + 1]``; a window is then a cheap gather) and its ``concat_elu`` ``celu``
+    ``[n, h + 1, w + 2, 2 ch]``; ``raw=False`` keeps the latter only. ``raw4``/``celu4`` are
+    the same memory as ``[n, ch, h + 1, w + 2]`` views, for the row convolutions."""
+
+    def __init__(self, n: int, ch: int, h: int, w: int, like: Tensor, raw: bool = True) -> None:
+        self.raw = like.new_zeros(n, h + 1, w + 2, ch) if raw else None
+        self.celu = like.new_zeros(n, h + 1, w + 2, 2 * ch)
+
+    @property
+    def raw4(self) -> Tensor:
+        assert self.raw is not None
+        return rearrange(self.raw, "n h w c -> n c h w")
+
+    @property
+    def celu4(self) -> Tensor:
+        return rearrange(self.celu, "n h w c -> n c h w")
+
+    def put(self, rows: slice, cols: slice, v: Tensor) -> None:
+        """Write real rows/columns (buffer index + 1) with ``v [n, ch, len(rows), len(cols)]``."""
+        rows, cols = slice(rows.start + 1, rows.stop + 1), slice(cols.start + 1, cols.stop + 1)
+        if self.raw is not None:
+            self.raw4[:, :, rows, cols] = v
+        self.celu4[:, :, rows, cols] = concat_elu(v)
+
+    def put_row(self, p: int, v: Tensor) -> None:
+        self.put(slice(p, p + 1), slice(0, v.shape[-1]), v)
+
+    def put_point(self, p: int, q: int, v: Tensor) -> None:
+        """Write ``v [n, ch]`` at real ``(p, q)``."""
+        if self.raw is not None:
+            self.raw[:, p + 1, q + 1] = v
+        self.celu[:, p + 1, q + 1] = concat_elu(v)
+
+    def raw_at(self, p: int, q: int) -> Tensor:
+        assert self.raw is not None
+        return self.raw[:, p + 1, q + 1]
+
+
+class _Block:
+    """One :class:`GatedResnet` evaluated in place, by rows (``u``) or by points (``ul``)."""
+
+    def __init__(self, module: nn.Module, x: _Map, new: _NewMap, cond: Tensor | None) -> None:
+        assert isinstance(module, GatedResnet)
+        self.m, self.x = module, x
+        self.c1, self.out = new(raw=False), new()
+        proj = module.cond_proj
+        bias2 = module.conv2.bias
+        assert bias2 is not None and module.conv1.bias is not None
+        # conv2's bias plus the class term, [2C] or [n, 2C]
+        self.bias2 = bias2 if proj is None or cond is None else bias2 + proj(cond)
+        self.w1t, self.w2t = _flat_t(module.conv1.weight), _flat_t(module.conv2.weight)
+        self.base = torch.empty(0)  # [W, n, C]: the ul block's per-row conv1 terms
+        nin, c = module.nin_aux, module.conv1.out_channels
+        two_streams = nin is not None and nin.in_channels == 4 * c  # aux = cat([u, ul])
+        self.nin_u = (
+            None if nin is None else _aux_part(nin.weight, c, 0) if two_streams else nin.weight
+        )
+        self.nin_ul_t = _aux_part(nin.weight, c, 1).flatten(1).t() if two_streams else None  # type: ignore[union-attr]
+
+    # ---------------------------------------------------------------- u stream: rows
+    def row(self, p: int, aux: _Map | None) -> None:
+        """Output row ``p``; ``aux``: the auxiliary map (its row ``p`` is read)."""
+        m = self.m
+        c1 = F.conv2d(self.x.celu4[:, :, p : p + 2], m.conv1.weight, m.conv1.bias)
+        if m.nin_aux is not None:
+            assert aux is not None, "this block was built with an auxiliary input"
+            c1 = c1 + F.conv2d(
+                aux.celu4[:, :, p + 1 : p + 2, 1:-1], m.nin_aux.weight, m.nin_aux.bias
+            )
+        self.c1.put_row(p, c1)
+        c2 = F.conv2d(self.c1.celu4[:, :, p : p + 2], m.conv2.weight)
+        c2 = c2 + self.bias2[..., None, None]  # [n | 1, 2C, 1, 1]
+        a, b = c2.chunk(2, dim=1)
+        self.out.put_row(p, self.x.raw4[:, :, p + 1 : p + 2, 1:-1] + a * torch.sigmoid(b))
+
+    # --------------------------------------------------------------- ul stream: points
+    def prepare_row(self, p: int, u: _Map) -> None:
+        """conv1's bias plus the auxiliary input's ``u`` part, for every position of row ``p``."""
+        nin = self.m.nin_aux
+        assert nin is not None and nin.bias is not None and self.m.conv1.bias is not None
+        assert self.nin_u is not None
+        row = F.conv2d(u.celu4[:, :, p + 1 : p + 2, 1:-1], self.nin_u, nin.bias + self.m.conv1.bias)
+        self.base = rearrange(row, "n c 1 w -> w n c").contiguous()
+
+    def point(self, p: int, q: int, skip: _Map | None) -> Tensor:
+        """Output ``(p, q)`` [n, C]; ``skip``: the ``ul`` long skip (up pass) or None."""
+        n = self.x.celu.shape[0]
+        c1 = self.base[q]
+        if skip is not None:
+            assert self.nin_ul_t is not None
+            c1 = torch.addmm(c1, skip.celu[:, p + 1, q + 1], self.nin_ul_t)
+        win = self.x.celu[:, p : p + 2, q : q + 2].reshape(n, -1)
+        self.c1.put_point(p, q, torch.addmm(c1, win, self.w1t))
+        win = self.c1.celu[:, p : p + 2, q : q + 2].reshape(n, -1)
+        a, b = torch.addmm(self.bias2, win, self.w2t).chunk(2, dim=1)
+        out = torch.addcmul(self.x.raw_at(p, q), a, torch.sigmoid(b))
+        self.out.put_point(p, q, out)
+        return out
+
+
+def _aux_part(weight: Tensor, c: int, part: int) -> Tensor:
+    """Columns of a 1x1 kernel over ``concat_elu(cat([u, ul]))`` (order ``u, ul, -u, -ul``)
+    that act on ``concat_elu(u)`` (part 0) or ``concat_elu(ul)`` (part 1)."""
+    lo = part * c
+    return torch.cat([weight[:, lo : lo + c], weight[:, 2 * c + lo : 3 * c + lo]], dim=1)
+
+
+def _blocks(blocks: nn.Module) -> nn.ModuleList:
+    return cast(nn.ModuleList, blocks)
+
+
+class _NewMap:
+    """Allocates maps of one scale."""
+
+    def __init__(self, n: int, ch: int, h: int, w: int, like: Tensor) -> None:
+        self.args = (n, ch, h, w, like)
+
+    def __call__(self, raw: bool = True) -> _Map:
+        return _Map(*self.args, raw=raw)
+
+
+class _DownStep:
+    """Down-pass entry ``k`` at ``scale``: a block pair, or (``blocks`` None) a downsample."""
+
+    def __init__(self, scale: int, k: int, blocks: tuple[_Block, _Block] | None = None) -> None:
+        self.scale, self.k, self.blocks = scale, k, blocks
+        self.w_t: Tensor | None = None  # the downsample's flattened kernel, once needed
+
+
+class _UpStep:
+    """Up-pass block pair consuming down-pass entry ``k`` as its long skip."""
+
+    def __init__(self, k: int, u: _Block, ul: _Block) -> None:
+        self.k, self.u, self.ul = k, u, ul
+
+
+class PixelCNNPPSteps:
+    """Incremental state of a batch of ``n`` images of ``height x width``; ``cond [n, d]``.
+
+    :meth:`write` pixels in raster order; :meth:`output` at ``(r, c)`` runs the pending row
+    and pixel events up to ``(r, c)`` and returns the features ``[n, channels]``.
+    """
+
+    @torch.no_grad()
+    def __init__(
+        self, net: PixelCNNPPBackbone, n: int, height: int, width: int, cond: Tensor | None
+    ) -> None:
+        factor = 2 ** (net.num_scales - 1)
+        if n < 1 or height < 1 or width < 1 or height % factor or width % factor:
+            raise ValueError(
+                f"start_steps needs n >= 1 and H, W >= 1 divisible by {factor}, "
+                f"got n={n}, H={height}, W={width}"
+            )
+        net._check_inputs(torch.zeros(n, net.in_channels, factor, factor), cond)
+        self.net, self.n, self.height, self.width = net, n, height, width
+        self._like = next(net.parameters())
+        self._cond = cond
+        self.x = self._maps(0, net.in_channels + 1)()
+        assert self.x.raw is not None
+        self.x.raw[:, 1:, 1:-1, -1] = 1.0  # the constant ones channel (zero in the padding)
+        self.feats = self._like.new_zeros(n, net.channels, height, width)
+        left = net.ul_init_left
+        self._left_t = _flat_t(left.weight)
+        self._above = self._like.new_zeros(width, n, net.channels)  # ul init, rows above
+        self._above_left = self._above  # the same plus ul_init_left's bias (set per row)
+        self.done = 0  # pixel events processed: the raster index of the next one
+        self._build()
+
+    def _maps(self, scale: int, ch: int | None = None) -> _NewMap:
+        c = self.net.channels if ch is None else ch
+        return _NewMap(self.n, c, self.height >> scale, self.width >> scale, self._like)
+
+    def _pair(
+        self, mu: nn.Module, mul: nn.Module, x: tuple[_Map, _Map], s: int
+    ) -> tuple[_Block, _Block]:
+        new = self._maps(s)
+        return _Block(mu, x[0], new, self._cond), _Block(mul, x[1], new, self._cond)
+
+    def _build(self) -> None:
+        net = self.net
+        self.du, self.dul = [self._maps(0)()], [self._maps(0)()]
+        self.down: list[_DownStep] = []
+        for s in range(net.num_scales):
+            if s > 0:
+                self.du.append(self._maps(s)())
+                self.dul.append(self._maps(s)())
+                self.down.append(_DownStep(s, len(self.du) - 1))
+            for mu, mul in zip(_blocks(net.down_u[s]), _blocks(net.down_ul[s]), strict=True):
+                bu, bul = self._pair(mu, mul, (self.du[-1], self.dul[-1]), s)
+                self.du.append(bu.out)
+                self.dul.append(bul.out)
+                self.down.append(_DownStep(s, len(self.du) - 1, (bu, bul)))
+        skips = list(range(len(self.du)))
+        top = skips.pop()
+        x = (self.du[top], self.dul[top])
+        self.up: dict[int, list[_UpStep]] = {}
+        self.up_in: dict[int, tuple[_Map, _Map]] = {}
+        for s in reversed(range(net.num_scales)):
+            if s < net.num_scales - 1:
+                x = (self._maps(s)(), self._maps(s)())
+                self.up_in[s] = x
+            self.up[s] = []
+            for mu, mul in zip(_blocks(net.up_u[s]), _blocks(net.up_ul[s]), strict=True):
+                bu, bul = self._pair(mu, mul, x, s)
+                self.up[s].append(_UpStep(skips.pop(), bu, bul))
+                x = (bu.out, bul.out)
+        assert not skips, "every down-pass activation is used once"
+
+    # ------------------------------------------------------------------------ events
+    def _scales(self, *coords: int) -> list[int]:
+        """Scales whose grid has a point at fine coordinates ``coords`` (fine first)."""
+        return [s for s in range(self.net.num_scales) if all(v % (1 << s) == 0 for v in coords)]
+
+    def _row_event(self, i: int) -> None:
+        """Start of fine row ``i``: the ``u`` stream rows of every scale with ``2**s | i``."""
+        self._init_row(i)
+        scales = self._scales(i)
+        for step in self.down:
+            if step.scale in scales:
+                self._down_row(step, i >> step.scale)
+        for s in reversed(scales):
+            p = i >> s
+            for up in self.up[s]:
+                up.u.row(p, self.du[up.k])
+                up.ul.prepare_row(p, up.u.out)
+            if s > 0:
+                last = self.up[s][-1].u.out.raw4
+                deconv = cast(DownShiftedDeconv2d, self.net.upsample_u[s - 1])
+                fine = deconv(last[:, :, p + 1 : p + 2, 1:-1])  # [n, C, 2, 2 W_s]
+                self.up_in[s - 1][0].put(slice(2 * p, 2 * p + 2), slice(0, fine.shape[-1]), fine)
+
+    def _init_row(self, i: int) -> None:
+        """The first ``u`` map's row ``i`` and the ``ul`` init's row-above term (both shifted
+        down: zero in row 0)."""
+        net, x = self.net, self.x.raw4
+        assert net.ul_init_left.bias is not None
+        if i > 0:
+            u0 = F.conv2d(x[:, :, i - 1 : i + 1], net.u_init.weight, net.u_init.bias)
+            self.du[0].put_row(i, u0)
+            above = F.conv2d(x[:, :, i : i + 1], net.ul_init_above.weight, net.ul_init_above.bias)
+            self._above = rearrange(above, "n c 1 w -> w n c").contiguous()
+        self._above_left = self._above + net.ul_init_left.bias
+
+    def _down_row(self, step: _DownStep, p: int) -> None:
+        if step.blocks is not None:
+            step.blocks[0].row(p, None)
+            step.blocks[1].prepare_row(p, step.blocks[0].out)
+            return
+        conv = cast(nn.Conv2d, self.net.downsample_u[step.scale - 1])
+        prev = self.du[step.k - 1].raw4
+        row = F.conv2d(prev[:, :, 2 * p : 2 * p + 2], conv.weight, conv.bias, stride=2)
+        self.du[step.k].put_row(p, row)
+
+    def _pixel_event(self, i: int, j: int) -> None:
+        """Pixel ``(i, j)``: the ``ul`` stream at every scale with ``2**s | i, j``."""
+        x = self.x.raw
+        assert x is not None
+        if j == 0:  # the left term is shifted right: column 0 is zero
+            self.dul[0].put_point(i, j, self._above[j])
+        else:
+            win = x[:, i : i + 2, j]  # [n, 2, C_in + 1]: the (2, 1) window at (i, j - 1)
+            self.dul[0].put_point(
+                i, j, torch.addmm(self._above_left[j], win.reshape(self.n, -1), self._left_t)
+            )
+        scales = self._scales(i, j)
+        for step in self.down:
+            if step.scale in scales:
+                self._down_point(step, i >> step.scale, j >> step.scale)
+        for s in reversed(scales):
+            p, q = i >> s, j >> s
+            out = self._up_point(s, p, q)
+            if s > 0:
+                deconv = cast(DownShiftedDeconv2d, self.net.upsample_ul[s - 1]).deconv
+                kids = deconv(out[:, :, None, None])  # [n, C, 2, 2]
+                self.up_in[s - 1][1].put(slice(2 * p, 2 * p + 2), slice(2 * q, 2 * q + 2), kids)
+            else:
+                self.feats[:, :, i, j] = F.elu(out)
+
+    def _up_point(self, s: int, p: int, q: int) -> Tensor:
+        out: Tensor | None = None
+        for up in self.up[s]:
+            out = up.ul.point(p, q, self.dul[up.k])
+        assert out is not None, "every scale has at least one up-pass block"
+        return out
+
+    def _down_point(self, step: _DownStep, p: int, q: int) -> None:
+        if step.blocks is not None:
+            step.blocks[1].point(p, q, None)
+            return
+        conv = cast(nn.Conv2d, self.net.downsample_ul[step.scale - 1])
+        prev = self.dul[step.k - 1].raw
+        assert prev is not None and conv.bias is not None
+        win = prev[:, 2 * p : 2 * p + 2, 2 * q : 2 * q + 2].reshape(self.n, -1)
+        if step.w_t is None:
+            step.w_t = _flat_t(conv.weight)
+        self.dul[step.k].put_point(p, q, torch.addmm(conv.bias, win, step.w_t))
+
+    # --------------------------------------------------------------------- interface
+    @torch.no_grad()
+    def output(self, r: int, c: int) -> Tensor:
+        """Backbone features ``[n, channels]`` at ``(r, c)`` given every pixel written before
+        ``(r, c)`` (unwritten ones count as zero, as in the reference loop)."""
+        self._check_position(r, c)
+        target = r * self.width + c
+        while self.done <= target:
+            i, j = divmod(self.done, self.width)
+            if j == 0:
+                self._row_event(i)
+            self._pixel_event(i, j)
+            self.done += 1
+        return self.feats[:, :, r, c]
+
+    @torch.no_grad()
+    def write(self, r: int, c: int, inp: Tensor) -> None:
+        """Commit the network input ``inp [n, in_channels]`` of pixel ``(r, c)`` (rewriting
+        it is fine until the features after ``(r, c)`` have been evaluated)."""
+        self._check_position(r, c)
+        if r * self.width + c < self.done - 1:
+            raise ValueError(
+                f"pixel ({r}, {c}) is behind the evaluated frontier; write in raster order"
+            )
+        if inp.shape != (self.n, self.net.in_channels):
+            raise ValueError(
+                f"step_write expects [{self.n}, {self.net.in_channels}], got {list(inp.shape)}"
+            )
+        assert self.x.raw is not None
+        self.x.raw[:, r + 1, c + 1, :-1] = inp.to(self.x.raw.dtype)
+
+    def _check_position(self, r: int, c: int) -> None:
+        if not (0 <= r < self.height and 0 <= c < self.width):
+            raise ValueError(f"position ({r}, {c}) is outside the {self.height}x{self.width} grid")
