@@ -31,8 +31,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch_nodes(out: Path, dump: Path, *args: str) -> list[subprocess.CompletedProcess[str]]:
-    """Both nodes at once, as a launcher would start them; wait for both."""
+def launch_nodes(
+    out: Path, dump: Path, *args: str, rank1: tuple[str, ...] = ()
+) -> list[subprocess.CompletedProcess[str]]:
+    """Both nodes at once, as a launcher would start them (``rank1``: extra arguments of
+    node 1); wait for both."""
     base = {k: v for k, v in os.environ.items() if k not in (CALL_ENV, *RANK_ENVS)}
     base.update({ENV_VAR: str(dump), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
@@ -40,7 +43,7 @@ def launch_nodes(out: Path, dump: Path, *args: str) -> list[subprocess.Completed
     cmd = [sys.executable, "-m", "vqprior", "pipeline", str(PIPE), "--out", str(out), *NODES]
     procs = [
         subprocess.Popen(
-            [*cmd, *args],
+            [*cmd, *args, *(rank1 if r else ())],
             cwd=ROOT,
             env={**base, "RANK": str(r), "NODE_RANK": str(r)},
             stdout=subprocess.PIPE,
@@ -84,3 +87,13 @@ def test_two_nodes_run_the_pipeline_once_and_train_together(tmp_path: Path) -> N
         assert all(torch.equal(r0[k], r1[k]) for k in r0), suffix
     start, end = (load_file(str(dump / f"rank0{s}.safetensors")) for s in (".start", ""))
     assert not torch.equal(start["ema.n_averaged"], end["ema.n_averaged"])
+
+
+def test_nodes_that_resolve_another_pipeline_all_stop_before_writing(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    procs = launch_nodes(out, tmp_path / "dump", rank1=("--set", "samples.num=3"))
+    for proc in procs:
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+        assert len(lines) == 1 and "rank 1 resolved another pipeline than rank 0" in lines[0]
+    assert not out.exists()
