@@ -116,6 +116,10 @@ class PixelCNNConfig(Config):
             return
         if self.backbone != "gated":
             raise ConfigError("attention_every > 0 is supported by backbone=gated only")
+        if self.channel_groups > 1:  # attention (vqprior.nn.attention) mixes channel groups
+            raise ConfigError(
+                "attention_every > 0 needs one channel group: use head=mixture for RGB pixels"
+            )
         if self.channels % self.attention_heads:
             raise ConfigError(
                 f"channels={self.channels} must be divisible by attention_heads={self.attention_heads}"
