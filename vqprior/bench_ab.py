@@ -10,6 +10,7 @@ shared machine's load cancel out.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vqprior.bench_train import TINY_DROPOUT, TRAIN_MODELS
+
+log = logging.getLogger(__name__)
 
 WORKER = r"""
 import json, statistics, sys, time, torch
@@ -134,6 +137,7 @@ def compare_trees(
             for i, (tree, precision) in enumerate(arms):
                 spec = _spec(name, job, precision, batch, steps, threads)
                 times[i].append(run_worker(tree, spec))
+                log.info("%s %s %s: %.3f s", name, tree, precision, times[i][-1])
         base = statistics.median(times[0])
         for (_, precision), t in zip(arms[1:], times[1:], strict=True):
             paired = statistics.median(b / c for b, c in zip(times[0], t, strict=True))
