@@ -203,7 +203,7 @@ def compress_images(
     header = {
         "num_images": len(x8),
         "image_shape": list(x8.shape[1:]),
-        "names": names,
+        "names": names if from_files else None,  # an .npz's names are its indices
         "from_files": from_files,
         "labels": None if cond is None else cond.cpu().tolist(),
         "batch_size": batch_size,
@@ -259,8 +259,8 @@ def decompress_bytes(data: bytes, models: Models, where: str = "file") -> tuple[
 
 def _output_names(header: dict[str, Any]) -> list[str]:
     names = header["names"]
-    if not header["from_files"]:
-        return [f"{i:05d}.png" for i in range(len(names))]
+    if not header["from_files"] or names is None:
+        return [f"{i:05d}.png" for i in range(header["num_images"])]
     stems = [Path(name).stem for name in names]
     unique = len(set(stems)) == len(stems)
     return [f"{s}.png" if unique else f"{name}.png" for s, name in zip(stems, names, strict=True)]
