@@ -11,7 +11,6 @@ pixels are), the codes are completed and decoded.
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -21,10 +20,6 @@ from torch import Tensor
 
 from vqprior.artifacts import save_image_grid
 from vqprior.data import float_to_uint8, uint8_to_float
-from vqprior.nn.categorical import categorical_sample
-from vqprior.nn.grid import from_bins
-from vqprior.nn.mixture import mixture_sample
-from vqprior.uses import fallback
 from vqprior.uses.images import fit_images, read_images
 from vqprior.uses.models import Models, load_models
 
@@ -59,45 +54,6 @@ def code_mask(pixel_mask: Tensor, downsample: int) -> Tensor:
     """Pixel keep mask [H, W] -> code keep mask [H/ds, W/ds]: kept when all its pixels are."""
     m = pixel_mask[None, None].float()
     return (-F.max_pool2d(-m, downsample))[0, 0] > 0.5
-
-
-def _fallback_sample(
-    models: Models, n: int, cond: Tensor | None, known: Tensor, mask: Tensor, gen: torch.Generator
-) -> Tensor:
-    """Raster completion with the naive walk, for a core whose sample() lacks known/mask."""
-    cfg = models.prior.config
-
-    def choose(out: Tensor, r: int, c: int, group: int | None) -> Tensor:
-        keep = mask[:, r, c] if cfg.data == "codes" else mask[:, :, r, c]
-        if cfg.data == "codes":
-            u = torch.rand(n, 1, 1, generator=gen).to(out.device)
-            new = categorical_sample(out[:, :, None, None], u)[:, 0, 0]
-            return torch.where(keep, known[:, r, c], new)
-        if cfg.head == "mixture":
-            u_c = torch.rand(n, 1, 1, generator=gen).to(out.device)
-            u_v = torch.rand(n, cfg.in_channels, 1, 1, generator=gen).to(out.device)
-            new = mixture_sample(
-                out[:, :, None, None], cfg.in_channels, cfg.num_mixtures, cfg.num_bins, u_c, u_v
-            )[:, :, 0, 0]
-        else:
-            logits = out.view(n, cfg.in_channels, cfg.num_bins).transpose(1, 2)  # [n, bins, C]
-            u = torch.rand(n, cfg.in_channels, generator=gen).to(out.device)
-            new = from_bins(categorical_sample(logits, u), cfg.num_bins, out.dtype)
-        return torch.where(keep, known[:, :, r, c].to(new.dtype), new)
-
-    return fallback.naive_autoregress(models.prior, n, choose, cond)
-
-
-def _sample(
-    models: Models, n: int, cond: Tensor | None, known: Tensor, mask: Tensor, gen: torch.Generator,
-    temperature: float,
-) -> Tensor:  # fmt: skip
-    prior = models.prior
-    if "known" in inspect.signature(prior.sample).parameters:
-        return prior.sample(
-            n, cond=cond, temperature=temperature, generator=gen, known=known, mask=mask
-        )  # type: ignore[call-arg]
-    return _fallback_sample(models, n, cond, known, mask, gen)
 
 
 class Completion(NamedTuple):
@@ -135,7 +91,14 @@ def complete_images(
     rep = [known.repeat_interleave(samples, 0), mask.repeat_interleave(samples, 0)]
     cond_rep = None if cond is None else cond.repeat_interleave(samples, 0)
     gen = torch.Generator().manual_seed(seed)
-    out = _sample(models, n * samples, cond_rep, rep[0], rep[1], gen, temperature)
+    out = models.prior.sample(
+        n * samples,
+        cond=cond_rep,
+        temperature=temperature,
+        generator=gen,
+        known=rep[0],
+        mask=rep[1],
+    )
     images = out if models.vae is None else models.vae.decode(out)
     masked = torch.where(pixel_mask, x8, torch.full_like(x8, 128))
     done = float_to_uint8(images.cpu()).view(n, samples, *x8.shape[1:])

@@ -30,19 +30,11 @@ from torch import Tensor
 from vqprior.data import uint8_to_float
 from vqprior.io import atomic_write_bytes
 from vqprior.nn.grid import from_bins
-from vqprior.uses import fallback
+from vqprior.nn.mixture import mixture_channel_log_probs
+from vqprior.sampling import autoregress
 from vqprior.uses.container import CompressedFileError, header_bytes, pack, unpack
 from vqprior.uses.images import exact_images, png_bytes, read_images
 from vqprior.uses.models import Models, load_models
-
-try:  # the core's (helper H2's exact per-channel bin log-probs; helper H1's step walk)
-    from vqprior.nn.mixture import mixture_channel_log_probs  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - an older core
-    mixture_channel_log_probs = fallback.channel_log_probs
-try:
-    from vqprior.sampling import autoregress  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - an older core
-    autoregress = fallback.naive_autoregress  # type: ignore[assignment]
 
 LN2 = math.log(2.0)
 PRECISION = 24  # bits of the integer frequencies
@@ -95,12 +87,8 @@ class Coder:
 
 
 def _walk_method(models: Models) -> str:
-    if autoregress is fallback.naive_autoregress:
-        return "naive"
-    try:
-        from vqprior.nn.step import supports_steps
-    except ImportError:  # pragma: no cover - older core
-        return "naive"
+    from vqprior.nn.step import supports_steps
+
     return "cached" if supports_steps(models.prior.backbone) else "naive"
 
 

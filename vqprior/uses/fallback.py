@@ -1,7 +1,8 @@
-"""Stand-ins used only while the core lacks them: the naive raster walk with the shape of
-:func:`vqprior.sampling.autoregress`, and per-channel mixture bin log-probabilities with the
-shape of :func:`vqprior.nn.mixture.mixture_channel_log_probs` (from the public
-``mixture_log_prob``, evaluated at every bin)."""
+"""Independent reference implementations for the tests of the uses: a naive raster walk with
+the signature of :func:`vqprior.sampling.autoregress` (one full forward pass per step), and
+per-channel mixture bin log-probabilities with the signature of
+:func:`vqprior.nn.mixture.mixture_channel_log_probs` (the public ``mixture_log_prob``
+evaluated at every bin). Compression must round-trip with either."""
 
 from __future__ import annotations
 
