@@ -6,6 +6,7 @@ import io
 import os
 import urllib.error
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +15,14 @@ import torchvision
 from einops import rearrange
 from PIL import Image
 
-from vqprior.artifacts import CodesDataset, image_grid, load_codes, save_codes, save_image_grid
+from vqprior.artifacts import (
+    CodesDataset,
+    image_grid,
+    load_codes,
+    save_codes,
+    save_image_grid,
+    upscale,
+)
 from vqprior.config import ConfigError
 from vqprior.data import (
     DataConfig,
@@ -178,7 +186,8 @@ def test_npz_rgb_to_grayscale_luma(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("arrays", "match"),
     [
-        ({"x": np.zeros((2, 4, 4, 3), np.float32)}, "dtype float32"),
+        ({"x": np.zeros((2, 4, 4, 3), np.float32)}, r"float32 values in \[0, 0\]"),
+        ({"x": np.array(["a", "b"])}, "expected uint8 0..255"),
         ({"x": np.zeros((2, 4), np.uint8)}, "shape"),
         ({"x": np.zeros((2, 4, 4, 5), np.uint8)}, "shape"),
         ({"images": np.zeros((2, 4, 4), np.uint8)}, "no array 'x'"),
@@ -190,6 +199,33 @@ def test_npz_bad_contents(tmp_path: Path, arrays: dict, match: str) -> None:
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(DataError, match=match):
         load_image_splits(DataConfig(name="npz", path=str(tmp_path / "bad.npz")))
+
+
+@pytest.mark.parametrize(
+    ("x", "fix"),
+    [
+        (np.linspace(0, 1, 32, dtype=np.float32), "np.round(x * 255)"),
+        (np.linspace(-1, 1, 32), "np.round((x + 1) * 127.5)"),
+        (np.linspace(0, 255, 32), "np.round(x)"),
+        (np.linspace(-3, 300, 32), "x rescaled to 0..255"),
+        (np.arange(32) * 10, "x rescaled to 0..255"),
+    ],
+)
+def test_npz_of_other_ranges_names_the_expected_range(tmp_path: Path, x: Any, fix: str) -> None:
+    np.savez(tmp_path / "f.npz", x=x.reshape(2, 4, 4))
+    with pytest.raises(DataError) as err:
+        load_image_splits(DataConfig(name="npz", path=str(tmp_path / "f.npz")))
+    line = str(err.value)
+    assert "\n" not in line and "uint8 0..255" in line and "[-1, 1]" in line
+    assert f"save x as {fix}.astype(np.uint8)" in line
+
+
+def test_npz_integers_in_range_load_as_their_uint8_values(tmp_path: Path) -> None:
+    x = np.arange(32, dtype=np.int64).reshape(2, 4, 4) * 8
+    np.savez(tmp_path / "i.npz", x=x)
+    cfg = DataConfig(name="npz", path=str(tmp_path / "i.npz"), val_fraction=0, test_fraction=0)
+    xs, _ = _stack(load_image_splits(cfg).train)
+    assert np.array_equal(float_to_uint8(xs[:, 0]).numpy(), x)
 
 
 def test_npz_missing_and_corrupt(tmp_path: Path) -> None:
@@ -402,5 +438,18 @@ def test_save_image_grid_png(tmp_path: Path, c: int) -> None:
     save_image_grid(path, x, nrow=2)
     with Image.open(path) as im:
         png = np.asarray(im)
-    assert np.array_equal(png.reshape(*png.shape[:2], -1), image_grid(x, 2).numpy())
+    big = upscale(x, 32)  # 5x5 images are shown 7 times larger (35 px)
+    assert big.shape == (3, c, 35, 35)
+    assert np.array_equal(png.reshape(*png.shape[:2], -1), image_grid(big, 2).numpy())
     assert os.listdir(tmp_path) == ["grid.png"]
+
+
+def test_upscale_is_nearest_neighbour_to_at_least_min_size() -> None:
+    x = torch.randn(2, 3, 8, 6)
+    big = upscale(x, 32)  # the smaller side 6 -> 36 (s = 6)
+    assert big.shape == (2, 3, 48, 36)
+    for i in range(8):
+        for j in range(6):
+            block = big[..., 6 * i : 6 * i + 6, 6 * j : 6 * j + 6]
+            assert torch.equal(block, x[..., i : i + 1, j : j + 1].expand_as(block))
+    assert upscale(x, 4) is x

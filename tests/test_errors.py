@@ -40,7 +40,8 @@ def invoke(*args: str) -> Result:
 def assert_error(result: Result, code: int, *needles: str) -> str:
     """Exit ``code``; stderr is one line ``error: ...`` holding every needle; no traceback."""
     assert result.exit_code == code, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
+    progress = "INFO vqprior.train.progress: "  # plain progress lines (no terminal attached)
+    lines = [ln for ln in result.stderr.strip().splitlines() if not ln.startswith(progress)]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.output
     for needle in needles:

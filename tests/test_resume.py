@@ -136,6 +136,12 @@ def test_killed_pixel_prior_with_dropout_and_ema_resumes_bit_identical(tmp_path:
 # ---- the pieces -------------------------------------------------------------------------
 
 
+def global_batch(sampler: StreamBatchSampler, g: int) -> list[int]:
+    """Reference: this rank's part of global batch ``g`` of the stream (epoch, then slice)."""
+    epoch, j = divmod(g, len(sampler))
+    return sampler.rank_batch(sampler.permutation(epoch), j)
+
+
 @pytest.mark.parametrize("n, batch, world", [(64, 16, 1), (70, 8, 2), (10, 4, 3), (5, 16, 2)])
 def test_stream_is_seeded_permutations_sliced_by_step_and_rank(
     n: int, batch: int, world: int
@@ -148,7 +154,7 @@ def test_stream_is_seeded_permutations_sliced_by_step_and_rank(
         assert sorted(perm.tolist()) == list(range(n))
         seen: list[int] = []
         for j in range(per_epoch):
-            parts = [s.batch(epoch * per_epoch + j) for s in ranks]
+            parts = [global_batch(s, epoch * per_epoch + j) for s in ranks]
             assert all(parts) and sum(len(p) for p in parts) == min(n, batch * world)
             seen += [i for p in parts for i in p]
         assert len(set(seen)) == len(seen)  # no item twice in an epoch
@@ -161,7 +167,7 @@ def test_stream_is_seeded_permutations_sliced_by_step_and_rank(
 def test_each_iter_starts_at_the_position_and_ends_with_its_epoch() -> None:
     where = {"step": 0}
     sampler = StreamBatchSampler(50, 8, seed=3, position=lambda: where["step"])  # 6 per epoch
-    stream = [sampler.batch(g) for g in range(20)]
+    stream = [global_batch(sampler, g) for g in range(20)]
     for start in (0, 4, 6, 13):
         where["step"] = start
         end = (start // 6 + 1) * 6

@@ -14,7 +14,6 @@ from vqprior.config import ConfigError
 from vqprior.data import DataConfig
 from vqprior.models.pixelcnn import PixelCNNConfig
 from vqprior.models.vqvae import VQVAEConfig
-from vqprior.train.common import flatten_metrics, lr_lambda, prepare_run_dir
 from vqprior.train.config import (
     DeviceOptions,
     TrainConfig,
@@ -22,6 +21,8 @@ from vqprior.train.config import (
     fill_field,
     fill_num_classes,
 )
+from vqprior.train.module import lr_lambda
+from vqprior.train.rundir import flatten_metrics, prepare_run_dir
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ALL = [  # stage configs; configs/tiny/pipeline*.yaml are pipeline files (tests/test_pipeline.py)

@@ -13,6 +13,7 @@ import torch
 import torchvision
 import yaml
 
+from vqprior.artifacts import upscale
 from vqprior.config import ConfigError
 from vqprior.data import DataConfig, float_to_uint8, load_image_splits
 from vqprior.io import content_hash, load_pretrained
@@ -56,6 +57,7 @@ def test_run_dir_holds_every_artefact(run: tuple[Path, dict[str, Any]]) -> None:
     assert all(r["train/loss"] for r in rows[:5])
     assert any(r.get("val/loss") for r in rows)
     assert sorted(p.name for p in (out / "checkpoints").glob("*.ckpt")) == [
+        "best.ckpt",
         "last.ckpt",
         "step=0000002.ckpt",
         "step=0000004.ckpt",
@@ -63,18 +65,24 @@ def test_run_dir_holds_every_artefact(run: tuple[Path, dict[str, Any]]) -> None:
     ]
 
 
+def exported_ckpt(out: Path, summary: dict[str, Any]) -> Path:
+    """The checkpoint whose weights the run exported: best.ckpt or last.ckpt."""
+    return out / "checkpoints" / ("best.ckpt" if summary["exported"] == "best" else "last.ckpt")
+
+
 def test_checkpoint_loads_with_weights_only_and_matches_export(
     run: tuple[Path, dict[str, Any]],
 ) -> None:
-    out, _ = run
+    out, summary = run
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 6
     assert ckpt["hyper_parameters"]["kind"] == "vae"
     assert ckpt["optimizer_states"][0]["state"]  # full training state, not weights only
     model = load_pretrained(out / "model")
     assert isinstance(model, VQVAE)
+    chosen = torch.load(exported_ckpt(out, summary), weights_only=True)
     for k, v in model.state_dict().items():
-        assert torch.equal(v, ckpt["state_dict"][f"model.{k}"]), k
+        assert torch.equal(v, chosen["state_dict"][f"model.{k}"]), k
     # the codebook buffers travel in the checkpoint too
     assert (
         "model.quantizer.embed" in ckpt["state_dict"]
@@ -85,9 +93,26 @@ def test_checkpoint_loads_with_weights_only_and_matches_export(
 def test_export_from_checkpoint_equals_run_export(
     run: tuple[Path, dict[str, Any]], tmp_path: Path
 ) -> None:
-    out, _ = run
-    exported = export(out / "checkpoints" / "last.ckpt", tmp_path / "m")
+    out, summary = run
+    exported = export(exported_ckpt(out, summary), tmp_path / "m")
     assert content_hash(exported) == content_hash(out / "model")
+
+
+def test_export_holds_the_weights_with_the_best_validation_loss(tmp_path: Path) -> None:
+    cfg = tiny()
+    cfg["train"].update(lr=0.3, max_steps=5)  # too high an lr: validation gets worse again
+    summary = train_vae(cfg, tmp_path, CPU)
+    val = {int(r["step"]): float(r["val/loss"]) for r in read_rows(tmp_path / "metrics.csv")
+           if r.get("val/loss")}  # fmt: skip
+    # validated after every step of this short run (~10 per run), and once more at the end
+    assert len(val) == 6
+    assert summary["best_val_loss"] == pytest.approx(min(val.values()))
+    assert summary["exported"] == "best" and summary["best_step"] < 5  # it diverged
+    chosen = torch.load(exported_ckpt(tmp_path, summary), weights_only=True)
+    assert chosen["global_step"] == summary["best_step"]
+    model = load_pretrained(tmp_path / "model")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, chosen["state_dict"][f"model.{k}"]), k
 
 
 def test_reconstruction_grid_puts_inputs_above_reconstructions(
@@ -96,17 +121,20 @@ def test_reconstruction_grid_puts_inputs_above_reconstructions(
     out, _ = run
     png = out / "images" / "recon_step0000006.png"
     grid = torchvision.io.decode_png(torchvision.io.read_file(str(png)))  # uint8 [1, H', W']
-    assert grid.shape == (1, 2 * 10 + 2, 8 * 10 + 2)  # 8 images per row, padding 2
+    # 8 images per row, each 8x8 image shown 4x (32 px, nearest neighbour), padding 2
+    assert grid.shape == (1, 2 * 34 + 2, 8 * 34 + 2)
     cfg = DataConfig.from_dict(tiny()["data"])
     val = load_image_splits(cfg).val
     vae = load_pretrained(out / "model")
     assert isinstance(vae, VQVAE)
-    for i in range(8):
+    model = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    vae.load_state_dict({k[6:]: v for k, v in model.items() if k.startswith("model.")})
+    for i in range(8):  # the grid at step 6 shows the step-6 (last) weights
         x = val[i][0]
-        col = 2 + i * 10
-        assert torch.equal(grid[:, 2:10, col : col + 8], float_to_uint8(x))
-        recon = vae.decode(vae.encode(x[None]))[0]
-        assert torch.equal(grid[:, 12:20, col : col + 8], float_to_uint8(recon))
+        col = 2 + i * 34
+        assert torch.equal(grid[:, 2:34, col : col + 32], float_to_uint8(upscale(x[None], 32)[0]))
+        recon = upscale(vae.decode(vae.encode(x[None])), 32)[0]
+        assert torch.equal(grid[:, 36:68, col : col + 32], float_to_uint8(recon))
 
 
 class _Killed(Exception):

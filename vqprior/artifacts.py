@@ -10,7 +10,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
@@ -111,9 +111,20 @@ def image_grid(x: Tensor, nrow: int = 8, padding: int = 2) -> Tensor:
     return F.pad(grid, (0, 0, 0, padding, 0, padding))  # right and bottom edge of the grid
 
 
-def save_image_grid(path: str | os.PathLike[str], x: Tensor, nrow: int = 8) -> None:
-    """Write :func:`image_grid` of ``x`` (c of 1 or 3) to ``path`` as a PNG, atomically."""
-    grid = image_grid(x, nrow)
+def upscale(x: Tensor, min_size: int) -> Tensor:
+    """Images [b, c, H, W] -> [b, c, s H, s W], each pixel an s x s block (nearest neighbour),
+    with the smallest integer s that makes min(H, W) >= ``min_size`` (s = 1 when it already is).
+    """
+    s = max(1, math.ceil(min_size / min(x.shape[-2:])))
+    return x if s == 1 else repeat(x, "b c h w -> b c (h s1) (w s2)", s1=s, s2=s)
+
+
+def save_image_grid(
+    path: str | os.PathLike[str], x: Tensor, nrow: int = 8, min_size: int = 32
+) -> None:
+    """Write :func:`image_grid` of ``x`` (c of 1 or 3) to ``path`` as a PNG, atomically; small
+    images are first enlarged to at least ``min_size`` pixels (:func:`upscale`) to be seen."""
+    grid = image_grid(upscale(x, min_size), nrow)
     if grid.shape[-1] not in (1, 3):
         raise ValueError(f"save_image_grid writes 1 or 3 channels, got {grid.shape[-1]}")
     buf = io.BytesIO()

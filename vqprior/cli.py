@@ -33,6 +33,8 @@ def _one_line(err: BaseException) -> str:
     ("Caught DataError in DataLoader worker process 0. Original Traceback ..."), the
     original message."""
     text = str(err).strip()
+    if isinstance(err, OSError) and err.strerror:  # "[Errno 28] ..." -> the message itself
+        text = err.strerror + (f": {err.filename}" if err.filename else "")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not lines:
         return type(err).__name__
@@ -179,6 +181,8 @@ def cli(debug: bool) -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         log.addHandler(handler)
     log.setLevel(logging.DEBUG if debug else logging.WARNING)
+    # plain progress lines of runs without a terminal (vqprior.train.callbacks.PlainProgress)
+    logging.getLogger("vqprior.train.progress").setLevel(logging.DEBUG if debug else logging.INFO)
     if not debug:
         _quiet_lightning()
 

@@ -240,15 +240,35 @@ def _read_npz(p: Path) -> dict[str, np.ndarray]:
         raise DataError(f"cannot read {p} as .npz ({err}): rewrite it with numpy.savez") from err
 
 
+def _as_uint8(p: Path, x: np.ndarray) -> np.ndarray:
+    """``x`` as uint8: integers in 0..255 are converted; anything else is refused with one
+    line naming the range vqprior expects and the conversion that gives it."""
+    if x.dtype == np.uint8:
+        return x
+    if x.dtype.kind not in "iuf" or x.size == 0:
+        raise DataError(f"{p}: x has dtype {x.dtype}, expected uint8 0..255: convert before saving")
+    lo, hi = float(x.min()), float(x.max())
+    if x.dtype.kind in "iu" and lo >= 0 and hi <= NUM_LEVELS - 1:
+        return x.astype(np.uint8)
+    if x.dtype.kind == "f" and lo >= -1.0 and hi <= 1.0:
+        fix = "np.round(x * 255)" if lo >= 0 else "np.round((x + 1) * 127.5)"
+    elif lo >= 0 and hi <= NUM_LEVELS - 1:
+        fix = "np.round(x)"
+    else:
+        fix = "x rescaled to 0..255"
+    raise DataError(
+        f"{p}: x holds {x.dtype} values in [{lo:.4g}, {hi:.4g}], but vqprior reads 8-bit images "
+        f"(uint8 0..255, which it maps to [-1, 1] as 2v/255 - 1): save x as {fix}.astype(np.uint8)"
+    )
+
+
 def _load_npz(path: str) -> tuple[Tensor, Tensor, int]:
     """``x`` uint8 [N, H, W(, C)] and optional integer ``y`` [N] -> uint8 [N, C, H, W], labels."""
     p = Path(path)
     arrays = _read_npz(p)
     if "x" not in arrays:
         raise DataError(f"{p} has no array 'x': save images as x=uint8 [N, H, W, C]")
-    x = arrays["x"]
-    if x.dtype != np.uint8:
-        raise DataError(f"{p}: x has dtype {x.dtype}, expected uint8 0..255: convert before saving")
+    x = _as_uint8(p, arrays["x"])
     if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3)) or len(x) == 0:
         raise DataError(f"{p}: x has shape {x.shape}, expected uint8 [N, H, W, C] with C 1 or 3")
     if "y" not in arrays:

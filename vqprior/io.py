@@ -70,9 +70,20 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
+    except OSError as err:
+        raise write_error(path, err) from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def write_error(path: Path, err: OSError) -> OSError:
+    """One line for a failed atomic write (a full disk, no permission): what was not written,
+    why, and that the previous version was left in place. Same errno, so same OSError kind."""
+    reason = err.strerror or str(err) or type(err).__name__
+    return OSError(
+        err.errno, f"cannot write {path} ({reason}); the previous version, if any, is left in place"
+    )
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -99,8 +110,9 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # through a Python file object: a full disk raises OSError(ENOSPC), not a RuntimeError
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def safe_torch_load(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> Any:
@@ -277,6 +289,8 @@ def write_dir(path: str | os.PathLike[str], files: Mapping[str, bytes]) -> Path:
             os.chmod(staging / name, 0o666 & ~umask)
         _fsync_dir(staging)
         replace_dir(staging, path)
+    except OSError as err:
+        raise write_error(path, err) from None
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

@@ -1,8 +1,9 @@
-"""Training callbacks: the non-finite loss guard and periodic image grids."""
+"""Training callbacks: the non-finite loss guard, periodic image grids, plain progress lines."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -63,32 +64,6 @@ class NonFiniteGuard(Callback):
         )
 
 
-class PruneCheckpoints(Callback):
-    """Keep only the newest ``keep`` periodic ``step=*.ckpt`` files (``last.ckpt`` is never pruned)."""
-
-    def __init__(self, ckpt_dir: str | Path, keep: int) -> None:
-        self.ckpt_dir, self.keep = Path(ckpt_dir), keep
-
-    @rank_zero_only
-    def prune(self) -> None:
-        files = sorted(self.ckpt_dir.glob("step=*.ckpt"))
-        for old in files[: max(0, len(files) - self.keep)]:
-            old.unlink(missing_ok=True)
-
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        self.prune()
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.prune()
-
-
 class ImageGrids(Callback):
     """Every ``every_n_steps`` (and at the end of training) write ``make()``'s grid as a PNG.
 
@@ -144,3 +119,61 @@ class ImageGrids(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._write(trainer, pl_module)
+
+
+PROGRESS_LOGGER = "vqprior.train.progress"
+progress_log = logging.getLogger(PROGRESS_LOGGER)
+
+
+def _clock(seconds: float) -> str:
+    s = int(max(0.0, seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class PlainProgress(Callback):
+    """A plain progress line through logging (``vqprior.train.progress``, INFO) for runs
+    without a terminal (a batch job, a pipe): step, loss, images/s, time left.
+
+    A line every ``max_steps // 10`` steps or every ``every_s`` seconds, whichever comes first,
+    and one at the end. Rank zero only.
+    """
+
+    def __init__(self, batch_size: int, every_s: float = 30.0) -> None:
+        self.batch_size, self.every_s = batch_size, every_s
+        self._start = self._last = 0.0
+        self._first_step = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = self._last = time.monotonic()
+        self._first_step = trainer.global_step
+
+    def line(self, trainer: L.Trainer, now: float) -> str:
+        step, total = trainer.global_step, trainer.max_steps
+        loss = trainer.callback_metrics.get("train/loss")
+        done, elapsed = step - self._first_step, max(now - self._start, 1e-9)
+        speed = done * self.batch_size * trainer.world_size / elapsed
+        left = (total - step) * elapsed / done if done else float("nan")
+        parts = [f"step {step}/{total} ({100 * step // max(total, 1)}%)"]
+        if loss is not None:
+            parts.append(f"loss {float(loss):.4g}")
+        parts.append(f"{speed:.1f} img/s")
+        parts.append(f"{_clock(elapsed)} elapsed, {_clock(left) if done else '?'} left")
+        return ", ".join(parts)
+
+    @rank_zero_only
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        now, every = time.monotonic(), max(1, trainer.max_steps // 10)
+        if trainer.global_step % every == 0 or now - self._last >= self.every_s:
+            self._last = now
+            progress_log.info("%s", self.line(trainer, now))
+
+    @rank_zero_only
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        progress_log.info("%s (done)", self.line(trainer, time.monotonic()))

@@ -15,7 +15,7 @@ from vqprior.data import DataConfig, ImageSplits, load_image_splits
 from vqprior.io import CheckpointError, content_hash
 from vqprior.lock import RunLock
 from vqprior.models.vqvae import VQVAE
-from vqprior.train.common import find_export, read_json
+from vqprior.train.rundir import find_export, read_json
 
 logger = logging.getLogger(__name__)
 

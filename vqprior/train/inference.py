@@ -24,7 +24,7 @@ from vqprior.io import (
 from vqprior.models.pixelcnn import PixelCNN, PixelCNNConfig
 from vqprior.models.vqvae import VQVAE, VQVAEConfig
 from vqprior.train.codes import VAE_RECORD, default_device, load_vae, read_vae_record
-from vqprior.train.common import find_export, write_json
+from vqprior.train.rundir import find_export, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +216,11 @@ def _bits(
 def export(ckpt: str | Path, out_dir: str | Path) -> Path:
     """A Lightning checkpoint of train-vae or train-prior -> an exported model dir (EMA weights
     for a prior, with its vae.json)."""
-    state = safe_torch_load(ckpt)
+    return export_state(safe_torch_load(ckpt), out_dir, ckpt)
+
+
+def export_state(state: Any, out_dir: str | Path, ckpt: str | Path) -> Path:
+    """:func:`export` of a checkpoint already loaded (``state``) from ``ckpt``."""
     hp = state.get("hyper_parameters") if isinstance(state, dict) else None
     if (
         not isinstance(hp, dict)

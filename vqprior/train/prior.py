@@ -9,8 +9,8 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from vqprior.models.pixelcnn import PixelCNN, PixelCNNConfig
-from vqprior.train.common import StageModule, configure_adamw
 from vqprior.train.config import TrainConfig
+from vqprior.train.module import StageModule, configure_adamw
 from vqprior.train.vae import channels_last
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -52,6 +52,11 @@ class PriorModule(StageModule):
         self.save_hyperparameters({"kind": "prior", "model": model, "train": train, "vae": vae})
         self.model = PixelCNN(PixelCNNConfig.from_dict(model))
         self.train_cfg = TrainConfig.from_dict(train)
+        # Not Lightning 2.6's EMAWeightAveraging callback: it copies the average over the trained
+        # weights at on_train_end, so the last.ckpt written after fit (and so an extended run)
+        # would continue from the averaged weights instead of the trained ones, and its decay is
+        # fixed (no min(d, (1 + n) / (10 + n)) warm-up). Here the module owns the EMA copy: it
+        # travels in every checkpoint (exact resume), validation, sampling and export use it.
         self.ema: AveragedModel | None = None
         if self.train_cfg.ema_decay > 0:
             self.ema = AveragedModel(self.model, multi_avg_fn=warmup_ema(self.train_cfg.ema_decay))
@@ -78,6 +83,9 @@ class PriorModule(StageModule):
         train = stage == "train"
         model = self.model if train else self.eval_model
         cond = y if model.config.num_classes else None
+        if train and cond is not None and model.null_class is not None:  # (H1) guidance
+            drop = torch.rand(cond.shape, device=cond.device) < model.config.class_dropout
+            cond = torch.where(drop, torch.full_like(cond, model.null_class), cond)
         log_prob = self._log_prob["fn"] if train else model.log_prob
         nll = -log_prob(x, cond).float()  # nats per example [b]
         loss = nll.mean() / model.num_dims  # nats per element

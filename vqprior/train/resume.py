@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -87,11 +86,6 @@ class StreamBatchSampler(Sampler[list[int]]):
         size = self.batch_size * self.world_size
         glob = perm[j * size : (j + 1) * size] if self.num_items >= size else perm
         return glob.tensor_split(self.world_size)[self.rank].tolist()
-
-    def batch(self, g: int) -> list[int]:
-        """This rank's indices of global batch ``g`` of the stream."""
-        epoch, j = divmod(g, len(self))
-        return self.rank_batch(self.permutation(epoch), j)
 
     def __iter__(self) -> Iterator[list[int]]:
         start = self.position() if self.position is not None else self._next
@@ -215,28 +209,3 @@ class ResumeState(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._in_batch_end = False
-
-
-def remove_stale_temps(*dirs: Path) -> list[Path]:
-    """Delete temp files and staging dirs (``.<name>.*.tmp``) that a killed run left in ``dirs``.
-
-    An export set aside mid-swap (``.<name>.old-*.tmp``) is kept: it may be the only copy, and
-    the next successful save removes it.
-    """
-    import shutil
-
-    removed = []
-    for d in dirs:
-        if not d.is_dir():
-            continue
-        for p in d.glob(".*.tmp"):
-            if ".old-" in p.name:
-                continue
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-            removed.append(p)
-    if removed:
-        logger.info("removed %d temp files left by an interrupted run", len(removed))
-    return removed

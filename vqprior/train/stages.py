@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,11 @@ from lightning.pytorch.callbacks import Callback
 
 from vqprior.config import apply_overrides
 from vqprior.data import DataConfig, ImageSplits, load_image_splits
+from vqprior.io import safe_torch_load
 from vqprior.lock import RunLock
 from vqprior.models.vqvae import VQVAE
 from vqprior.train.callbacks import ImageGrids
+from vqprior.train.checkpoints import VAL_METRIC, best_checkpoint
 from vqprior.train.codes import (
     VAE_RECORD,
     Codes,
@@ -36,16 +39,6 @@ from vqprior.train.codes import (
     load_vae,
     stored_codes,
     vae_record,
-)
-from vqprior.train.common import (
-    IMAGES_DIR,
-    MODEL_DIR,
-    build_trainer,
-    check_run_dir,
-    prepare_run_dir,
-    read_json,
-    run_training,
-    write_json,
 )
 from vqprior.train.config import (
     DeviceOptions,
@@ -57,7 +50,17 @@ from vqprior.train.config import (
     fill_num_classes,
 )
 from vqprior.train.datamodule import codes_datamodule, image_datamodule
+from vqprior.train.inference import export_state
 from vqprior.train.prior import PriorModule
+from vqprior.train.rundir import (
+    IMAGES_DIR,
+    MODEL_DIR,
+    check_run_dir,
+    prepare_run_dir,
+    read_json,
+    write_json,
+)
+from vqprior.train.trainer import build_trainer, run_training
 from vqprior.train.vae import VQVAEModule
 
 logger = logging.getLogger(__name__)
@@ -141,8 +144,29 @@ def _fit_vae(
     metrics = run_training(trainer, module, dm, resume, out, has_val)
     if not trainer.is_global_zero:
         return {}
-    module.model.save_pretrained(out / MODEL_DIR)
-    return _finish(out, "train-vae", trainer, module.model, metrics, started, {})
+    chosen = export_best(
+        trainer, metrics, out, lambda: module.model.save_pretrained(out / MODEL_DIR)
+    )
+    return _finish(out, "train-vae", trainer, module.model, metrics, started, chosen)
+
+
+def export_best(
+    trainer: L.Trainer, metrics: dict[str, float], out: Path, save_final: Callable[[], Any]
+) -> dict[str, Any]:
+    """Export the weights with the lowest ``val/loss``: ``best.ckpt``'s when they beat the
+    final weights' (validated once more at the end), else the final weights (``save_final``).
+    Returns what the summary records: which weights, their step and val loss."""
+    found, final = best_checkpoint(trainer), metrics.get(VAL_METRIC)
+    if found is not None and (final is None or found[1] < final):
+        state = safe_torch_load(found[0])
+        export_state(state, out / MODEL_DIR, found[0])
+        step = int(state.get("global_step", -1))
+        return {"exported": "best", "best_step": step, "best_val_loss": found[1]}
+    save_final()
+    chosen: dict[str, Any] = {"exported": "final", "best_step": trainer.global_step}
+    if final is not None:
+        chosen["best_val_loss"] = final
+    return chosen
 
 
 def _reconstructor(fixed: torch.Tensor) -> Any:
@@ -259,9 +283,16 @@ def _fit_prior(
     if not trainer.is_global_zero:
         return {}
     extra_files = {VAE_RECORD: json.dumps(record, indent=2) + "\n"} if record is not None else None
-    module.eval_model.save_pretrained(out / MODEL_DIR, extra_files=extra_files)
+    chosen = export_best(
+        trainer,
+        metrics,
+        out,
+        lambda: module.eval_model.save_pretrained(out / MODEL_DIR, extra_files=extra_files),
+    )
     extra = {"vae_hash": record["vae_hash"]} if record else {}
-    return _finish(out, "train-prior", trainer, module.eval_model, metrics, started, extra)
+    return _finish(
+        out, "train-prior", trainer, module.eval_model, metrics, started, {**chosen, **extra}
+    )
 
 
 def _check_vae_unchanged(out: Path, record: dict[str, Any] | None) -> None:

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from vqprior.models.vqvae import VQVAE, VQVAEConfig, VQVAEOutput
-from vqprior.train.common import StageModule, configure_adamw
 from vqprior.train.config import TrainConfig
+from vqprior.train.module import StageModule, configure_adamw
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -1,0 +1,60 @@
+"""What the stage LightningModules share: step routing and the AdamW + LR schedule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import lightning as L
+import torch
+
+from vqprior.train.config import TrainConfig
+
+
+def lr_lambda(train: TrainConfig) -> Any:
+    """Multiplier of the base lr at a step: linear warmup, then constant or cosine to zero.
+
+    A function of (step, ``train.max_steps``) only: an extended run (a rerun with a larger
+    ``max_steps``) recomputes the schedule for the new ``max_steps``, so a cosine run goes on
+    from where the new, longer curve stands at the resumed step (the lr jumps up to it).
+    """
+
+    def factor(step: int) -> float:
+        if train.warmup_steps and step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        if train.lr_schedule == "constant":
+            return 1.0
+        span = max(1, train.max_steps - train.warmup_steps)
+        progress = min(1.0, (step - train.warmup_steps) / span)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class StageModule(L.LightningModule):
+    """Routes Lightning's train/val/test steps to one ``_step(batch, stage)`` (STYLE.md)."""
+
+    def _step(self, batch: Any, stage: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "test")
+
+
+def configure_adamw(params: Iterable[torch.nn.Parameter], train: TrainConfig) -> dict[str, Any]:
+    """AdamW plus a per-step LambdaLR schedule, in Lightning's configure_optimizers format.
+
+    LambdaLR does not store the lambda in its state dict, so a resumed run uses the lambda of
+    its own (possibly extended) config.
+    """
+    trainable = [p for p in params if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
