@@ -25,7 +25,7 @@ from vqprior.nn.mixture import mixture_log_prob
 from vqprior.uses import compress as compress_module
 from vqprior.uses import fallback
 from vqprior.uses.compress import compress_images, decompress_bytes, frequencies
-from vqprior.uses.container import CompressedFileError, header_bytes, unpack
+from vqprior.uses.container import CompressedFileError, header_bytes, pack, unpack
 from vqprior.uses.models import load_models
 
 pytest.importorskip("constriction")
@@ -109,7 +109,10 @@ def test_corrupt_truncated_and_other_model_files(tmp_path: Path) -> None:
     other = load_models(save_pixel_prior(tmp_path / "o", "gray-mixture", 4, 5))
     with pytest.raises(CompressedFileError, match="compressed with a prior of hash"):
         decompress_bytes(data, other)
-    assert unpack(data, "f")[0]["num_images"] == 2
+    header, streams = unpack(data, "f")
+    assert header["num_images"] == 2 and header["device"] == "cpu"
+    with pytest.raises(CompressedFileError, match="decompress with --device cuda"):
+        decompress_bytes(pack(dict(header, device="cuda"), streams), models)
 
 
 def test_cli_round_trip_names_and_errors(tmp_path: Path) -> None:

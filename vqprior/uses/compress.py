@@ -237,6 +237,11 @@ def decompress_bytes(data: bytes, models: Models, where: str = "file") -> tuple[
     n, bs = header["num_images"], header["batch_size"]
     cond = None if header["labels"] is None else torch.tensor(header["labels"])
     dev = next(models.prior.parameters()).device
+    if dev.type != header["device"]:  # other kernels round differently: the streams desync
+        raise CompressedFileError(
+            f"{where} was compressed on {header['device']}: decompress with --device "
+            f"{header['device']} (this run uses {dev.type})"
+        )
     out = []
     for j, words in enumerate(streams):
         count = min(bs, n - j * bs)
@@ -299,6 +304,7 @@ def decompress(
         raise FileNotFoundError(f"compressed file {path} not found")
     data = path.read_bytes()
     header, _ = unpack(data, path)
+    device = device or header["device"]
     models = load_models(prior_dir or header["prior_path"], vae_dir or header["vae_path"], device)
     start = time.perf_counter()
     x8, header = decompress_bytes(data, models, str(path))
