@@ -636,3 +636,30 @@ def test_head_wrapper() -> None:
     assert torch.equal(head(x, params), mixture_log_prob(x, params, m, n))
     with pytest.raises(ValueError):
         head.log_prob(x[:, :1], params)
+
+
+@pytest.mark.parametrize("n", [3, 16, 256])
+def test_mode_search_prunes_exactly(n: int) -> None:
+    """The pruned mode search (dominance and per-component reach windows) finds the argmax of
+    the dense float64 conditional over all bins, for broad, sharp and far components."""
+    m = 5
+    params = random_params(4, 1, m, 8, 8, log_scale=(-9.0, 2.5), mean=(-1.6, 1.6), seed=23)
+    params[:, :m] *= 3  # uneven weights
+    params = params.double()
+    dense = mixture_channel_log_probs(params, None, 0, m, n).argmax(1)  # [4, 8, 8]
+    assert torch.equal(to_bins(mixture_mode(params, 1, m, n)[:, 0], n), dense)
+    # Two equal broad components: the mode can sit between them, far from both means.
+    seps = torch.linspace(0.05, 0.4, 16, dtype=torch.float64)
+    two = torch.zeros(16, 6, 1, 1, dtype=torch.float64)
+    two[:, 2, 0, 0], two[:, 3, 0, 0], two[:, 4:] = (
+        0.013 - seps / 2,
+        0.013 + seps / 2,
+        math.log(0.08),
+    )
+    two[:, 0] = 0.1  # no exact (mirror) ties
+    dense = mixture_channel_log_probs(two, None, 0, 2, n).argmax(1)[:, 0, 0]
+    assert torch.equal(to_bins(mixture_mode(two, 1, 2, n), n)[:, 0, 0, 0], dense)
+    if n == 256:
+        centre = 1.013 * (n - 1) / 2  # the mode between the two means, > 10 bins from both
+        between = (dense.double() - centre).abs() < 3
+        assert (between & (seps * (n - 1) / 2 > 10)).any()
