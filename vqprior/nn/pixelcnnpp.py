@@ -54,8 +54,9 @@ def concat_elu(x: Tensor) -> Tensor:
 
 
 class Dropout(nn.Module):
-    """Element-wise dropout, as ``nn.Dropout(p)``, with the keep mask ``rand >= p`` drawn in
-    fp32 in ``x``'s memory format (CPU ``bernoulli_`` is several times slower)."""
+    """Element-wise dropout, as ``nn.Dropout(p)``, with the keep mask drawn in ``x``'s memory
+    format: uniform bytes ``>= 256 p`` when ``256 p`` is a whole number (exact, e.g. p = 0.5),
+    else ``rand >= p`` in fp32 (on CPU both are several times cheaper than ``bernoulli_``)."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
@@ -64,7 +65,11 @@ class Dropout(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        keep = torch.rand_like(x, dtype=torch.float32) >= self.p
+        level = self.p * 256
+        if level == round(level):
+            keep = torch.empty_like(x, dtype=torch.uint8).random_(0, 256) >= int(level)
+        else:
+            keep = torch.rand_like(x, dtype=torch.float32) >= self.p
         return x * (keep * (1.0 / (1.0 - self.p))).to(x.dtype)
 
 
