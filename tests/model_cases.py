@@ -1,7 +1,7 @@
 """Tiny PixelCNN configurations shared by the causality and sampler tests.
 
 Together they cover both data kinds, the mixture and categorical heads, kernel sizes 3/5/7,
-both backbones, class conditioning and the spatial-condition hook.
+both backbones, class conditioning, the spatial-condition hook and attention blocks.
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ CASES: dict[str, dict] = {
     "codes-k7-spatial": dict(
         data="codes", num_codes=6, **SMALL, num_layers=2, kernel_size=7, spatial_cond_channels=2
     ),
+    "codes-cond-attention": dict(
+        data="codes", num_codes=5, **SMALL, num_layers=3, num_classes=2, attention_every=1
+    )
+    | dict(attention_heads=2),
     "rgb-mixture": dict(data="pixels", in_channels=3, **SMALL, num_layers=2, num_mixtures=2)
     | dict(height=3),
     "rgb-mixture-cond": dict(

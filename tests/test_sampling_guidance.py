@@ -131,3 +131,23 @@ def test_class_dropout_adds_a_null_class() -> None:
     assert not torch.allclose(lp_null, model.log_prob(x, torch.tensor([0, 0])))
     with pytest.raises(ValueError, match="class_dropout"):
         PixelCNNConfig(class_dropout=0.1)  # unconditional: nothing to drop
+
+
+def test_training_step_drops_labels_to_the_null_class_only_in_training() -> None:
+    from vqprior.train.prior import PriorModule
+
+    cfg = dict(GUIDED["codes"], num_classes=3, class_dropout=0.5)
+    module = PriorModule(cfg, {})
+    module.log_dict = lambda *a, **k: None  # type: ignore[method-assign]
+    seen: list[torch.Tensor] = []
+    log_prob = module.model.log_prob
+    module._log_prob["fn"] = lambda x, c: (seen.append(c), log_prob(x, c))[1]
+    module.eval_model.log_prob = lambda x, c: (seen.append(c), log_prob(x, c))[1]  # type: ignore[method-assign]
+    x, y = torch.randint(5, (256, 3, 4)), torch.randint(3, (256,))
+    torch.manual_seed(0)
+    module._step((x, y), "train")
+    dropped = seen[-1] == 3
+    assert 0.4 < float(dropped.float().mean()) < 0.6  # about class_dropout of the labels
+    assert torch.equal(seen[-1][~dropped], y[~dropped])  # the others are kept
+    module._step((x, y), "val")
+    assert torch.equal(seen[-1], y)  # validation never drops labels
