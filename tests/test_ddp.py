@@ -63,17 +63,35 @@ def assert_same_across_ranks(dump: Path, must_have: tuple[str, ...]) -> dict[str
     return end
 
 
+# Settings under which 2 ranks with batch 8 each must equal 1 process with batch 16: no
+# dead-code restarts (their candidates are drawn from rank zero's shard of the batch).
+EXACT = ["--set", "model.restart_dead_codes=false", "--set", "train.max_steps=3"]
+SINGLE = ["--accelerator", "cpu", "--devices", "1", "--set", "train.batch_size=16"]
+
+
+def train_vae(
+    tmp: Path, name: str, *device: str
+) -> tuple[Path, Path, subprocess.CompletedProcess[str]]:
+    out, dump = tmp / name, tmp / f"{name}_dump"
+    args = ["train-vae", "--config", str(TINY / "vae.yaml"), "--out", str(out), *EXACT]
+    return out, dump, run_cli(tmp, dump, *args, *device)
+
+
 @pytest.fixture(scope="module")
 def ddp_vae(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("ddp_vae")
-    out, dump = tmp / "vae", tmp / "dump"
-    proc = run_cli(
-        tmp, dump, "train-vae", "--config", str(TINY / "vae.yaml"), "--out", str(out), *DDP
-    )
+    out, dump, proc = train_vae(tmp, "vae", *DDP, "--set", "train.batch_size=8")
     reports = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert len(reports) == 1, proc.stdout  # rank zero reports, rank one stays quiet
-    assert json.loads(reports[0])["global_step"] == 6
+    assert json.loads(reports[0])["global_step"] == 3
     return out, dump
+
+
+def exported_state(out: Path, final: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The module state the run exported: its final one, or best.ckpt's."""
+    if json.loads((out / "summary.json").read_text())["exported"] == "final":
+        return final
+    return torch.load(out / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
 
 
 def test_vae_ranks_agree_on_weights_and_codebook(ddp_vae: tuple[Path, Path]) -> None:
@@ -84,8 +102,31 @@ def test_vae_ranks_agree_on_weights_and_codebook(ddp_vae: tuple[Path, Path]) -> 
     start = load_ranks(dump, ".start")[0]
     assert not torch.equal(start["model.quantizer.embed"], end["model.quantizer.embed"])
     exported = load_file(str(out / "model" / "model.safetensors"))
-    for k, v in exported.items():  # the export is rank zero's final model
-        assert torch.equal(v, end[f"model.{k}"]), k
+    chosen = exported_state(out, end)
+    for k, v in exported.items():  # the export is rank zero's model
+        assert torch.equal(v, chosen[f"model.{k}"]), k
+
+
+def test_two_ranks_equal_one_process_on_the_whole_batch_with_or_without_strategy_ddp(
+    ddp_vae: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Sums (codebook counts and sums) summed and gradients averaged over the ranks: the same
+    codebook and weights as one process on the concatenated batch; ``--strategy auto`` with 2
+    devices gets the very same DDP settings as ``--strategy ddp``."""
+    _, ddp_dump = ddp_vae
+    ddp = load_ranks(ddp_dump)[0]
+    auto = ["--accelerator", "cpu", "--devices", "2", "--set", "train.batch_size=8"]
+    _, auto_dump, _ = train_vae(tmp_path, "auto", *auto)
+    for k, v in load_ranks(auto_dump)[0].items():
+        assert torch.equal(v, ddp[k]), k
+    _, single_dump, _ = train_vae(tmp_path, "single", *SINGLE)
+    single = load_file(str(single_dump / "rank0.safetensors"))
+    assert sorted(single) == sorted(ddp)
+    for k, v in single.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(ddp[k], v, rtol=1e-4, atol=1e-5, msg=k)
+        else:
+            assert torch.equal(ddp[k], v), k
 
 
 def test_codes_prior_ranks_agree_including_ema(ddp_vae: tuple[Path, Path], tmp_path: Path) -> None:
