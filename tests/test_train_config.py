@@ -22,7 +22,7 @@ from vqprior.train.config import (
     fill_num_classes,
 )
 from vqprior.train.module import lr_lambda
-from vqprior.train.rundir import flatten_metrics, prepare_run_dir
+from vqprior.train.rundir import check_run_dir, flatten_metrics, prepare_run_dir
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ALL = [  # stage configs; configs/tiny/pipeline*.yaml are pipeline files (tests/test_pipeline.py)
@@ -137,3 +137,41 @@ def test_prepare_run_dir_names_the_first_differing_key(tmp_path: Path) -> None:
     assert prepare_run_dir(tmp_path, cfg) is None  # same config: fine (nothing to resume yet)
     with pytest.raises(ConfigError, match=r"model.channels is 8 there, 16 now"):
         prepare_run_dir(tmp_path, {"model": {"channels": 16}, "train": {"lr": 0.1}})
+
+
+@pytest.mark.parametrize(
+    ("strategy", "devices", "nodes", "ddp"),
+    [("ddp", "1", 1, True), ("auto", "2", 1, True), ("auto", "0,1", 1, True),
+     ("auto", "1", 2, True), ("auto", "1", 1, False), ("ddp_spawn", "2", 1, False)],
+)  # fmt: skip
+def test_ddp_settings_do_not_depend_on_how_ddp_was_asked_for(
+    strategy: str, devices: str, nodes: int, ddp: bool
+) -> None:
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from vqprior.train.trainer import resolve_strategy
+
+    opts = DeviceOptions(accelerator="cpu", devices=devices, num_nodes=nodes, strategy=strategy)
+    found = resolve_strategy(opts)
+    if ddp:  # plain DDP without buffer broadcast (the usage counters are per rank)
+        assert type(found) is DDPStrategy and found._ddp_kwargs == {"broadcast_buffers": False}
+    else:
+        assert found == strategy
+
+
+def test_a_larger_max_steps_extends_a_run_and_nothing_else_does(tmp_path: Path) -> None:
+    cfg = {"model": {"channels": 8}, "train": {"lr": 0.1, "max_steps": 10}}
+    assert not check_run_dir(tmp_path, cfg)
+    prepare_run_dir(tmp_path, cfg)
+    longer = {"model": {"channels": 8}, "train": {"lr": 0.1, "max_steps": 20}}
+    assert check_run_dir(tmp_path, longer)  # an extension
+    prepare_run_dir(tmp_path, longer)
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == longer
+    assert not check_run_dir(tmp_path, longer)  # now the same run
+    for other in (
+        {"model": {"channels": 8}, "train": {"lr": 0.1, "max_steps": 5}},
+        {"model": {"channels": 8}, "train": {"lr": 0.2, "max_steps": 40}},
+        {"model": {"channels": 9}, "train": {"lr": 0.1, "max_steps": 40}},
+    ):
+        with pytest.raises(ConfigError, match="holds a different run"):
+            check_run_dir(tmp_path, other)
