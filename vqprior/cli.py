@@ -255,6 +255,13 @@ _prior_option = click.option(
     type=_Existing("prior run dir", directory=True),
     help="train-prior run dir",
 )
+_bottom_prior_option = click.option(
+    "--bottom-prior",
+    "bottom_prior_dir",
+    default=None,
+    type=_Existing("bottom prior run dir", directory=True),
+    help="two-level VAE: the bottom prior's run dir (--prior is then the top prior)",
+)
 _inference_device_option = click.option(
     "--device", default=None, help="cpu or cuda (default: cuda when available)"
 )
@@ -296,6 +303,7 @@ def encode_cmd(
 
 @cli.command("generate")
 @_prior_option
+@_bottom_prior_option
 @_vae_option(required=False, help="train-vae run dir (codes prior)")
 @click.option("--num", type=int, default=64, show_default=True)
 @click.option(
@@ -321,6 +329,7 @@ def generate_cmd(**kw: Any) -> None:
 
 @cli.command("evaluate")
 @_prior_option
+@_bottom_prior_option
 @_vae_option(required=False, help="train-vae run dir (codes prior: adds the decoder's bits)")
 @click.option(
     "--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True

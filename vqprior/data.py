@@ -62,9 +62,12 @@ class DataConfig(Config):
     split_seed: int = 0
     limit: int | None = None
     download: bool = True
+    # H5 (two-level VQ-VAE): which code map a prior models, see vqprior.train.hierarchy
+    level: str | None = None  # None (one-level VAE) | "top" | "bottom"
 
     def __post_init__(self) -> None:
         check_choice("name", self.name, DATASETS)
+        check_choice("level", self.level, (None, "top", "bottom"))
         if self.name in ("folder", "npz") and not self.path:
             raise ConfigError(f"path must be set when name={self.name!r} (a folder or .npz file)")
         if self.image_size is not None:

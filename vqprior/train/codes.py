@@ -112,6 +112,10 @@ def encode_codes(
     splits = load_image_splits(cfg)
     check_vae_channels(vae, splits)
     record = vae_record(vae, export, (splits.channels, splits.height, splits.width))
+    if vae.config.levels == 2:  # two-level VAE: both code maps (vqprior.train.hierarchy)
+        from vqprior.train.hierarchy import encode_codes_levels
+
+        return encode_codes_levels(vae, record, splits, cfg, Path(out), batch_size, device)
     with RunLock(out):
         encode_splits(vae, record, splits, cfg, Path(out), batch_size, device)
     return {s: Path(out) / f"{s}.safetensors" for s in SPLITS}

@@ -39,6 +39,11 @@ def load_prior(prior_dir: str | Path) -> tuple[PixelCNN, Path]:
 def matching_vae(prior: PixelCNN, prior_path: Path, vae_dir: str | Path | None) -> VQVAE:
     """The VAE whose codes ``prior`` models; refuse one whose hash, codebook or grid differ."""
     record = read_vae_record(prior_path)
+    if record is not None and record.get("level"):  # see vqprior.train.hierarchy_infer
+        raise ValueError(
+            f"{prior_path} models the {record['level']} codes of a two-level VAE: pass the top "
+            "prior as --prior and the bottom prior as --bottom-prior"
+        )
     if vae_dir is None:
         if record is None:
             raise ValueError(f"{prior_path} is a prior on codes: pass --vae <train-vae run dir>")
@@ -97,12 +102,23 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     guidance: float | None = None,
+    bottom_prior_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Sample ``num`` images into a PNG grid, and raw samples into ``<out_png stem>.safetensors``.
 
     The tensors file holds ``images`` uint8 [n, c, H, W], ``codes`` long [n, h, w] (codes prior)
     and ``labels`` long [n] (conditional prior). A codes prior refuses a mismatched VAE.
     """
+    if bottom_prior_dir is not None:  # two-level VAE: top prior, then bottom given top
+        from vqprior.train.hierarchy_infer import generate_two_level
+
+        if top_k is not None or top_p is not None or guidance is not None:
+            raise ValueError("--top-k, --top-p and --guidance do not apply to two-level sampling")
+
+        return generate_two_level(
+            prior_dir, bottom_prior_dir, vae_dir, num, out_png, seed, temperature, label,
+            device, method,
+        )  # fmt: skip
     if num < 1:
         raise ValueError(f"--num must be >= 1, got {num}")
     prior, prior_path = load_prior(prior_dir)
@@ -155,6 +171,7 @@ def evaluate(
     batch_size: int = 256,
     device: str | None = None,
     data: DataConfig | None = None,
+    bottom_prior_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Negative log-likelihood of a split in bits per dimension (of the images).
 
@@ -162,6 +179,12 @@ def evaluate(
     the image given its codes (a bound; needs ``recon="mixture"``, else only the prior part).
     Writes ``eval_<split>.json`` into a run dir.
     """
+    if bottom_prior_dir is not None:  # two-level VAE: the two-level bound
+        from vqprior.train.hierarchy_infer import evaluate_two_level
+
+        return evaluate_two_level(
+            prior_dir, bottom_prior_dir, vae_dir, split, batch_size, device, data
+        )
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
     prior, prior_path = load_prior(prior_dir)

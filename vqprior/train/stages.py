@@ -50,6 +50,8 @@ from vqprior.train.config import (
     fill_num_classes,
 )
 from vqprior.train.datamodule import codes_datamodule, image_datamodule
+from vqprior.train.hierarchy import check_vae_data, refuse_level, resolve_level
+from vqprior.train.hierarchy_prior import level_prior_parts
 from vqprior.train.inference import export_state
 from vqprior.train.prior import PriorModule
 from vqprior.train.rundir import (
@@ -74,6 +76,7 @@ def resolve_vae_stage(raw: dict[str, Any]) -> tuple[VAEStageConfig, ImageSplits]
     """Check keys, load the data, fill ``model.in_channels``; the resolved config and splits."""
     check_sections(raw, "vae")
     data = DataConfig.from_dict(raw.get("data"), prefix="data.")
+    check_vae_data(data)  # data.level belongs to a prior
     TrainConfig.from_dict(raw.get("train"), prefix="train.")  # fail fast, before loading data
     splits = load_image_splits(data)
     model = dict(raw.get("model") or {})
@@ -197,11 +200,13 @@ def resolve_prior_stage(
         vae, export = load_vae(str(raw["vae"]))
         check_vae_channels(vae, splits)
         record = vae_record(vae, export, (splits.channels, splits.height, splits.width))
+        record = resolve_level(model, vae, record, data)  # two-level VAE: data.level's grid
         fill_field(model, "data", "codes", "vae (set: a prior on codes)")
         fill_field(model, "num_codes", record["num_codes"], "the VAE's codebook size")
         fill_field(model, "height", record["grid"][0], "the VAE's code-map height")
         fill_field(model, "width", record["grid"][1], "the VAE's code-map width")
     else:
+        refuse_level(data)  # data.level: a prior on a two-level VAE's codes only
         fill_field(model, "data", "pixels", "vae (null: a prior on pixels)")
         fill_field(model, "in_channels", splits.channels, "the images' channels")
         fill_field(model, "height", splits.height, "the image height")
@@ -267,17 +272,24 @@ def _fit_prior(
     resume = prepare_run_dir(out, cfg.to_dict())
     _check_vae_unchanged(out, record)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    if vae is not None and record is not None:
+    level = record.get("level") if record is not None else None
+    if level and vae is not None and record is not None:  # one level of a two-level VAE
+        dm, has_val, module, make_grid = level_prior_parts(
+            cfg, splits, vae, record, out, codes_dir, device
+        )
+    elif vae is not None and record is not None:
         codes = _prior_codes(cfg, splits, vae, record, out, codes_dir, device)
         dm = codes_datamodule(codes, cfg.train.batch_size, cfg.train.num_workers, cfg.train.seed)
         has_val = len(codes["val"][0]) > 0
     else:
         dm = image_datamodule(splits, cfg.train.batch_size, cfg.train.num_workers, cfg.train.seed)
         has_val = len(splits.val) > 0  # type: ignore[arg-type]
-    module = PriorModule(cfg.model.to_dict(), cfg.train.to_dict(), record, compile=device.compile)
-    grids = ImageGrids(
-        out / IMAGES_DIR, "samples", _sampler(cfg, vae), cfg.train.image_every_n_steps
-    )
+    if not level:
+        module = PriorModule(
+            cfg.model.to_dict(), cfg.train.to_dict(), record, compile=device.compile
+        )
+        make_grid = _sampler(cfg, vae)
+    grids = ImageGrids(out / IMAGES_DIR, "samples", make_grid, cfg.train.image_every_n_steps)
     trainer = build_trainer(out, cfg.train, device, [grids, *(callbacks or [])], has_val)
     metrics = run_training(trainer, module, dm, resume, out, has_val)
     if not trainer.is_global_zero:

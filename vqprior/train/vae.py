@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from vqprior.models.hierarchy import VQVAE2Output, level_quantizers, reconstruct
 from vqprior.models.vqvae import VQVAE, VQVAEConfig, VQVAEOutput
 from vqprior.train.config import TrainConfig
 from vqprior.train.module import StageModule, configure_adamw
@@ -33,7 +34,7 @@ class VQVAEModule(StageModule):
         self.train_cfg = TrainConfig.from_dict(train)
         forward: Callable[[torch.Tensor], VQVAEOutput] = self.model
         self._forward = {"fn": torch.compile(self.model) if compile else forward}
-        self._saved_usage: torch.Tensor | None = None
+        self._saved_usage: dict[str, torch.Tensor] | None = None
 
     def on_fit_start(self) -> None:
         if self.device.type == "cuda":
@@ -50,6 +51,8 @@ class VQVAEModule(StageModule):
             "recon_mse": F.mse_loss(out.recon.detach().float(), x.float()),
             "batch_perplexity": out.perplexity,
         }
+        if isinstance(out, VQVAE2Output):  # two levels: batch_perplexity is the bottom's
+            metrics["batch_perplexity_top"] = out.top_perplexity
         if self.model.config.recon == "mixture":
             metrics["bits_per_dim"] = out.bits_per_dim
         train = stage == "train"
@@ -64,28 +67,35 @@ class VQVAEModule(StageModule):
         return out.loss
 
     # Codebook usage over each epoch, from the quantizer's counters (summed over ranks).
+    # (one codebook per level for a two-level VAE: level_quantizers)
     def on_train_epoch_start(self) -> None:
-        self.model.quantizer.reset_usage()
+        for q in level_quantizers(self.model).values():
+            q.reset_usage()
 
     def on_train_epoch_end(self) -> None:
         self._log_usage("train")
 
     def on_validation_epoch_start(self) -> None:
         # validation shares the counters: set the training counts aside until it ends
-        self._saved_usage = self.model.quantizer.usage_counts.clone()
-        self.model.quantizer.reset_usage()
+        quantizers = level_quantizers(self.model)
+        self._saved_usage = {k: q.usage_counts.clone() for k, q in quantizers.items()}
+        for q in quantizers.values():
+            q.reset_usage()
 
     def on_validation_epoch_end(self) -> None:
         self._log_usage("val")
         if self._saved_usage is not None:
-            self.model.quantizer.usage_counts.copy_(self._saved_usage)
+            for k, q in level_quantizers(self.model).items():
+                q.usage_counts.copy_(self._saved_usage[k])
             self._saved_usage = None
 
     def _log_usage(self, stage: str) -> None:
-        used, perplexity = self.model.quantizer.usage_stats()
-        # already summed over ranks: the sync only averages equal values
-        self.log(f"{stage}/codes_used", float(used), sync_dist=True)
-        self.log(f"{stage}/perplexity", perplexity, sync_dist=True)
+        for level, q in level_quantizers(self.model).items():
+            used, perplexity = q.usage_stats()
+            suffix = f"_{level}" if level else ""  # codes_used_top, perplexity_bottom, ...
+            # already summed over ranks: the sync only averages equal values
+            self.log(f"{stage}/codes_used{suffix}", float(used), sync_dist=True)
+            self.log(f"{stage}/perplexity{suffix}", perplexity, sync_dist=True)
 
     @torch.no_grad()
     def reconstruction_grid(self, x: torch.Tensor, per_row: int = 8) -> tuple[torch.Tensor, int]:
@@ -93,7 +103,7 @@ class VQVAEModule(StageModule):
         inputs sits above the row of their reconstructions (b' = b rounded down to full rows)."""
         nrow = min(len(x), per_row)
         x = x[: len(x) // nrow * nrow].to(self.device)
-        recon = self.model.decode(self.model.encode(x)).float()
+        recon = reconstruct(self.model, x).float()  # through both levels of a VQVAE2
         both = torch.stack([x.float(), recon])  # [2, b', c, H, W]
         return rearrange(both, "two (r n) c h w -> (r two n) c h w", n=nrow), nrow
 

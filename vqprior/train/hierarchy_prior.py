@@ -1,0 +1,165 @@
+"""train-prior on one level of a two-level VQ-VAE: batches, the bottom prior's module (its
+spatial condition: the top codes' codebook vectors upsampled to the bottom grid) and grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from einops import repeat
+from torch.utils.data import TensorDataset
+
+from vqprior.data import ImageSplits
+from vqprior.models.hierarchy import VQVAE2
+from vqprior.models.vqvae import VQVAE
+from vqprior.train.config import DeviceOptions, PriorStageConfig
+from vqprior.train.datamodule import SplitsDataModule, codes_datamodule
+from vqprior.train.hierarchy import LevelCodes, level_codes
+from vqprior.train.prior import LN2, PriorModule
+from vqprior.train.vae import channels_last
+
+
+# ----------------------------------------------------------------------------- train-prior
+def level_datamodule(
+    codes: LevelCodes, level: str, batch_size: int, num_workers: int, seed: int
+) -> tuple[SplitsDataModule, bool]:
+    """Top: batches (top, y); bottom: batches (bottom, y, top). Also whether val is non-empty."""
+    if level == "top":
+        dm = codes_datamodule(codes["top"], batch_size, num_workers, seed)
+    else:
+        sets = {
+            split: TensorDataset(codes["bottom"][split][0], codes["bottom"][split][1], top)
+            for split, (top, _) in codes["top"].items()
+        }
+        dm = SplitsDataModule(
+            sets["train"], sets["val"], sets["test"], batch_size, num_workers, seed
+        )
+    return dm, len(codes[level]["val"][0]) > 0
+
+
+class BottomPriorModule(PriorModule):
+    """A bottom prior: batches (bottom, y, top); the spatial condition of every layer is
+    :func:`top_condition` of the top codes, from a frozen copy of the VAE's top codebook.
+
+    Exports, EMA weights and hyperparameters are those of :class:`PriorModule`.
+    """
+
+    top_embed: torch.Tensor
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        train: dict[str, Any],
+        vae: dict[str, Any] | None = None,
+        compile: bool = False,
+        top_embed: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(model, train, vae, compile)
+        cfg = self.model.config
+        embed = top_embed if top_embed is not None else torch.zeros(cfg.num_codes, 1)
+        if embed.shape != (cfg.num_codes, cfg.spatial_cond_channels):
+            raise ValueError(
+                f"the top codebook {tuple(embed.shape)} does not fit the bottom prior "
+                f"({cfg.num_codes} codes, spatial_cond_channels={cfg.spatial_cond_channels})"
+            )
+        self.register_buffer("top_embed", embed.detach().clone().float())
+        self.fixed_top: torch.Tensor | None = None  # top codes whose bottoms the grids sample
+
+    def spatial(self, top: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Top codes long [b, ht, wt] -> the spatial condition [b, d, hb, wb]."""
+        vectors = self.top_embed[top]  # [b, ht, wt, d]
+        sh, sw = grid[0] // top.shape[1], grid[1] // top.shape[2]
+        return repeat(vectors, "b h w d -> b d (h sh) (w sw)", sh=sh, sw=sw)
+
+    def _step(self, batch: Any, stage: str) -> torch.Tensor:
+        x, y, top = batch
+        train = stage == "train"
+        model = self.model if train else self.eval_model
+        cond = y if model.config.num_classes else None
+        spatial = channels_last(self.spatial(top, (x.shape[1], x.shape[2])).to(self.dtype))
+        nll = -model.log_prob(x, cond, spatial_cond=spatial).float()  # nats per example [b]
+        loss = nll.mean() / model.num_dims
+        metrics = {"loss": loss, "nats_per_code": loss, "bits_per_image": nll.mean() / LN2}
+        self.log_dict(
+            {f"{stage}/{k}": v.detach() for k, v in metrics.items()},
+            on_step=train,
+            on_epoch=not train,
+            batch_size=x.shape[0],
+            sync_dist=not train,
+            prog_bar=True,
+        )
+        return loss
+
+    @torch.no_grad()
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0
+    ) -> torch.Tensor:
+        """Bottom codes [n, hb, wb] given the top codes ``fixed_top`` (repeated to n)."""
+        if self.fixed_top is None:
+            raise ValueError("set fixed_top (top codes) before sampling a bottom prior")
+        model = self.eval_model
+        top = self.fixed_top.to(self.device)
+        top = top[torch.arange(n, device=self.device) % len(top)]
+        k = model.config.num_classes
+        cond = torch.arange(n, device=self.device) % k if k else None
+        spatial = self.spatial(top, (model.config.height, model.config.width))
+        return model.sample(
+            n, cond=cond, temperature=temperature, generator=generator, spatial_cond=spatial
+        )
+
+
+# ------------------------------------------------------------------------ stage-two wiring
+def level_prior_parts(
+    cfg: PriorStageConfig,
+    splits: ImageSplits,
+    vae: VQVAE,
+    record: dict[str, Any],
+    out: Path,
+    codes_dir: Path | None,
+    device: DeviceOptions,
+) -> tuple[SplitsDataModule, bool, PriorModule, Any]:
+    """What train-prior needs for a prior on one level: datamodule, whether there is a val
+    split, the module and the image-grid function."""
+    assert isinstance(vae, VQVAE2)
+    level, train = record["level"], cfg.train
+    dev = "cpu" if device.accelerator == "cpu" else None
+    codes = level_codes(vae, record, splits, cfg.data, out, codes_dir, train.batch_size, dev)
+    dm, has_val = level_datamodule(codes, level, train.batch_size, train.num_workers, train.seed)
+    model, train_dict = cfg.model.to_dict(), train.to_dict()
+    if level == "top":
+        module = PriorModule(model, train_dict, record, compile=device.compile)
+        return dm, has_val, module, _top_grid(vae, splits, train.num_sample_images)
+    bottom = BottomPriorModule(
+        model, train_dict, record, compile=device.compile, top_embed=vae.quantizer_top.embed
+    )
+    bottom.fixed_top = codes["top"]["val" if has_val else "train"][0][: train.num_sample_images]
+    return dm, has_val, bottom, _bottom_grid(vae, train.num_sample_images)
+
+
+def _top_grid(vae: VQVAE2, splits: ImageSplits, n: int) -> Any:
+    """Top prior samples drawn as code maps: code index k as gray level 2k/(K-1) - 1."""
+    k = vae.config.num_codes
+
+    def make(module: PriorModule) -> tuple[torch.Tensor, int]:
+        gen = torch.Generator(device=module.device).manual_seed(module.train_cfg.seed)
+        top = module.sample(n, generator=gen).float()
+        maps = top[:, None] * (2.0 / (k - 1)) - 1.0  # [n, 1, ht, wt]
+        size = (splits.height, splits.width)
+        return torch.nn.functional.interpolate(maps, size=size, mode="nearest"), 8
+
+    return make
+
+
+def _bottom_grid(vae: VQVAE2, n: int) -> Any:
+    """Bottom prior samples given the top codes of fixed images, decoded through both levels."""
+
+    def make(module: PriorModule) -> tuple[torch.Tensor, int]:
+        assert isinstance(module, BottomPriorModule) and module.fixed_top is not None
+        gen = torch.Generator(device=module.device).manual_seed(module.train_cfg.seed)
+        bottom = module.sample(n, generator=gen)
+        top = module.fixed_top.to(module.device)
+        top = top[torch.arange(n, device=module.device) % len(top)]
+        return vae.to(module.device).eval().decode_levels(top, bottom), 8
+
+    return make
