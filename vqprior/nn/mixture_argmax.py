@@ -30,11 +30,10 @@ def _candidate_windows(mu: Tensor, num_bins: int) -> tuple[Tensor, Tensor]:
 
 
 def _edge_cdf(edges: Tensor, w: Tensor, mu: Tensor, inv: Tensor, n: int) -> Tensor:
-    """Mixture CDF at bin edges ``edges`` ``[P, K]`` (edge k lies between bins k - 1 and k;
-    edge 0 is -inf, edge N is +inf) for float64 rows ``[P, m]`` -> ``[P, K]``."""
+    """Mixture CDF at interior bin edges ``edges`` ``[P, K]`` (edge k, in ``[1, N - 1]``, lies
+    between bins k - 1 and k) for float64 rows ``[P, m]`` -> ``[P, K]``."""
     x = (2 * edges - n).double() / (n - 1)
     cdf = torch.sigmoid((x[:, None] - mu[:, :, None]) * inv[:, :, None])  # [P, m, K]
-    cdf = torch.where(edges[:, None] <= 0, 0.0, torch.where(edges[:, None] >= n, 1.0, cdf))
     return (cdf * w[:, :, None]).sum(1)
 
 
@@ -43,7 +42,11 @@ def _threshold(w: Tensor, mu: Tensor, inv: Tensor, n: int) -> Tensor:
     nearest bin and at both edge bins."""
     k = torch.round((mu.clamp(-2.0, 2.0) + 1.0) * ((n - 1) / 2)).clamp(0, n - 1).long()
     bins = torch.cat([torch.zeros_like(k[:, :1]), k, torch.full_like(k[:, :1], n - 1)], 1)
-    return (_edge_cdf(bins + 1, w, mu, inv, n) - _edge_cdf(bins, w, mu, inv, n)).amax(1)
+    upper = _edge_cdf((bins + 1).clamp(max=n - 1), w, mu, inv, n)
+    lower = _edge_cdf(bins.clamp(min=1), w, mu, inv, n)
+    upper = torch.where(bins == n - 1, w.sum(1, keepdim=True), upper)  # edge N is +inf
+    lower = torch.where(bins == 0, 0.0, lower)  # edge 0 is -inf
+    return (upper - lower).amax(1)
 
 
 def _component_windows(
