@@ -212,6 +212,31 @@ def test_interrupted_stage_resumes_from_its_checkpoint(
     assert len(list(run.glob("prior_pixels.stale-*"))) == 1  # only the first --set moved one
 
 
+def test_longer_schedule_extends_the_stage_instead_of_redoing_it(
+    run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = manifest(run)
+    spy = Spy(monkeypatch)
+    result = pipeline(run, "--set", "prior_pixels.train.max_steps=8")  # 6 in the file
+    assert result.exit_code == 0, result.output
+    assert spy.ran == ["prior_pixels", "samples_pixels", "evaluate:prior_pixels"]
+    assert "extending it from 6 to 8 steps" in result.stderr
+    assert [statuses(run)[n] for n in PIXELS] == ["extended", "redone", "redone"]
+    after = manifest(run)["prior_pixels"]
+    assert after["key"] == before["prior_pixels"]["key"] and after["max_steps"] == 8
+    assert after["figures"]["global_step"] == 8
+    assert after["outputs"] != before["prior_pixels"]["outputs"]  # a new export
+    assert not list(run.glob("prior_pixels.stale-*"))  # continued in place
+    with open(run / "prior_pixels" / "logs" / "version_1" / "metrics.csv", newline="") as fh:
+        steps = [int(row["step"]) for row in csv.DictReader(fh)]
+    assert min(steps) >= 6  # the second launch went on from the end of the first
+    result = pipeline(run, "--set", "prior_pixels.train.max_steps=4")  # shorter: redone
+    assert result.exit_code == 0, result.output
+    assert statuses(run)["prior_pixels"] == "redone"
+    assert len(list(run.glob("prior_pixels.stale-*"))) == 1
+    assert manifest(run)["prior_pixels"]["figures"]["global_step"] == 4
+
+
 def test_second_pipeline_on_the_same_out_is_refused(
     run: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

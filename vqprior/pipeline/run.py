@@ -1,13 +1,17 @@
 """``vqprior pipeline``: chain the stages of a ``pipelines/*.yaml`` file, skipping finished ones.
 
 Each stage runs in ``<out>/<stage>/`` through the library's stage functions. The manifest
-``<out>/manifest.json`` records, per stage, its key (a hash of its resolved config and the
-keys and output hashes of the stages it reads), status, times and output hashes. Only rank
-zero writes anything, holding ``<out>/.lock`` (:class:`vqprior.lock.RunLock`): a second
-pipeline on the same run directory is refused. A rerun
+``<out>/manifest.json`` records, per stage, its key (a hash of its resolved config, less a
+training stage's ``train.max_steps``, and of the keys and output hashes of the stages it
+reads), its ``max_steps``, status, times and output hashes. Only rank zero writes anything,
+holding ``<out>/.lock`` (:class:`vqprior.lock.RunLock`): a second pipeline on the same run
+directory is refused. A rerun
 
-- skips a finished stage whose key is unchanged (and whose outputs are still there);
+- skips a finished stage whose key (and ``max_steps``) is unchanged and whose outputs remain;
 - resumes an interrupted stage (same key) in place: training restarts from its last checkpoint;
+- extends a training stage whose only change is a larger ``train.max_steps`` in place: it
+  trains on from its last checkpoint (a smaller one redoes it); the stages that read it are
+  redone;
 - redoes a stage whose key changed, which changes the keys of the stages that read it, so they
   are redone too; the old folder is moved aside to ``<stage>.stale-<timestamp>``;
 - with ``from_stage``, redoes that stage and every stage after it.
@@ -31,7 +35,7 @@ from vqprior.config import ConfigError
 from vqprior.io import atomic_write_text, content_hash, file_sha256
 from vqprior.lock import RunLock
 from vqprior.pipeline import ddp, report
-from vqprior.pipeline.spec import Pipeline, Stage, load_pipeline, stage_key
+from vqprior.pipeline.spec import Pipeline, Stage, load_pipeline, max_steps, stage_key
 from vqprior.ranks import is_rank_zero
 from vqprior.train.config import DeviceOptions
 
@@ -180,21 +184,22 @@ class _Runner:
 
     def run(self, i: int, stage: Stage) -> None:
         n, name = len(self.pipe.stages), stage.name
-        key = stage_key(stage, self.done)
+        key, steps = stage_key(stage, self.done), max_steps(stage)
         entry = self.manifest["stages"].get(name)
         folder = self.out / name
         forced = self.from_index is not None and i >= self.from_index
         header = f"[{i + 1}/{n}] {stage.kind} {name}"
-        if self._finished(entry, key, stage, folder) and not forced:
+        if self._finished(entry, key, steps, stage, folder) and not forced:
             logger.info("%s: skipped (unchanged since %s)", header, entry["finished"])
             self.done[name] = entry
             self._row(i, stage, entry, "skipped", 0.0)
             return
-        status = self._prepare(entry, key, folder, forced, header)
+        status = self._prepare(entry, key, steps, folder, forced, header)
         started = time.time()
         self.manifest["stages"][name] = {
             "kind": stage.kind, "key": key, "status": "running", "started": _now(),
             "deps": {d: self.done[d]["key"] for d in stage.deps},
+            **({"max_steps": steps} if steps is not None else {}),
         }  # fmt: skip
         self.save()
         figures = _execute(self.pipe, stage, folder, self.device, self.leader)
@@ -212,19 +217,41 @@ class _Runner:
         self._row(i, stage, entry, status, seconds)
 
     @staticmethod
-    def _finished(entry: dict[str, Any] | None, key: str, stage: Stage, folder: Path) -> bool:
+    def _finished(
+        entry: dict[str, Any] | None, key: str, steps: int | None, stage: Stage, folder: Path
+    ) -> bool:
         if not entry or entry.get("status") != "done" or entry.get("key") != key:
+            return False
+        if entry.get("max_steps") != steps:
             return False
         return all(p.is_file() for p in _output_paths(stage, folder))
 
     def _prepare(
-        self, entry: dict[str, Any] | None, key: str, folder: Path, forced: bool, header: str
+        self,
+        entry: dict[str, Any] | None,
+        key: str,
+        steps: int | None,
+        folder: Path,
+        forced: bool,
+        header: str,
     ) -> str:
-        """Decide ran/resumed/redone; move a folder that holds other work aside."""
-        same_run = bool(entry) and entry.get("status") == "running" and entry.get("key") == key  # type: ignore[union-attr]
-        if folder.exists() and same_run and not forced:
+        """Decide ran/resumed/extended/redone; move a folder that holds other work aside.
+
+        Same key: an interrupted run with the same ``max_steps`` resumes, a run (finished or
+        not) with a smaller one is extended in place; a larger one, or any other change, is
+        redone (a trained run cannot be shortened).
+        """
+        entry = entry or {}
+        same_key = folder.exists() and entry.get("key") == key and not forced
+        before = entry.get("max_steps")
+        if same_key and entry.get("status") == "running" and before == steps:
             logger.info("%s -> %s (resuming an interrupted run)", header, folder)
             return "resumed"
+        if same_key and steps is not None and isinstance(before, int) and before < steps:
+            logger.info(
+                "%s -> %s (extending it from %d to %d steps)", header, folder, before, steps
+            )
+            return "extended"
         if folder.exists():
             stale = _move_aside(folder)
             why = "forced by --from" if forced else "its inputs or config changed"

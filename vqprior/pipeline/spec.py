@@ -297,11 +297,26 @@ def _check_codes(config: dict[str, Any], vae: str | None, codes: Stage) -> None:
             )
 
 
+def max_steps(stage: Stage) -> int | None:
+    """A training stage's ``train.max_steps`` (None for other stages)."""
+    if not stage.training:
+        return None
+    return TrainConfig.from_dict(stage.config.get("train"), prefix="train.").max_steps
+
+
 def stage_key(stage: Stage, deps: dict[str, dict[str, Any]]) -> str:
-    """Hash of the stage's kind, config and the keys and output hashes of its dependencies."""
+    """Hash of the stage's kind, config and the keys and output hashes of its dependencies.
+
+    A training stage's ``train.max_steps`` is left out: a longer schedule extends the same
+    run (see :func:`max_steps`, which the manifest records beside the key).
+    """
+    config = stage.config
+    if stage.training:
+        train = {k: v for k, v in (config.get("train") or {}).items() if k != "max_steps"}
+        config = {**config, "train": train}
     ident = {
         "kind": stage.kind,
-        "config": stage.config,
+        "config": config,
         "refs": stage.refs,
         "deps": {d: {"key": deps[d]["key"], "outputs": deps[d]["outputs"]} for d in stage.deps},
     }
