@@ -11,6 +11,16 @@ from vqprior import PixelCNN, PixelCNNConfig
 from vqprior.nn.pixelcnnpp import PixelCNNPPBackbone
 from vqprior.nn.pixelcnnpp_step import PixelCNNPPSteps
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny float64 convolutions: threading only adds overhead (tens of times on a busy CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # (height, width, num_scales, nr_resnet, cond_dim)
 BACKBONES = [(4, 4, 1, 1, 0), (3, 5, 1, 2, 3), (4, 6, 2, 2, 0), (8, 8, 3, 1, 4), (8, 12, 3, 2, 0)]
 
