@@ -31,7 +31,7 @@ def test_bench_writes_json_and_a_table(tmp_path, capsys) -> None:
             "--train-batch",
             "2",
             "--train-models",
-            "prior-codes-8x8,vqvae-32x32x3",
+            "prior-codes-8x8",
             "--out",
             str(out),
         ]
@@ -43,11 +43,9 @@ def test_bench_writes_json_and_a_table(tmp_path, capsys) -> None:
     assert row["naive_steps_timed"] == 3 and row["prefix_equal"] is True
     assert row["speedup"] > 0 and row["fast_method"] == "cached"
     got = [(r["model"], r["precision"], r["mode"]) for r in saved["training"]]
-    assert got == [
-        (m, p, "eager") for m in ("prior-codes-8x8", "vqvae-32x32x3") for p in ("fp32", "bf16")
-    ]
+    assert got == [("prior-codes-8x8", "fp32", "eager"), ("prior-codes-8x8", "bf16", "eager")]
     assert all(r["images_per_s"] > 0 for r in saved["training"])
-    assert [r["ratio"] for r in saved["training"][::2]] == [1.0, 1.0]  # fp32 rows: baselines
+    assert saved["training"][0]["ratio"] == 1.0  # the fp32 row is the baseline
     text = capsys.readouterr().out
     assert "speedup" in text and "ratio" in text
     assert "extrapolated" in format_table(saved)
@@ -83,15 +81,15 @@ def test_bf16_rows_train_in_channels_last() -> None:
 
 
 def test_profile_charges_time_to_the_right_groups() -> None:
-    prof = profile_model("pixelcnnpp-tiny", Variant(), 2, torch.device("cpu"))
+    prof = profile_model("pixelcnnpp-tiny", Variant(), 1, torch.device("cpu"))
     assert set(prof.groups) == set(GROUPS)
     assert prof.total_ms == pytest.approx(sum(prof.groups.values()))
     for group in ("convolution", "dropout", "likelihood", "activations", "optimizer"):
         assert prof.groups[group] > 0, group
     assert prof.groups["vector quantizer"] == 0 and prof.groups["weight norm"] == 0
-    codes = profile_model("prior-codes-8x8", Variant(), 2, torch.device("cpu"))
+    codes = profile_model("prior-codes-8x8", Variant(), 1, torch.device("cpu"))
     assert codes.groups["dropout"] == 0 and codes.groups["convolution"] > 0
-    vae = profile_model("vqvae-32x32x3", Variant(), 2, torch.device("cpu"))
+    vae = profile_model("vqvae-32x32x3", Variant(), 1, torch.device("cpu"))
     assert vae.groups["vector quantizer"] > 0 and vae.groups["likelihood"] == 0
     assert "top ops" in format_profiles([prof, codes])
 
