@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -17,6 +18,15 @@ from vqprior.nn.step import StepContext
 CODES = dict(data="codes", num_codes=5, height=3, width=4, channels=8, num_layers=3)
 RGB = dict(data="pixels", in_channels=3, height=2, width=3, channels=8, num_layers=3)
 GRAY = dict(data="pixels", in_channels=1, height=3, width=3, channels=8, num_layers=2)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny float64 models: intra-op threads only add overhead (100x per step on a busy CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make(
