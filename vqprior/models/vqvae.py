@@ -24,6 +24,7 @@ from torch import nn
 
 from vqprior.config import Config, ConfigError, check_choice, check_range
 from vqprior.io import PretrainedMixin
+from vqprior.nn.grid import from_bins, to_bins
 from vqprior.nn.mixture import (
     mixture_log_prob,
     mixture_sample,
@@ -265,18 +266,24 @@ class VQVAE(nn.Module, PretrainedMixin):
     def _output_to_image(self, out: torch.Tensor) -> torch.Tensor:
         """Decoder output [b, out_channels, H, W] -> reconstruction in [-1, 1] (differentiable).
 
-        mixture: the value is the mode (on the pixel grid); the gradient is that of the
-        mixture's mean given the mode's earlier channels (straight-through).
+        mixture: in eval mode the value is the mode (on the pixel grid); in training mode it is
+        the mixture's mean snapped to the grid channel by channel (the exact mode search costs
+        more than the rest of a training step, and training only logs this value or feeds it
+        to extra losses). The gradient is that of the mixture's mean given the value's earlier
+        channels (straight-through).
         """
         cfg = self.config
         if cfg.recon == "mse":
             return out.clamp(-1.0, 1.0)
-        b, _, h, w = out.shape
-        u_comp = torch.full((b, h, w), 0.5, device=out.device)
-        u_val = torch.full((b, cfg.in_channels, h, w), 0.5, device=out.device)
-        mode = mixture_sample(
-            out.detach(), cfg.in_channels, cfg.num_mixtures, cfg.num_bins, u_comp, u_val, 0.0
-        )
+        if self.training:
+            mode = _snapped_mean(out.detach(), cfg.in_channels, cfg.num_mixtures, cfg.num_bins)
+        else:
+            b, _, h, w = out.shape
+            u_comp = torch.full((b, h, w), 0.5, device=out.device)
+            u_val = torch.full((b, cfg.in_channels, h, w), 0.5, device=out.device)
+            mode = mixture_sample(
+                out.detach(), cfg.in_channels, cfg.num_mixtures, cfg.num_bins, u_comp, u_val, 0.0
+            )
         if not out.requires_grad:
             return mode
         mean = mixture_mean(out, mode, cfg.num_mixtures)
@@ -323,6 +330,19 @@ def check_image_range(x: torch.Tensor) -> None:
             f"images must lie in [-1, 1] but range over [{low:.4g}, {high:.4g}]: map 8-bit "
             "values v by 2v/255 - 1 (torchvision ToTensor output u by 2u - 1)"
         )
+
+
+def _snapped_mean(
+    out: torch.Tensor, channels: int, num_mixtures: int, num_bins: int
+) -> torch.Tensor:
+    """The mixture's mean snapped to the ``num_bins`` grid, channel by channel (each channel's
+    mean given the earlier channels' snapped values): [b, P, H, W] -> [b, c, H, W]."""
+    b, _, h, w = out.shape
+    value = torch.zeros((b, channels, h, w), device=out.device, dtype=torch.float32)
+    for ch in range(channels):
+        mean = mixture_mean(out, value, num_mixtures)[:, ch]
+        value[:, ch] = from_bins(to_bins(mean, num_bins), num_bins, dtype=value.dtype)
+    return value
 
 
 def mixture_mean(out: torch.Tensor, earlier: torch.Tensor, num_mixtures: int) -> torch.Tensor:
