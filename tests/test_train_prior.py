@@ -226,3 +226,38 @@ def test_ema_warms_up_so_short_runs_are_not_dominated_by_the_initial_weights() -
     first = [torch.zeros(1)]
     update(first, [torch.ones(1)], torch.tensor(1))
     assert abs(float(first[0][0]) - (1 - 2 / 11)) < 1e-6  # decay (1 + n) / (10 + n) at n = 1
+
+
+def test_two_stage_bits_per_dim_are_recomputed_from_the_models(tmp_path: Path) -> None:
+    """evaluate's bound = prior nats of the encoded codes + the mixture decoder's nats of the
+    image, recomputed here from the exported models with the plain functions (no summaries)."""
+    from vqprior.nn.mixture import mixture_log_prob
+
+    vae_cfg = tiny("vae_mixture.yaml")
+    train_vae(vae_cfg, tmp_path / "vae", CPU)
+    prior_cfg = {**tiny("prior_codes.yaml"), "vae": str(tmp_path / "vae")}
+    train_prior(prior_cfg, tmp_path / "prior", CPU)
+    result = evaluate(tmp_path / "prior", device="cpu")
+    vae = load_pretrained(tmp_path / "vae" / "model")
+    prior = load_pretrained(tmp_path / "prior" / "model")
+    assert isinstance(vae, VQVAE) and isinstance(prior, PixelCNN)
+    resolved = yaml.safe_load((tmp_path / "prior" / "config.yaml").read_text())
+    test = load_image_splits(DataConfig.from_dict(resolved["data"])).test
+    x = torch.stack([test[i][0] for i in range(len(test))])
+    y = torch.stack([test[i][1] for i in range(len(test))])
+    with torch.no_grad():
+        codes = vae.encode(x)
+        cond = y if prior.config.num_classes else None
+        prior_nats = float(-prior.log_prob(codes, cond).sum())
+        params = vae.decoder(vae.quantizer.lookup(codes))
+        dec_nats = float(-mixture_log_prob(x, params, vae.config.num_mixtures).sum())
+    dims = x.numel()
+    assert result["prior_bits_per_dim"] == pytest.approx(
+        prior_nats / (dims * math.log(2)), rel=1e-5
+    )
+    assert result["decoder_bits_per_dim"] == pytest.approx(
+        dec_nats / (dims * math.log(2)), rel=1e-5
+    )
+    assert result["bits_per_dim"] == pytest.approx(
+        (prior_nats + dec_nats) / (dims * math.log(2)), rel=1e-5
+    )
