@@ -31,6 +31,7 @@ from vqprior.models.vqvae import (
     VQVAEConfig,
     build_decoder,
     build_encoder,
+    build_quantizer,
 )
 from vqprior.nn.mixture import mixture_log_prob
 from vqprior.nn.quantize import QuantizerOutput, UsageStats, VectorQuantizer
@@ -63,20 +64,6 @@ class VQVAE2Output(NamedTuple):
     top_perplexity: Tensor
 
 
-def _quantizer(cfg: VQVAEConfig) -> VectorQuantizer:
-    return VectorQuantizer(
-        cfg.num_codes,
-        cfg.code_dim,
-        beta=cfg.beta,
-        kind=cfg.codebook,
-        decay=cfg.ema_decay,
-        dead_code_threshold=cfg.dead_code_threshold,
-        restart_dead_codes=cfg.restart_dead_codes,
-        kmeans_init=cfg.kmeans_init,
-        kmeans_iters=cfg.kmeans_iters,
-    )
-
-
 def _upsampler(code_dim: int, factor: int) -> nn.Sequential:
     """[b, d, h, w] -> [b, d, h*factor, w*factor] by stride-2 transposed convolutions."""
     layers: list[nn.Module] = []
@@ -102,7 +89,7 @@ class VQVAE2(VQVAE):
         d, tds = cfg.code_dim, cfg.top_downsample
         top_cfg = dataclasses.replace(cfg, in_channels=d, downsample=tds)
         self.encoder_top = build_encoder(top_cfg)  # [b, d, hb, wb] -> [b, d, ht, wt]
-        self.quantizer_top = _quantizer(cfg)
+        self.quantizer_top = build_quantizer(cfg)
         self.decoder_top = build_decoder(top_cfg, d)  # [b, d, ht, wt] -> [b, d, hb, wb]
         self.bottom_in = nn.Conv2d(2 * d, d, 1)  # cat(z_b, decoder_top(q_t)) -> bottom z
         self.upsample_top = _upsampler(d, tds)  # q_t -> [b, d, hb, wb]

@@ -144,6 +144,21 @@ def _stride_channels(cfg: VQVAEConfig, downsample: int | None = None) -> list[in
     return [half] * (n - 1) + [cfg.hidden_channels]
 
 
+def build_quantizer(cfg: VQVAEConfig) -> VectorQuantizer:
+    """The codebook a config asks for (each level of a hierarchy gets one)."""
+    return VectorQuantizer(
+        cfg.num_codes,
+        cfg.code_dim,
+        beta=cfg.beta,
+        kind=cfg.codebook,
+        decay=cfg.ema_decay,
+        dead_code_threshold=cfg.dead_code_threshold,
+        restart_dead_codes=cfg.restart_dead_codes,
+        kmeans_init=cfg.kmeans_init,
+        kmeans_iters=cfg.kmeans_iters,
+    )
+
+
 def build_encoder(cfg: VQVAEConfig) -> nn.Sequential:
     """[b, in, H, W] -> [b, code_dim, H/ds, W/ds]."""
     layers: list[nn.Module] = []
@@ -205,17 +220,7 @@ class VQVAE(nn.Module, PretrainedMixin):
             else num_mixture_params(cfg.in_channels, cfg.num_mixtures)
         )
         self.encoder = build_encoder(cfg)
-        self.quantizer = VectorQuantizer(
-            cfg.num_codes,
-            cfg.code_dim,
-            beta=cfg.beta,
-            kind=cfg.codebook,
-            decay=cfg.ema_decay,
-            dead_code_threshold=cfg.dead_code_threshold,
-            restart_dead_codes=cfg.restart_dead_codes,
-            kmeans_init=cfg.kmeans_init,
-            kmeans_iters=cfg.kmeans_iters,
-        )
+        self.quantizer = build_quantizer(cfg)
         self.decoder = build_decoder(cfg, self.out_channels)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int]:
