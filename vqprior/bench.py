@@ -40,6 +40,10 @@ SAMPLING_MODELS: dict[str, PixelCNNConfig] = {
     "pixels-32x32x3": PixelCNNConfig(data="pixels", in_channels=3, height=32, width=32),
     "codes-8x8": PixelCNNConfig(data="codes", num_codes=512, height=8, width=8),
     "codes-16x16": PixelCNNConfig(data="codes", num_codes=512, height=16, width=16),
+    # causal attention after every 2 gated layers (issue 12): a key/value cache in the step
+    "codes-16x16-attention": PixelCNNConfig(
+        data="codes", num_codes=512, height=16, width=16, attention_every=2
+    ),
     # PixelCNN++ tiny (issue 11): its cached sampler lives in vqprior/nn/pixelcnnpp_step.py
     "pixelcnnpp-tiny-32x32x3": PixelCNNConfig(
         data="pixels",
