@@ -241,3 +241,24 @@ def test_dropout_keeps_one_minus_p_and_rescales_like_nn_dropout(p):
     assert drop(cl).is_contiguous(memory_format=torch.channels_last)
     assert drop(x.detach().bfloat16()).dtype == torch.bfloat16
     assert torch.equal(drop.eval()(x), x)
+
+
+def test_random_bytes_are_uniform_in_every_byte_lane_and_follow_the_memory_format():
+    from vqprior.nn.pixelcnnpp import random_bytes_like
+
+    torch.manual_seed(0)
+    x = torch.empty(5, 7, 9, 11)  # 3465 values: not a multiple of 8
+    assert random_bytes_like(x).shape == x.shape
+    cl = torch.empty(4, 6, 8, 8).contiguous(memory_format=torch.channels_last)
+    assert random_bytes_like(cl).stride() == cl.stride()
+    assert random_bytes_like(torch.empty(6, 8)[:, ::2]).shape == (6, 4)  # not dense
+    flat = random_bytes_like(torch.empty(2**20)).long()
+    for lane in range(8):  # each of the 8 bytes of a 64-bit draw is uniform over 0..255
+        counts = torch.bincount(flat[lane::8], minlength=256).double()
+        expected = flat[lane::8].numel() / 256
+        chi2 = ((counts - expected) ** 2 / expected).sum().item()
+        assert chi2 < 255 + 6 * (2 * 255) ** 0.5  # 255 degrees of freedom, ~6 sigma
+    cells = (flat[0::8] // 16) * 16 + flat[1::8] // 16  # 16x16 table of neighbouring lanes
+    counts = torch.bincount(cells, minlength=256).double()
+    expected = cells.numel() / 256
+    assert ((counts - expected) ** 2 / expected).sum().item() < 255 + 6 * (2 * 255) ** 0.5

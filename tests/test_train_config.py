@@ -94,11 +94,24 @@ def test_lr_schedule_warmup_then_cosine_to_zero() -> None:
     assert {const(s) for s in range(10)} == {1.0}
 
 
-def test_default_precision_is_fp32_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_precision_is_bf16_only_where_bf16_is_native(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import torch
 
+    from vqprior.train import config
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(config, "native_cpu_bf16", lambda: False)
     assert DeviceOptions().resolved_precision() == "32-true"
+    monkeypatch.setattr(config, "native_cpu_bf16", lambda: True)  # AVX512-BF16 or AMX
+    assert DeviceOptions().resolved_precision() == "bf16-mixed"
+    assert DeviceOptions(accelerator="cpu").resolved_precision() == "bf16-mixed"
+    assert DeviceOptions(precision="32-true").resolved_precision() == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # e.g. a V100
+    assert DeviceOptions().resolved_precision() == "32-true"
+    assert DeviceOptions(accelerator="cpu").resolved_precision() == "bf16-mixed"
     assert DeviceOptions(precision="bf16-mixed").resolved_precision() == "bf16-mixed"
     assert DeviceOptions(devices="2").trainer_devices() == 2
     assert DeviceOptions(devices="0,1").trainer_devices() == "0,1"

@@ -77,7 +77,7 @@ def test_encode_stores_codes_of_every_split_with_the_vae_hash(
 
 
 def test_codes_prior_run_records_the_vae_and_exports_ema_weights(
-    codes_prior: Path, vae_dir: Path
+    codes_prior: Path, vae_dir: Path, codes_dir: Path
 ) -> None:
     resolved = yaml.safe_load((codes_prior / "config.yaml").read_text())
     assert resolved["model"]["data"] == "codes"
@@ -104,7 +104,16 @@ def test_codes_prior_run_records_the_vae_and_exports_ema_weights(
     assert summary["global_step"] == 4
     bits, nats = summary["metrics"]["val/bits_per_image"], summary["metrics"]["val/nats_per_code"]
     assert bits == pytest.approx(nats * 16 / math.log(2), rel=1e-5)
-    assert 0 < nats < 2 * math.log(16)  # a finite, sane likelihood after 4 tiny steps
+    # the logged figure is the exported weights' fp32 likelihood of the val batches it covers
+    codes, labels, _ = load_codes(codes_dir / "val.safetensors")
+    n = (
+        tiny("prior_codes.yaml")["train"]["val_batches"]
+        * tiny("prior_codes.yaml")["train"]["batch_size"]
+    )
+    assert len(codes) > n  # val_batches caps validation to its first n code maps
+    with torch.no_grad():
+        recomputed = -prior.log_prob(codes[:n], labels[:n]).mean().item() / 16
+    assert nats == pytest.approx(recomputed, rel=1e-5)
 
 
 def test_export_of_prior_checkpoint_equals_run_export(codes_prior: Path, tmp_path: Path) -> None:
@@ -192,6 +201,30 @@ def test_pixel_prior_trains_generates_and_evaluates(tmp_path: Path) -> None:
     assert result["bits_per_dim"] == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match="unconditional"):
         generate(out, num=2, out_png=tmp_path / "q.png", label=1, device="cpu")
+
+
+def test_bf16_training_validates_in_fp32_channels_last(tmp_path: Path) -> None:
+    """Under bf16 autocast (the default on CPUs with native bf16) the model trains in
+    channels-last memory, and the logged validation figure is the exported weights' fp32
+    likelihood of the validation batches it covers."""
+    out = tmp_path / "run"
+    bf16 = DeviceOptions(accelerator="cpu", devices="1", progress=False, precision="bf16-mixed")
+    summary = train_prior(tiny("prior_pixels.yaml"), out, bf16)
+    assert summary["precision"] == "bf16-mixed"
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    conv = next(v for k, v in ckpt["state_dict"].items() if k.startswith("model.") and v.dim() == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and conv.dtype == torch.float32
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    val = load_image_splits(DataConfig.from_dict(resolved["data"])).val
+    n = min(len(val), 2 * 16)  # val_batches x batch_size
+    x = torch.stack([val[i][0] for i in range(n)])
+    prior = load_pretrained(out / "model")
+    with torch.no_grad():
+        fp32 = float(-prior.log_prob(x).mean()) / (prior.num_dims * math.log(2))
+        with torch.autocast("cpu", torch.bfloat16):
+            bf16_figure = float(-prior.log_prob(x).mean()) / (prior.num_dims * math.log(2))
+    assert summary["metrics"]["val/bits_per_dim"] == pytest.approx(fp32, rel=1e-6)
+    assert bf16_figure != pytest.approx(fp32, rel=1e-6)  # so the check above can tell them apart
 
 
 def test_resumed_prior_refuses_a_changed_vae(codes_prior: Path, vae_dir: Path) -> None:

@@ -122,7 +122,9 @@ def _device_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--num-nodes", type=int, default=1, show_default=True),
         click.option("--strategy", default="auto", show_default=True, help="auto, ddp, ..."),
         click.option(
-            "--precision", default=None, help="default: bf16-mixed on CUDA, 32-true otherwise"
+            "--precision",
+            default=None,
+            help="default: bf16-mixed on CUDA and on CPUs with native bf16, else 32-true",
         ),
         click.option(
             "--compile/--no-compile", "compile_", default=False, help="torch.compile the model"

@@ -53,6 +53,20 @@ def concat_elu(x: Tensor) -> Tensor:
     return F.elu(torch.cat([x, -x], dim=1))
 
 
+def random_bytes_like(x: Tensor) -> Tensor:
+    """Independent uniform uint8 values of ``x``'s shape, device and memory format.
+
+    Drawn as full-range 64-bit integers viewed as 8 bytes each: one generator call per 8 bytes
+    (``random_(0, 256)`` on uint8 makes one per byte, ~4x slower on CPU).
+    """
+    n = x.numel()
+    words = torch.empty((n + 7) // 8, dtype=torch.int64, device=x.device)
+    flat = words.random_(torch.iinfo(torch.int64).min, None).view(torch.uint8)[:n]
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return flat.as_strided(x.shape, x.stride())  # dense strides are a permutation
+    return flat.view(x.shape)
+
+
 class Dropout(nn.Module):
     """Element-wise dropout, as ``nn.Dropout(p)``, with the keep mask drawn in ``x``'s memory
     format: uniform bytes ``>= 256 p`` when ``256 p`` is a whole number (exact, e.g. p = 0.5),
@@ -67,7 +81,7 @@ class Dropout(nn.Module):
             return x
         level = self.p * 256
         if level == round(level):
-            keep = torch.empty_like(x, dtype=torch.uint8).random_(0, 256) >= int(level)
+            keep = random_bytes_like(x) >= int(level)
         else:
             keep = torch.rand_like(x, dtype=torch.float32) >= self.p
         return x * (keep * (1.0 / (1.0 - self.p))).to(x.dtype)

@@ -17,7 +17,6 @@ from vqprior.train.config import DeviceOptions, PriorStageConfig
 from vqprior.train.datamodule import SplitsDataModule, codes_datamodule
 from vqprior.train.hierarchy import LevelCodes, level_codes
 from vqprior.train.prior import LN2, PriorModule
-from vqprior.train.vae import channels_last
 
 
 # ----------------------------------------------------------------------------- train-prior
@@ -77,7 +76,7 @@ class BottomPriorModule(PriorModule):
         train = stage == "train"
         model = self.model if train else self.eval_model
         cond = y if model.config.num_classes else None
-        spatial = channels_last(self.spatial(top, (x.shape[1], x.shape[2])).to(self.dtype))
+        spatial = self.memory_format(self.spatial(top, (x.shape[1], x.shape[2])).to(self.dtype))
         nll = -model.log_prob(x, cond, spatial_cond=spatial).float()  # nats per example [b]
         loss = nll.mean() / model.num_dims
         metrics = {"loss": loss, "nats_per_code": loss, "bits_per_image": nll.mean() / LN2}

@@ -33,7 +33,26 @@ def lr_lambda(train: TrainConfig) -> Any:
 
 
 class StageModule(L.LightningModule):
-    """Routes Lightning's train/val/test steps to one ``_step(batch, stage)`` (STYLE.md)."""
+    """Routes Lightning's train/val/test steps to one ``_step(batch, stage)`` (STYLE.md).
+
+    Validation and test run with autocast off, so the figures they log are the fp32 ones
+    whatever the training precision. Training uses channels-last memory where it pays: on
+    CUDA, and under bf16 autocast on CPU (oneDNN's bf16 kernels want NHWC).
+    """
+
+    use_channels_last: bool = False
+
+    def on_fit_start(self) -> None:
+        precision = str(self.trainer.precision) if self._trainer is not None else ""
+        self.use_channels_last = self.device.type == "cuda" or precision.startswith("bf16")
+        if self.use_channels_last:  # the trained model and its EMA copy
+            self.to(memory_format=torch.channels_last)
+
+    def memory_format(self, x: torch.Tensor) -> torch.Tensor:
+        """Float images ``[b, c, H, W]`` in channels-last when the model is; else unchanged."""
+        if self.use_channels_last and x.dim() == 4 and x.is_floating_point():
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def _step(self, batch: Any, stage: str) -> torch.Tensor:
         raise NotImplementedError
@@ -42,10 +61,12 @@ class StageModule(L.LightningModule):
         return self._step(batch, "train")
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "val")
+        with torch.autocast(self.device.type, enabled=False):
+            return self._step(batch, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "test")
+        with torch.autocast(self.device.type, enabled=False):
+            return self._step(batch, "test")
 
 
 def configure_adamw(params: Iterable[torch.nn.Parameter], train: TrainConfig) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from torch.optim.swa_utils import AveragedModel
 from vqprior.models.pixelcnn import PixelCNN, PixelCNNConfig
 from vqprior.train.config import TrainConfig
 from vqprior.train.module import StageModule, configure_adamw
-from vqprior.train.vae import channels_last
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LN2 = math.log(2.0)
@@ -74,12 +73,8 @@ class PriorModule(StageModule):
         assert isinstance(module, PixelCNN)
         return module
 
-    def on_fit_start(self) -> None:
-        if self.device.type == "cuda":
-            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-
     def _step(self, batch: Batch, stage: str) -> torch.Tensor:
-        x, y = channels_last(batch[0]), batch[1]
+        x, y = self.memory_format(batch[0]), batch[1]
         train = stage == "train"
         model = self.model if train else self.eval_model
         cond = y if model.config.num_classes else None

@@ -103,6 +103,7 @@ def _finish(
         "global_step": trainer.global_step,
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "wall_time_s": round(time.time() - started, 2),
+        "precision": str(trainer.precision),
         "metrics": {k: v for k, v in sorted(metrics.items()) if math.isfinite(v)},
         "model_dir": str(out / MODEL_DIR),
         **extra,

@@ -17,13 +17,6 @@ from vqprior.train.module import StageModule, configure_adamw
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def channels_last(x: torch.Tensor) -> torch.Tensor:
-    """Images [b, c, H, W] in channels-last memory on CUDA; anything else unchanged."""
-    if x.device.type == "cuda" and x.dim() == 4 and x.is_floating_point():
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
 class VQVAEModule(StageModule):
     """Trains one VQVAE; hparams hold plain dicts only (weights_only checkpoints)."""
 
@@ -36,12 +29,8 @@ class VQVAEModule(StageModule):
         self._forward = {"fn": torch.compile(self.model) if compile else forward}
         self._saved_usage: dict[str, torch.Tensor] | None = None
 
-    def on_fit_start(self) -> None:
-        if self.device.type == "cuda":
-            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-
     def _step(self, batch: Batch, stage: str) -> torch.Tensor:
-        x = channels_last(batch[0])
+        x = self.memory_format(batch[0])
         out: VQVAEOutput = self._forward["fn"](x)
         metrics = {
             "loss": out.loss,

@@ -1,0 +1,52 @@
+"""The defaults-per-second sweep: arm parsing and one short arm on the embedded digits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from vqprior.bench_sweep import format_rows, main, parse_arm, run_arm
+
+
+def test_arms_parse_typed_overrides_and_reject_unknown_keys(tmp_path) -> None:
+    assert parse_arm("default") == ("default", {})
+    name, over = parse_arm("fast:channels=32,lr=1e-3,precision=bf16,lr_schedule=cosine")
+    assert name == "fast"
+    assert over == {"channels": 32, "lr": 1e-3, "precision": "bf16", "lr_schedule": "cosine"}
+    with pytest.raises(ValueError, match="not key=value"):
+        parse_arm("x:channels")
+    with pytest.raises(ValueError, match="unknown arm key 'depth'"):
+        main(["--data", "digits", "--arm", "x:depth=3", "--out", str(tmp_path / "s.json")])
+    with pytest.raises(ValueError, match="precision must be"):
+        main(["--data", "digits", "--arm", "x:precision=fp16", "--out", str(tmp_path / "s.json")])
+
+
+def test_one_arm_trains_for_its_budget_and_reports_held_out_bits() -> None:
+    spec = {
+        "name": "tiny",
+        "overrides": {
+            "channels": 8,
+            "num_layers": 2,
+            "num_mixtures": 2,
+            "batch_size": 16,
+            "lr": 3e-3,
+            "lr_schedule": "cosine",
+            "warmup_steps": 2,
+        },
+        "data": "digits",
+        "budget": 2.0,
+        "held_out": 100,
+        "limit": None,
+        "threads": 1,
+        "seed": 0,
+    }
+    untrained = run_arm({**spec, "budget": 0.0})
+    assert untrained["steps"] == 0
+    row = run_arm(spec)
+    assert row["steps"] > 20  # the cosine horizon is set from the first 20 steps' timing
+    assert 2.0 <= row["trained_s"] < 10.0
+    assert math.isfinite(row["held_out_bits_per_dim"])
+    assert row["held_out_bits_per_dim"] < untrained["held_out_bits_per_dim"] - 0.1
+    lines = format_rows([row, {"arm": "bad", "overrides": {}, "error": "boom"}], 2.0)
+    assert "tiny" in lines[2] and "error: boom" in lines[3]
