@@ -36,13 +36,16 @@ from vqprior.sampling import draw_noise, num_steps, sample_naive
 
 log = logging.getLogger(__name__)
 
+# gated rows: 64 channels x 8 layers (the default before 4 layers), so rows compare across versions
 SAMPLING_MODELS: dict[str, PixelCNNConfig] = {
-    "pixels-32x32x3": PixelCNNConfig(data="pixels", in_channels=3, height=32, width=32),
-    "codes-8x8": PixelCNNConfig(data="codes", num_codes=512, height=8, width=8),
-    "codes-16x16": PixelCNNConfig(data="codes", num_codes=512, height=16, width=16),
+    "pixels-32x32x3": PixelCNNConfig(
+        data="pixels", in_channels=3, height=32, width=32, num_layers=8
+    ),
+    "codes-8x8": PixelCNNConfig(data="codes", num_codes=512, height=8, width=8, num_layers=8),
+    "codes-16x16": PixelCNNConfig(data="codes", num_codes=512, height=16, width=16, num_layers=8),
     # causal attention after every 2 gated layers (issue 12): a key/value cache in the step
     "codes-16x16-attention": PixelCNNConfig(
-        data="codes", num_codes=512, height=16, width=16, attention_every=2
+        data="codes", num_codes=512, height=16, width=16, num_layers=8, attention_every=2
     ),
     # PixelCNN++ tiny (issue 11): its cached sampler lives in vqprior/nn/pixelcnnpp_step.py
     "pixelcnnpp-tiny-32x32x3": PixelCNNConfig(

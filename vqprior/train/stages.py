@@ -187,12 +187,18 @@ def _fixed_images(splits: ImageSplits, n: int) -> torch.Tensor:
     return torch.stack([ds[i][0] for i in range(n)])
 
 
+# A prior's own training defaults over TrainConfig's (which the VAE keeps): lr 1e-3 reached
+# lower held-out bits/dim per second than 3e-4 on CIFAR-10 and MNIST (README, Training speed).
+PRIOR_TRAIN_DEFAULTS: dict[str, Any] = {"lr": 1e-3}
+
+
 def resolve_prior_stage(
     raw: dict[str, Any],
 ) -> tuple[PriorStageConfig, ImageSplits, VQVAE | None, dict[str, Any] | None]:
     """Check keys, load data (and the VAE), fill the data-dependent model fields."""
     check_sections(raw, "prior")
     data = DataConfig.from_dict(raw.get("data"), prefix="data.")
+    raw = {**raw, "train": {**PRIOR_TRAIN_DEFAULTS, **(raw.get("train") or {})}}
     TrainConfig.from_dict(raw.get("train"), prefix="train.")
     splits = load_image_splits(data)
     model = dict(raw.get("model") or {})
