@@ -70,7 +70,8 @@ def random_bytes_like(x: Tensor) -> Tensor:
 class Dropout(nn.Module):
     """Element-wise dropout, as ``nn.Dropout(p)``, with the keep mask drawn in ``x``'s memory
     format: uniform bytes ``>= 256 p`` when ``256 p`` is a whole number (exact, e.g. p = 0.5),
-    else ``rand >= p`` in fp32 (on CPU both are several times cheaper than ``bernoulli_``)."""
+    else ``rand >= p`` in fp32 (on CPU both are several times cheaper than ``bernoulli_``).
+    Under ``torch.compile`` it is always ``rand >= p``: inductor generates (and fuses) it."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
@@ -80,7 +81,7 @@ class Dropout(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         level = self.p * 256
-        if level == round(level):
+        if level == round(level) and not torch.compiler.is_compiling():
             keep = random_bytes_like(x) >= int(level)
         else:
             keep = torch.rand_like(x, dtype=torch.float32) >= self.p
