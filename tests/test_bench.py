@@ -13,7 +13,14 @@ import torch
 from vqprior.bench import format_table, main
 from vqprior.bench_ab import compare_trees, this_tree
 from vqprior.bench_profile import GROUPS, format_profiles, profile_model
-from vqprior.bench_train import TRAIN_MODELS, Variant, bench_model, build_model, variants
+from vqprior.bench_train import (
+    DEFAULT_TRAIN_MODELS,
+    TRAIN_MODELS,
+    Variant,
+    bench_model,
+    build_model,
+    variants,
+)
 
 
 def test_bench_writes_json_and_a_table(tmp_path, capsys) -> None:
@@ -68,6 +75,9 @@ def test_every_training_model_builds_and_the_tiny_config_matches_the_port() -> N
         assert isinstance(build_model(name), torch.nn.Module)
     tiny = build_model("pixelcnnpp-tiny")
     assert sum(p.numel() for p in tiny.parameters()) == pytest.approx(577_000, rel=0.01)
+    paper = build_model("pixelcnnpp-paper")  # 160 filters x 5 blocks per scale: ~53M (paper)
+    assert sum(p.numel() for p in paper.parameters()) == pytest.approx(53.6e6, rel=0.01)
+    assert "pixelcnnpp-paper" not in DEFAULT_TRAIN_MODELS  # a GPU row, asked for by name
     with pytest.raises(ValueError, match="unknown training model"):
         build_model("nope")
 

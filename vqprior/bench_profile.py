@@ -20,7 +20,7 @@ import torch
 from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile
 
-from vqprior.bench_train import TRAIN_MODELS, Variant, make_step
+from vqprior.bench_train import DEFAULT_TRAIN_MODELS, Variant, make_step
 
 GROUPS = (
     "convolution",
@@ -144,7 +144,7 @@ def profile_rows(
 ) -> list[Profile]:
     return [
         profile_model(name, Variant(precision=p), batch, device)
-        for name in models or list(TRAIN_MODELS)
+        for name in models or DEFAULT_TRAIN_MODELS
         for p in precisions
     ]
 
