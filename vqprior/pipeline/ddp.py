@@ -85,6 +85,14 @@ def _group() -> Any:
     return None
 
 
+def leave() -> None:
+    """Tear this process's group down before it exits on an error all ranks share."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def join(device: Any) -> Any:
     """Bring up the process group of externally started ranks (as a training stage would)."""
     import lightning as L

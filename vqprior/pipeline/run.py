@@ -301,7 +301,11 @@ def run_pipeline(
         return {}
     if ddp.launched_externally():
         ddp.join(device)
-        pipe, from_index = ddp.agree(plan, _describe)
+        try:
+            pipe, from_index = ddp.agree(plan, _describe)
+        except BaseException:
+            ddp.leave()  # every rank raises here; a live gloo group can abort the exit (SIGABRT)
+            raise
         if not is_rank_zero():
             ddp.serve(train)
             return {}
