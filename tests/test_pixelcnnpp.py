@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_cases import PP
 from torch import Tensor, nn
 
 from vqprior.nn.pixelcnnpp import (
@@ -271,15 +272,7 @@ def test_compiled_training_step_runs_with_dropout() -> None:
 
     torch.manual_seed(0)
     cfg = PixelCNNConfig(
-        in_channels=1,
-        height=8,
-        width=8,
-        backbone="pixelcnnpp",
-        channels=8,
-        nr_resnet=1,
-        num_scales=2,
-        num_mixtures=2,
-        dropout=0.5,
+        in_channels=1, height=8, width=8, channels=8, num_mixtures=2, dropout=0.5, **PP
     )
     model = PixelCNN(cfg)
     x = torch.rand(4, 1, 8, 8) * 2 - 1
