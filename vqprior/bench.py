@@ -38,7 +38,7 @@ from vqprior.bench_train import (
 from vqprior.io import atomic_write_text
 from vqprior.models.pixelcnn import PixelCNN, PixelCNNConfig
 from vqprior.nn.step import supports_steps
-from vqprior.sampling import draw_noise, num_steps, sample_naive
+from vqprior.sampling import draw_noise, num_steps, sample_naive, sampling_generator
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def bench_sampling(
     model = PixelCNN(cfg).to(device).eval()
     steps = num_steps(model)
     timed = min(steps, naive_steps)
-    gen = torch.Generator()  # sampling noise is drawn on the CPU (same seed, same samples)
+    gen = sampling_generator(0)  # sampling noise is drawn on the CPU (same seed, same samples)
     with torch.no_grad():
         noise = draw_noise(model, batch, gen.manual_seed(1), device)
         sample_naive(model, batch, None, 1.0, noise, None, 2)  # warm-up both paths at this batch

@@ -228,6 +228,11 @@ class PixelCNN(nn.Module, PretrainedMixin):
             return rearrange(self.embed(x), "b h w f -> b f h w")
         return x.to(self.param_dtype())
 
+    @property
+    def device(self) -> torch.device:
+        """The device of the weights: where inputs, labels and sampling noise must go."""
+        return next(self.parameters()).device
+
     def param_dtype(self) -> torch.dtype:
         """The dtype of the weights (and of the network input and step caches)."""
         return next(self.parameters()).dtype

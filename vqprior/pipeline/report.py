@@ -106,12 +106,23 @@ def loss_curves(folder: Path) -> dict[str, tuple[list[float], list[float]]]:
 
 
 def plot_losses(out: Path, folders: dict[str, Path]) -> Path | None:
-    """``<out>/losses.png``: one panel of loss curves per training stage (None: nothing drawn)."""
+    """``<out>/losses.png``: one panel of loss curves per training stage (None: nothing drawn).
+
+    A diagnostic: any failure (no matplotlib, an unreadable metrics.csv, a full disk) is one
+    logged line and None, never the pipeline's error."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
         logger.info("matplotlib is not installed: skipping losses.png")
         return None
+    try:
+        return _draw_losses(out, folders, Figure)
+    except Exception as err:
+        logger.warning("skipped losses.png (%s: %s)", type(err).__name__, err)
+        return None
+
+
+def _draw_losses(out: Path, folders: dict[str, Path], Figure: Any) -> Path | None:  # noqa: N803
     curves = {name: loss_curves(folder) for name, folder in folders.items()}
     curves = {name: c for name, c in curves.items() if c}
     if not curves:

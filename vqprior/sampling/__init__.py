@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from vqprior.sampling.choose import Chooser, values_from_output
-from vqprior.sampling.noise import Noise, draw_noise
+from vqprior.sampling.noise import Noise, draw_noise, sampling_generator
 from vqprior.sampling.options import prepare
 from vqprior.sampling.walk import autoregress, fixed_point, num_steps, raster
 
@@ -48,6 +48,7 @@ __all__ = [
     "raster",
     "sample",
     "sample_naive",
+    "sampling_generator",
     "values_from_output",
 ]
 

@@ -15,6 +15,14 @@ if TYPE_CHECKING:
 CPU = torch.device("cpu")
 
 
+def sampling_generator(seed: int) -> torch.Generator:
+    """The generator of a seeded sampling run: always on the CPU, whatever device the model is
+    on (the noise is drawn there and moved, :func:`draw_noise`). Every seeded sampler of the
+    package gets its generator here; a generator built on a model's device would be refused
+    by :func:`draw_noise` on every GPU."""
+    return torch.Generator(device=CPU).manual_seed(seed)
+
+
 class Noise(NamedTuple):
     """Pre-drawn uniforms: ``u`` [n, C, H, W] for categorical heads (codes: C = 1); ``u_comp``
     [n, H, W] and ``u_val`` [n, C, H, W] for the mixture head."""

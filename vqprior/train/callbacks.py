@@ -68,7 +68,11 @@ class ImageGrids(Callback):
     """Every ``every_n_steps`` (and at the end of training) write ``make()``'s grid as a PNG.
 
     ``make(pl_module)`` returns images [b, c, H, W] in [-1, 1] and the images per row; it
-    runs with the module in eval mode and under ``torch.random.fork_rng``.
+    runs with the module in eval mode and under ``torch.random.fork_rng`` of the CPU RNG (the
+    samplers draw their noise on the CPU from a seeded generator, never on the device).
+
+    A grid is a diagnostic: when it fails (any exception), one warning line is logged and
+    training goes on, so a grid never costs a run its checkpoint or its export.
     """
 
     def __init__(
@@ -94,16 +98,18 @@ class ImageGrids(Callback):
         self._last_step = step
         was_training = pl_module.training
         pl_module.eval()
-        cuda = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
+        path = self.image_dir / f"{self.prefix}_step{step:07d}.png"
         try:
             # the global RNG comes out as it went in: a grid (drawn on rank zero only, and not
             # again by a resumed run) never changes what training draws next
-            with torch.random.fork_rng(devices=cuda):
+            with torch.random.fork_rng(devices=[]):
                 images, nrow = self.make(pl_module)
+            save_image_grid(path, images.float().cpu(), nrow=nrow)
+        except Exception as err:  # a diagnostic never stops training
+            logger.warning("skipped %s (%s: %s)", path.name, type(err).__name__, err)
+            return
         finally:
             pl_module.train(was_training)
-        path = self.image_dir / f"{self.prefix}_step{step:07d}.png"
-        save_image_grid(path, images.float().cpu(), nrow=nrow)
         logger.info("wrote %s", path)
 
     def on_train_batch_end(

@@ -28,6 +28,7 @@ from vqprior.models.hierarchy import (
     two_level_nats,
 )
 from vqprior.models.pixelcnn import PixelCNN
+from vqprior.sampling.noise import sampling_generator
 from vqprior.train.codes import default_device, load_vae, read_vae_record
 from vqprior.train.hierarchy import plain_data
 from vqprior.train.inference import _labels, _run_data_config, load_prior
@@ -96,7 +97,7 @@ def generate_two_level(
     vae, top, bottom = vae.to(dev), top.to(dev), bottom.to(dev)
     labelled = _class_count(top, bottom)
     cond = _labels(labelled, num, label, dev)
-    gen = torch.Generator(device=dev).manual_seed(seed)
+    gen = sampling_generator(seed)
     s = sample_two_level(vae, top, bottom, num, cond, temperature, gen, method)
     k = labelled.config.num_classes
     nrow = k if (k and label is None and k <= 16) else max(1, int(math.sqrt(num)))

@@ -13,6 +13,7 @@ from torch.utils.data import TensorDataset
 from vqprior.data import ImageSplits
 from vqprior.models.hierarchy import VQVAE2
 from vqprior.models.vqvae import VQVAE
+from vqprior.sampling.noise import sampling_generator
 from vqprior.train.config import DeviceOptions, PriorStageConfig
 from vqprior.train.datamodule import SplitsDataModule, codes_datamodule
 from vqprior.train.hierarchy import LevelCodes, level_codes
@@ -98,10 +99,11 @@ class BottomPriorModule(PriorModule):
         if self.fixed_top is None:
             raise ValueError("set fixed_top (top codes) before sampling a bottom prior")
         model = self.eval_model
-        top = self.fixed_top.to(self.device)
-        top = top[torch.arange(n, device=self.device) % len(top)]
+        dev = model.device  # the weights' device, whatever the module reports
+        top = self.fixed_top.to(dev)
+        top = top[torch.arange(n, device=dev) % len(top)]
         k = model.config.num_classes
-        cond = torch.arange(n, device=self.device) % k if k else None
+        cond = torch.arange(n, device=dev) % k if k else None
         spatial = self.spatial(top, (model.config.height, model.config.width))
         return model.sample(
             n, cond=cond, temperature=temperature, generator=generator, spatial_cond=spatial
@@ -141,8 +143,7 @@ def _top_grid(vae: VQVAE2, splits: ImageSplits, n: int) -> Any:
     k = vae.config.num_codes
 
     def make(module: PriorModule) -> tuple[torch.Tensor, int]:
-        gen = torch.Generator(device=module.device).manual_seed(module.train_cfg.seed)
-        top = module.sample(n, generator=gen).float()
+        top = module.sample(n, generator=sampling_generator(module.train_cfg.seed)).float()
         maps = top[:, None] * (2.0 / (k - 1)) - 1.0  # [n, 1, ht, wt]
         size = (splits.height, splits.width)
         return torch.nn.functional.interpolate(maps, size=size, mode="nearest"), 8
@@ -155,10 +156,9 @@ def _bottom_grid(vae: VQVAE2, n: int) -> Any:
 
     def make(module: PriorModule) -> tuple[torch.Tensor, int]:
         assert isinstance(module, BottomPriorModule) and module.fixed_top is not None
-        gen = torch.Generator(device=module.device).manual_seed(module.train_cfg.seed)
-        bottom = module.sample(n, generator=gen)
-        top = module.fixed_top.to(module.device)
-        top = top[torch.arange(n, device=module.device) % len(top)]
-        return vae.to(module.device).eval().decode_levels(top, bottom), 8
+        bottom = module.sample(n, generator=sampling_generator(module.train_cfg.seed))
+        top = module.fixed_top.to(bottom.device)
+        top = top[torch.arange(n, device=bottom.device) % len(top)]
+        return vae.to(bottom.device).eval().decode_levels(top, bottom), 8
 
     return make

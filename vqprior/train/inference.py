@@ -23,6 +23,7 @@ from vqprior.io import (
 )
 from vqprior.models.pixelcnn import PixelCNN, PixelCNNConfig
 from vqprior.models.vqvae import VQVAE, VQVAEConfig
+from vqprior.sampling.noise import sampling_generator
 from vqprior.train.codes import VAE_RECORD, default_device, load_vae, read_vae_record
 from vqprior.train.rundir import find_export, write_json
 
@@ -125,7 +126,7 @@ def generate(
     vae = matching_vae(prior, prior_path, vae_dir) if prior.config.data == "codes" else None
     dev = default_device(device)
     prior = prior.to(dev)
-    gen = torch.Generator(device=dev).manual_seed(seed)
+    gen = sampling_generator(seed)
     cond = _labels(prior, num, label, dev)
     samples = prior.sample(
         num,

@@ -112,7 +112,7 @@ class PriorModule(StageModule):
         """
         model = self.eval_model
         k = model.config.num_classes
-        cond = torch.arange(n, device=self.device) % k if k else None
+        cond = torch.arange(n, device=model.device) % k if k else None
         return model.sample(n, cond=cond, temperature=temperature, generator=generator)
 
     def configure_optimizers(self) -> Any:

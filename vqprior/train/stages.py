@@ -29,6 +29,7 @@ from vqprior.data import DataConfig, ImageSplits, load_image_splits
 from vqprior.io import safe_torch_load
 from vqprior.lock import RunLock
 from vqprior.models.vqvae import VQVAE
+from vqprior.sampling.noise import sampling_generator
 from vqprior.train.callbacks import ImageGrids
 from vqprior.train.checkpoints import VAL_METRIC, best_checkpoint
 from vqprior.train.codes import (
@@ -337,10 +338,9 @@ def _sampler(cfg: PriorStageConfig, vae: VQVAE | None) -> Any:
     nrow = k if 0 < k <= 16 else max(1, int(math.sqrt(n)))
 
     def make(module: PriorModule) -> tuple[torch.Tensor, int]:
-        gen = torch.Generator(device=module.device).manual_seed(cfg.train.seed)
-        samples = module.sample(n, generator=gen)
+        samples = module.sample(n, generator=sampling_generator(cfg.train.seed))
         if vae is None:
             return samples, nrow
-        return vae.to(module.device).decode(samples), nrow
+        return vae.to(samples.device).decode(samples), nrow
 
     return make

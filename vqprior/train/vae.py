@@ -91,7 +91,7 @@ class VQVAEModule(StageModule):
         """Images x [b, c, H, W] -> grid images [2b', c, H, W] and images per row: each row of
         inputs sits above the row of their reconstructions (b' = b rounded down to full rows)."""
         nrow = min(len(x), per_row)
-        x = x[: len(x) // nrow * nrow].to(self.device)
+        x = x[: len(x) // nrow * nrow].to(next(self.model.parameters()).device)
         recon = reconstruct(self.model, x).float()  # through both levels of a VQVAE2
         both = torch.stack([x.float(), recon])  # [2, b', c, H, W]
         return rearrange(both, "two (r n) c h w -> (r two n) c h w", n=nrow), nrow

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from vqprior.artifacts import save_image_grid
 from vqprior.data import float_to_uint8, uint8_to_float
+from vqprior.sampling.noise import sampling_generator
 from vqprior.uses.images import fit_images, read_images
 from vqprior.uses.models import Models, load_models
 
@@ -90,7 +91,7 @@ def complete_images(
     cond = _cond(models, labels, n, dev)
     rep = [known.repeat_interleave(samples, 0), mask.repeat_interleave(samples, 0)]
     cond_rep = None if cond is None else cond.repeat_interleave(samples, 0)
-    gen = torch.Generator().manual_seed(seed)
+    gen = sampling_generator(seed)
     out = models.prior.sample(
         n * samples,
         cond=cond_rep,
