@@ -193,6 +193,71 @@ def test_a_spatial_condition_is_never_silently_dropped() -> None:
             model.sample(2, spatial_cond=extra)
 
 
+def test_value_checks_run_on_public_calls_and_check_false_keeps_shape_checks() -> None:
+    """Out-of-range codes, labels and pixels: one ValueError line by default; ``check=False``
+    (training steps) skips the value checks only."""
+    codes, cond = make("codes-cond-k5")
+    x = torch.zeros(2, 4, 5, dtype=torch.long)
+    guided = PixelCNN(PixelCNNConfig(**CASES["codes-cond-k5"], class_dropout=0.2))
+    pixels, _ = make("rgb-mixture")
+    bad = [
+        (codes, (torch.full((2, 4, 5), 5), torch.tensor([0, 1])), r"codes must lie in \[0, 5\)"),
+        (codes, (x, torch.tensor([0, 3])), r"class labels must lie in \[0, 3\)"),
+        (codes, (x, torch.tensor([-1, 0])), r"class labels must lie in \[0, 3\)"),
+        (guided, (x, torch.tensor([0, 4])), r"class labels must lie in \[0, 3\)"),
+        (pixels, (torch.full((1, 3, 3, 4), 2.0, dtype=torch.float64),), r"\[-1, 1\]"),
+    ]
+    for model, args, match in bad:
+        with pytest.raises(ValueError, match=match) as err:
+            model.log_prob(*args)
+        assert "\n" not in str(err.value)
+    guided.log_prob(x, torch.tensor([3, 3]))  # the null class is a valid label
+    pixels.log_prob(torch.full((1, 3, 3, 4), 2.0, dtype=torch.float64), check=False)
+    for args, match in (
+        ((x.float(), torch.tensor([0, 1])), "integer tensor"),
+        ((x[:, :3], torch.tensor([0, 1])), "does not fit"),
+        ((x, torch.tensor([0])), r"shape \[2\]"),
+        ((x,), "class-conditional"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            codes.log_prob(*args, check=False)
+
+
+@pytest.mark.parametrize("name", ["codes-cond-k5", "codes-k7-spatial", "gray-mixture-cond"])
+def test_log_prob_compiles_with_fullgraph_under_conditions(name: str) -> None:
+    """No graph break with class labels (a learned null class) or a spatial condition: the
+    value checks step aside under torch.compile, even with the default ``check=True``."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    extra = {"class_dropout": 0.25} if CASES[name].get("num_classes") else {}
+    model = PixelCNN(PixelCNNConfig(**CASES[name], **extra)).double()
+    _, cond, spatial = build(name, 3)
+    x = random_data(model, 3, torch.Generator().manual_seed(0))
+    if cond is not None:
+        cond[0] = model.config.num_classes  # the null class
+    log_prob = torch.compile(model.log_prob, fullgraph=True, backend="aot_eager")
+    got = log_prob(x, cond, spatial_cond=spatial)
+    torch.testing.assert_close(got, model.log_prob(x, cond, spatial_cond=spatial))
+    got.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_the_top_condition_compiles_with_fullgraph_into_the_bottom_log_prob() -> None:
+    from vqprior.models.hierarchy import upsample_top_codes
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = PixelCNN(PixelCNNConfig(**CASES["codes-k7-spatial"], num_classes=2))
+    embed = torch.randn(3, 2)
+
+    def bottom_log_prob(x: torch.Tensor, y: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        return model.log_prob(x, y, spatial_cond=upsample_top_codes(embed, top, (4, 4)))
+
+    x, y, top = torch.randint(6, (2, 4, 4)), torch.tensor([0, 1]), torch.randint(3, (2, 2, 2))
+    got = torch.compile(bottom_log_prob, fullgraph=True, backend="aot_eager")(x, y, top)
+    torch.testing.assert_close(got, bottom_log_prob(x, y, top))
+
+
 def test_config_names_and_attention_fields() -> None:
     rgb = PixelCNNConfig(data="pixels", in_channels=3, head="categorical", channels=12)
     assert rgb.channel_groups == 3 and PixelCNNConfig().channel_groups == 1

@@ -99,12 +99,12 @@ def test_bottom_prior_module_uses_top_condition_and_learns_from_it() -> None:
                      spatial_cond_channels=4)  # fmt: skip
     train = {"max_steps": 1, "ema_decay": 0.0}
     module = BottomPriorModule(prior_cfg, train, top_embed=model.quantizer_top.embed)
-    top = torch.randint(0, 16, (3, 2, 2))
-    torch.testing.assert_close(module.spatial(top, (4, 4)), top_condition(model, top, (4, 4)))
-    bottom = torch.randint(0, 16, (3, 4, 4))
-    module.log_dict = lambda *a, **k: None  # type: ignore[method-assign]  # no trainer here
-    loss = module._step((bottom, torch.zeros(3, dtype=torch.long), top), "val")
+    top, bottom = torch.randint(0, 16, (3, 2, 2)), torch.randint(0, 16, (3, 4, 4))
+    batch = (bottom, torch.zeros(3, dtype=torch.long), top)
     spatial = top_condition(model, top, (4, 4))
+    torch.testing.assert_close(module._inputs(batch)[2], spatial)
+    module.log_dict = lambda *a, **k: None  # type: ignore[method-assign]  # no trainer here
+    loss = module._step(batch, "val")
     want = -module.model.log_prob(bottom, spatial_cond=spatial).mean() / 16
     torch.testing.assert_close(loss, want)
     module.fixed_top = top

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from vqprior.models.pixelcnn import PixelCNN
@@ -233,18 +233,35 @@ def reconstruct(vae: VQVAE, x: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------- priors over levels
-def top_condition(vae: VQVAE2, top: Tensor, bottom_hw: tuple[int, int]) -> Tensor:
-    """The bottom prior's spatial condition: the top codes' codebook vectors [b, d, ht, wt]
-    nearest-upsampled to the bottom grid -> [b, d, hb, wb]."""
-    if not isinstance(vae, VQVAE2):
-        raise ValueError("top_condition needs a two-level VQ-VAE (levels=2)")
-    vae._check_codes(top)
-    hb, wb = bottom_hw
-    ht, wt = top.shape[1:]
+def upsample_top_codes(
+    embed: Tensor, top: Tensor, bottom_hw: tuple[int, int], check: bool = True
+) -> Tensor:
+    """The bottom prior's spatial condition from a top codebook ``embed`` [K, d] and top codes
+    long [b, ht, wt]: each code's vector repeated over its (hb/ht) x (wb/wt) cell -> [b, d, hb,
+    wb], detached. Shapes are always checked; the codes' range [0, K) only when ``check`` and
+    not compiling (a host sync)."""
+    k = embed.shape[0]
+    if top.dim() != 3 or top.is_floating_point() or top.is_complex() or top.dtype == torch.bool:
+        raise ValueError(
+            f"top codes must be integers [b, ht, wt], got {top.dtype} {list(top.shape)}"
+        )
+    (hb, wb), (ht, wt) = bottom_hw, top.shape[1:]
     if hb % ht or wb % wt:
         raise ValueError(f"bottom grid {hb}x{wb} is not a multiple of the top grid {ht}x{wt}")
-    q_t = vae.quantizer_top.lookup(top.long())
-    return F.interpolate(q_t, size=(hb, wb), mode="nearest").detach()
+    if check and not torch.compiler.is_compiling() and top.numel():
+        lo, hi = (int(v) for v in top.aminmax())
+        if lo < 0 or hi >= k:
+            raise ValueError(f"top codes must lie in [0, {k}), got values in [{lo}, {hi}]")
+    vectors = F.embedding(top.long(), embed.detach())  # [b, ht, wt, d]
+    return repeat(vectors, "b h w d -> b d (h sh) (w sw)", sh=hb // ht, sw=wb // wt)
+
+
+def top_condition(vae: VQVAE2, top: Tensor, bottom_hw: tuple[int, int]) -> Tensor:
+    """The bottom prior's spatial condition: :func:`upsample_top_codes` with the VAE's top
+    codebook, top codes long [b, ht, wt] -> [b, d, hb, wb]."""
+    if not isinstance(vae, VQVAE2):
+        raise ValueError("top_condition needs a two-level VQ-VAE (levels=2)")
+    return upsample_top_codes(vae.quantizer_top.embed, top, bottom_hw)
 
 
 class TwoLevelSample(NamedTuple):

@@ -213,12 +213,17 @@ class PixelCNN(nn.Module, PretrainedMixin):
         return self.config.num_classes if self.config.has_null_class else None
 
     def validate_input(
-        self, x: Tensor, cond: Tensor | None = None, spatial_cond: Tensor | None = None
+        self,
+        x: Tensor,
+        cond: Tensor | None = None,
+        spatial_cond: Tensor | None = None,
+        *,
+        values: bool = True,
     ) -> None:
         """Raise ValueError with one clear line if ``x``, ``cond`` or ``spatial_cond`` does not
-        fit this model."""
-        check_data(self.config, x, self.data_shape)
-        check_cond(self.config, cond, x.shape[0])
+        fit this model. ``values=False``: shapes and dtypes only (no host sync)."""
+        check_data(self.config, x, self.data_shape, values)
+        check_cond(self.config, cond, x.shape[0], values)
         check_spatial(self.config, spatial_cond, x.shape[0])
 
     # --------------------------------------------------------------------------- network
@@ -275,11 +280,17 @@ class PixelCNN(nn.Module, PretrainedMixin):
         cond: Tensor | None = None,
         reduction: Reduction = "sum",
         spatial_cond: Tensor | None = None,
+        *,
+        check: bool = True,
     ) -> Tensor:
         """Log-likelihood in nats: "none" per element (shape of x), "sum" per example [b],
-        "mean" the mean per element (a scalar)."""
+        "mean" the mean per element (a scalar).
+
+        ``check=False`` skips the value checks (codes, pixel and label ranges: host syncs) for
+        inputs known to be in range, as in training loops; shapes and dtypes are always checked.
+        """
         check_choice("reduction", reduction, ("none", "sum", "mean"))
-        self.validate_input(x, cond, spatial_cond)
+        self.validate_input(x, cond, spatial_cond, values=check)
         lp = self.element_log_prob(x, self(x, cond, spatial_cond))
         if reduction == "none":
             return lp

@@ -7,17 +7,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from einops import repeat
 from torch.utils.data import TensorDataset
 
 from vqprior.data import ImageSplits
-from vqprior.models.hierarchy import VQVAE2
+from vqprior.models.hierarchy import VQVAE2, upsample_top_codes
 from vqprior.models.vqvae import VQVAE
 from vqprior.sampling.noise import sampling_generator
 from vqprior.train.config import DeviceOptions, PriorStageConfig
 from vqprior.train.datamodule import SplitsDataModule, codes_datamodule
 from vqprior.train.hierarchy import LevelCodes, level_codes
-from vqprior.train.prior import LN2, PriorModule
+from vqprior.train.prior import Inputs, PriorModule
 
 
 # ----------------------------------------------------------------------------- train-prior
@@ -40,9 +39,11 @@ def level_datamodule(
 
 class BottomPriorModule(PriorModule):
     """A bottom prior: batches (bottom, y, top); the spatial condition of every layer is
-    :func:`top_condition` of the top codes, from a frozen copy of the VAE's top codebook.
+    :func:`upsample_top_codes` of the top codes (as :func:`top_condition`), from a frozen copy
+    ``top_embed`` of the VAE's top codebook.
 
-    Exports, EMA weights and hyperparameters are those of :class:`PriorModule`.
+    Only :meth:`_inputs` differs: the step (class dropout, ``compile``, metrics), exports, EMA
+    weights and hyperparameters are those of :class:`PriorModule`.
     """
 
     top_embed: torch.Tensor
@@ -66,30 +67,12 @@ class BottomPriorModule(PriorModule):
         self.register_buffer("top_embed", embed.detach().clone().float())
         self.fixed_top: torch.Tensor | None = None  # top codes whose bottoms the grids sample
 
-    def spatial(self, top: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Top codes long [b, ht, wt] -> the spatial condition [b, d, hb, wb]."""
-        vectors = self.top_embed[top]  # [b, ht, wt, d]
-        sh, sw = grid[0] // top.shape[1], grid[1] // top.shape[2]
-        return repeat(vectors, "b h w d -> b d (h sh) (w sw)", sh=sh, sw=sw)
-
-    def _step(self, batch: Any, stage: str) -> torch.Tensor:
+    def _inputs(self, batch: Any) -> Inputs:
+        """Batches (bottom, y, top) -> (bottom, y, the top codes' upsampled codebook vectors)."""
         x, y, top = batch
-        train = stage == "train"
-        model = self.model if train else self.eval_model
-        cond = y if model.config.num_classes else None
-        spatial = self.memory_format(self.spatial(top, (x.shape[1], x.shape[2])).to(self.dtype))
-        nll = -model.log_prob(x, cond, spatial_cond=spatial).float()  # nats per example [b]
-        loss = nll.mean() / model.num_dims
-        metrics = {"loss": loss, "nats_per_code": loss, "bits_per_image": nll.mean() / LN2}
-        self.log_dict(
-            {f"{stage}/{k}": v.detach() for k, v in metrics.items()},
-            on_step=train,
-            on_epoch=not train,
-            batch_size=x.shape[0],
-            sync_dist=not train,
-            prog_bar=True,
-        )
-        return loss
+        grid = (x.shape[1], x.shape[2])
+        spatial = upsample_top_codes(self.top_embed, top, grid, check=False)  # see _step
+        return x, y, self.memory_format(spatial.to(self.dtype))
 
     @torch.no_grad()
     def sample(
@@ -104,7 +87,8 @@ class BottomPriorModule(PriorModule):
         top = top[torch.arange(n, device=dev) % len(top)]
         k = model.config.num_classes
         cond = torch.arange(n, device=dev) % k if k else None
-        spatial = self.spatial(top, (model.config.height, model.config.width))
+        grid = (model.config.height, model.config.width)
+        spatial = upsample_top_codes(self.top_embed.to(dev), top, grid)
         return model.sample(
             n, cond=cond, temperature=temperature, generator=generator, spatial_cond=spatial
         )

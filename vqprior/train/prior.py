@@ -12,7 +12,7 @@ from vqprior.models.pixelcnn import PixelCNN, PixelCNNConfig
 from vqprior.train.config import TrainConfig
 from vqprior.train.module import StageModule, configure_adamw
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # x, labels, spatial condition
 LN2 = math.log(2.0)
 
 
@@ -73,16 +73,37 @@ class PriorModule(StageModule):
         assert isinstance(module, PixelCNN)
         return module
 
-    def _step(self, batch: Batch, stage: str) -> torch.Tensor:
-        x, y = self.memory_format(batch[0]), batch[1]
+    def _inputs(self, batch: Any) -> Inputs:
+        """A batch -> (x, labels, spatial condition): here batches (x, y), no spatial condition.
+
+        Subclasses (the bottom prior) override this hook, never :meth:`_step`.
+        """
+        return self.memory_format(batch[0]), batch[1], None
+
+    def _labels(self, model: PixelCNN, y: torch.Tensor, train: bool) -> torch.Tensor | None:
+        """The class condition: None for an unconditional prior; in training a learned null
+        class replaces each label with probability ``class_dropout`` (classifier-free guidance)."""
+        if not model.config.num_classes:
+            return None
+        if not train or model.null_class is None:
+            return y
+        drop = torch.rand(y.shape, device=y.device) < model.config.class_dropout
+        return torch.where(drop, torch.full_like(y, model.null_class), y)
+
+    def _step(self, batch: Any, stage: str) -> torch.Tensor:
+        """The one step of every prior: train, val and test, plain or bottom (see _inputs)."""
         train = stage == "train"
         model = self.model if train else self.eval_model
-        cond = y if model.config.num_classes else None
-        if train and cond is not None and model.null_class is not None:  # (H1) guidance
-            drop = torch.rand(cond.shape, device=cond.device) < model.config.class_dropout
-            cond = torch.where(drop, torch.full_like(cond, model.null_class), cond)
+        x, y, spatial = self._inputs(batch)
+        cond = self._labels(model, y, train)
         log_prob = self._log_prob["fn"] if train else model.log_prob
-        nll = -log_prob(x, cond).float()  # nats per example [b]
+        # check=False: no host sync per step (shapes and dtypes are still checked). The data
+        # module's batches are in range when loaded: images are uint8 mapped to [-1, 1]
+        # (vqprior.data), labels lie in [0, num_classes) with num_classes taken from the data
+        # (train.config.fill_num_classes), codes are a VAE's nearest codes (a stored code file
+        # must match the VAE's hash, num_codes and grid; load_codes checks its shapes and
+        # dtypes, not the code range).
+        nll = -log_prob(x, cond, spatial_cond=spatial, check=False).float()  # nats per example [b]
         loss = nll.mean() / model.num_dims  # nats per element
         if model.config.data == "pixels":
             metrics = {"nats_per_dim": loss, "bits_per_dim": loss / LN2}
