@@ -1,5 +1,6 @@
 """Shared builders for the uses tests (tiny random models saved as exports), and tests of
-image reading/conversion and model loading."""
+image reading/conversion, model loading, and the argument rules every use command shares:
+class labels as generate takes them, two-level models refused with one line."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from vqprior import VQVAE, PixelCNN, PixelCNNConfig, VQVAEConfig
 from vqprior.cli import cli
 from vqprior.io import CheckpointError, content_hash
 from vqprior.uses.images import exact_images, fit_images, read_images
-from vqprior.uses.models import VAE_RECORD, load_models
+from vqprior.uses.models import VAE_RECORD, check_label, class_labels, load_models
 
 PIXEL_CASES: dict[str, dict[str, Any]] = {
     "gray-mixture": dict(data="pixels", in_channels=1, head="mixture", num_mixtures=2),
@@ -68,10 +69,75 @@ def save_two_stage(root: Path, recon: str = "mixture") -> tuple[Path, Path]:
     return prior_path, vae_path
 
 
-def write_npz(path: Path, n: int, shape: tuple[int, ...], seed: int = 0) -> Path:
+def save_conditional_prior(root: Path, classes: int = 3) -> Path:
+    """A class-conditional gray 5x4 pixel prior."""
+    torch.manual_seed(0)
+    cfg = PixelCNNConfig(
+        **PIXEL_CASES["gray-mixture"], height=5, width=4, channels=12, num_layers=2,
+        num_classes=classes,
+    )  # fmt: skip
+    return PixelCNN(cfg).save_pretrained(root / f"prior-cond{classes}")
+
+
+def save_two_level(root: Path) -> dict[str, Path]:
+    """A two-level VAE (1 channel, 8x8 images -> bottom 4x4 and top 2x2 codes) and its top and
+    bottom priors with the records train-prior writes (``level``, the level's grid)."""
+    torch.manual_seed(0)
+    vae = VQVAE(
+        VQVAEConfig(
+            in_channels=1, hidden_channels=8, res_channels=4, num_res_blocks=0, downsample=2,
+            num_codes=6, code_dim=4, recon="mixture", num_mixtures=2, levels=2,
+        )
+    )  # fmt: skip
+    vae_path = vae.save_pretrained(root / "vae-two-level")
+    record = {"vae_hash": content_hash(vae_path), "vae_path": str(vae_path), "num_codes": 6}
+    paths = {"vae": vae_path}
+    for level, size, spatial in (("top", 2, 0), ("bottom", 4, 4)):
+        prior = PixelCNN(
+            PixelCNNConfig(
+                data="codes", num_codes=6, height=size, width=size, channels=8, num_layers=2,
+                spatial_cond_channels=spatial,
+            )
+        )  # fmt: skip
+        rec = {**record, "image_shape": [1, 8, 8], "grid": [size, size], "level": level}
+        paths[level] = prior.save_pretrained(
+            root / f"prior-{level}", extra_files={VAE_RECORD: json.dumps(rec)}
+        )
+    return paths
+
+
+def write_npz(
+    path: Path, n: int, shape: tuple[int, ...], seed: int = 0, labels: list[int] | None = None
+) -> Path:
     rng = np.random.default_rng(seed)
-    np.savez(path, x=rng.integers(0, 256, size=(n, *shape), dtype=np.uint8))
+    x = rng.integers(0, 256, size=(n, *shape), dtype=np.uint8)
+    if labels is None:
+        np.savez(path, x=x)
+    else:
+        np.savez(path, x=x, y=np.asarray(labels, dtype=np.int64))
     return path
+
+
+def file_state(*dirs: Path) -> dict[str, tuple[bytes, int]]:
+    """Bytes and mtime of every file under ``dirs``: a refused command leaves them as they are."""
+    return {
+        str(p): (p.read_bytes(), p.stat().st_mtime_ns)
+        for d in dirs
+        for p in sorted(d.rglob("*"))
+        if p.is_file()
+    }
+
+
+def use_args(command: str, prior: Path, images: Path, out: Path) -> list[str]:
+    """Arguments of a use command (or generate) writing under ``out`` (which does not exist)."""
+    if command == "generate":
+        return ["generate", "--prior", str(prior), "--out", str(out / "s.png"), "--num", "2"]
+    if command == "compress":
+        return ["compress", "--prior", str(prior), str(images), "-o", str(out / "f.vqz")]
+    args = [command, "--prior", str(prior), "--images", str(images), "--out"]
+    if command == "score":
+        return [*args, str(out / "scores")]
+    return [*args, str(out / "c.png"), "--keep", "top:2", "--samples", "1"]
 
 
 def invoke(*args: str) -> Result:
@@ -135,3 +201,85 @@ def test_two_stage_loads_and_refuses_another_vae(tmp_path: Path) -> None:
     _, other = save_two_stage(tmp_path / "other", recon="mse")
     with pytest.raises(CheckpointError, match="not the one this prior was trained on"):
         load_models(prior, other)
+
+
+def test_class_labels_is_generates_rule() -> None:
+    check_label(0, None)
+    check_label(3, 2)
+    with pytest.raises(ValueError, match="^this prior is unconditional: drop --label$"):
+        check_label(0, 0)
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match=rf"^--label {bad} must lie in \[0, 3\)$"):
+            check_label(3, bad)
+    assert torch.equal(class_labels(3, 2, label=1), torch.tensor([1, 1]))
+    y = torch.tensor([2, 0])
+    assert torch.equal(class_labels(3, 2, label=1, data=y), torch.tensor([1, 1]))
+    assert torch.equal(class_labels(3, 2, data=y), y)
+    assert class_labels(0, 2, data=torch.tensor([7, 9])) is None  # data labels: ignored
+    assert class_labels(3, 2) is None  # the caller's default (generate cycles, score mixes)
+    with pytest.raises(ValueError, match=r"label y=3 .* \[0, 3\)"):
+        class_labels(3, 2, data=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"class-conditional \(3 classes\): give y"):
+        class_labels(3, 2, missing="give y")
+
+
+LABEL_CASES = [
+    ("generate", False, ["--label", "3"], None, "this prior is unconditional: drop --label"),
+    ("complete", False, ["--label", "3"], None, "this prior is unconditional: drop --label"),
+    ("generate", True, ["--label", "3"], None, "--label 3 must lie in [0, 3)"),
+    ("complete", True, ["--label", "3"], None, "--label 3 must lie in [0, 3)"),
+    ("complete", True, ["--label", "-1"], [0, 1], "--label -1 must lie in [0, 3)"),
+    ("complete", True, [], None, "class-conditional (3 classes)"),
+    ("compress", True, [], None, "class-conditional (3 classes)"),
+    ("complete", True, [], [0, 7], "label y=7"),
+    ("score", True, [], [0, 7], "label y=7"),
+    ("compress", True, [], [0, 7], "[0, 3)"),  # the prior's own check (class_labels: "y=7")
+]
+
+
+@pytest.mark.parametrize(("command", "conditional", "extra", "y", "needle"), LABEL_CASES)
+def test_label_rules_in_every_command(
+    tmp_path: Path,
+    command: str,
+    conditional: bool,
+    extra: list[str],
+    y: list[int] | None,
+    needle: str,
+) -> None:
+    prior = (
+        save_conditional_prior(tmp_path)
+        if conditional
+        else save_pixel_prior(tmp_path, "gray-mixture")
+    )
+    npz = write_npz(tmp_path / "x.npz", 2, (5, 4, 1), labels=y)
+    before = file_state(prior)
+    out = tmp_path / "out"
+    assert needle in one_error_line(invoke(*use_args(command, prior, npz, out), *extra))
+    assert not out.exists() and file_state(prior) == before
+
+
+@pytest.mark.parametrize("command", ["score", "complete", "compress"])
+@pytest.mark.parametrize("which", ["top", "bottom", "vae"])
+def test_two_level_models_are_refused(tmp_path: Path, command: str, which: str) -> None:
+    paths = save_two_level(tmp_path)
+    if which == "vae":  # a one-level codes prior handed a two-level VAE
+        prior, _ = save_two_stage(tmp_path)
+        extra = ["--vae", str(paths["vae"])]
+        needle = f"the VAE at {paths['vae']} is a two-level VQ-VAE"
+    else:
+        prior, extra = paths[which], []
+        needle = f"{prior} is the {which} prior of a two-level VQ-VAE"
+    npz = write_npz(tmp_path / "x.npz", 2, (8, 8, 1))
+    before = file_state(tmp_path)
+    out = tmp_path / "out"
+    line = one_error_line(invoke(*use_args(command, prior, npz, out), *extra))
+    assert needle in line and "support one-level models" in line and "--bottom-prior" in line
+    assert not out.exists() and file_state(tmp_path) == before
+
+
+def test_two_level_record_is_refused_before_its_vae_is_read(tmp_path: Path) -> None:
+    paths = save_two_level(tmp_path)
+    for p in paths["vae"].iterdir():
+        p.unlink()  # the record alone names the level
+    with pytest.raises(ValueError, match="top prior of a two-level VQ-VAE"):
+        load_models(paths["top"])

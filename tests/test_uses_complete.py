@@ -1,4 +1,5 @@
-"""vqprior complete: kept pixels / codes unchanged, the grid's size, keep-spec errors."""
+"""vqprior complete: kept pixels / codes unchanged, nothing of the removed region reaches the
+model, the grid's size, keep-spec errors."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from test_uses_common import (
+    file_state,
     invoke,
     one_error_line,
     save_pixel_prior,
@@ -29,7 +31,11 @@ def test_keep_specs() -> None:
     assert torch.equal(
         code_mask(keep_mask("top:3", 4, 4), 2), torch.tensor([[True, True], [False, False]])
     )
-    for bad in ("top", "top:x", "box:1,2,3", "middle:2", "box:0,0,9,9"):
+    assert keep_mask("top:3", 4, 3).sum() == 9 and keep_mask("left:2", 4, 3).sum() == 8
+    for bad in ("top", "top:x", "box:1,2,3", "middle:2", "box:0,0,9,9", "top:0", "top:4"):
+        with pytest.raises(ValueError, match="--keep"):
+            keep_mask(bad, 4, 3)
+    for bad in ("left:0", "left:3", "top:-1", "box:0,0,4,3", "box:1,1,1,2"):
         with pytest.raises(ValueError, match="--keep"):
             keep_mask(bad, 4, 3)
 
@@ -57,9 +63,50 @@ def test_kept_codes_are_unchanged(tmp_path: Path) -> None:
         0, 256, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
     )
     res = complete_images(models, x8, "top:4", samples=2)
-    codes = models.vae.encode(uint8_to_float(x8)).repeat_interleave(2, 0)
+    masked = torch.where(keep_mask("top:4", 8, 8), x8, 128)  # what the encoder sees
+    assert torch.equal(res.masked, masked)
+    codes = models.vae.encode(uint8_to_float(masked)).repeat_interleave(2, 0)
     assert torch.equal(res.completed[:, :2], codes[:, :2])  # 4 pixel rows = 2 code rows
     assert torch.equal(res.mask[0], code_mask(keep_mask("top:4", 8, 8), 2))
+
+
+def differ_in(x8: torch.Tensor, removed: torch.Tensor, seed: int) -> torch.Tensor:
+    """``x8`` with new random values where ``removed`` (bool [H, W]) is True."""
+    gen = torch.Generator().manual_seed(seed)
+    other = torch.randint(0, 256, x8.shape, generator=gen, dtype=torch.uint8)
+    assert (other != x8)[..., removed].any()
+    return torch.where(removed, other, x8)
+
+
+@pytest.mark.parametrize("keep", ["box:2,2,6,6", "top:4", "left:6"])
+def test_removed_region_does_not_reach_the_codes_prior(tmp_path: Path, keep: str) -> None:
+    models = load_models(save_two_stage(tmp_path)[0])
+    assert models.vae is not None
+    x8 = torch.randint(
+        0, 256, (3, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
+    removed = ~keep_mask(keep, 8, 8)
+    y8 = differ_in(x8, removed, seed=1)
+    a = complete_images(models, x8, keep, samples=2, seed=5)
+    b = complete_images(models, y8, keep, samples=2, seed=5)
+    assert torch.equal(a.mask, b.mask) and a.mask.any() and not a.mask.all()
+    assert torch.equal(a.known[a.mask], b.known[b.mask])  # the kept codes the sampler gets
+    assert torch.equal(a.completed, b.completed) and torch.equal(a.samples, b.samples)
+    if keep == "box:2,2,6,6":  # the full-image encoding does leak: what masking prevents
+        full = models.vae.encode(uint8_to_float(torch.cat([x8, y8])))
+        assert (full[:3] != full[3:])[a.mask].any()
+
+
+def test_removed_region_does_not_reach_the_pixel_prior(tmp_path: Path) -> None:
+    models = load_models(save_pixel_prior(tmp_path, "rgb-mixture"))
+    x8 = torch.randint(
+        0, 256, (2, 3, 5, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
+    keep = "box:1,1,4,3"
+    y8 = differ_in(x8, ~keep_mask(keep, 5, 4), seed=1)
+    a = complete_images(models, x8, keep, samples=2, seed=5)
+    b = complete_images(models, y8, keep, samples=2, seed=5)
+    assert torch.equal(a.known, b.known) and torch.equal(a.samples, b.samples)
 
 
 def test_cli_writes_the_grid(tmp_path: Path) -> None:
@@ -74,3 +121,45 @@ def test_cli_writes_the_grid(tmp_path: Path) -> None:
     scale = ((width - 2) // 4 - 2) // 4  # the grid may upscale small images by an integer
     assert scale >= 1 and (width, height) == (4 * (4 * scale + 2) + 2, 3 * (5 * scale + 2) + 2)
     assert "--keep" in one_error_line(invoke(*args, "--keep", "bottom:2"))
+
+
+BAD_KEEPS = [  # (prior, spec, needle): the gray pixel prior is 5x4, the codes prior 8x8 by 2x2
+    ("pixels", "top:0", "--keep top:0: N must lie in [1, 4] for a 5x4 image"),
+    ("pixels", "top:5", "--keep top:5: N must lie in [1, 4]"),
+    ("pixels", "top:99", "--keep top:99: N must lie in [1, 4]"),
+    ("pixels", "left:0", "--keep left:0: N must lie in [1, 3]"),
+    ("pixels", "left:4", "--keep left:4: N must lie in [1, 3]"),
+    ("pixels", "box:0,0,5,4", "removes the whole 5x4 image"),
+    ("pixels", "box:0,0,6,4", "the box must lie inside the 5x4 image"),
+    ("pixels", "box:2,2,2,3", "the box must lie inside the 5x4 image"),
+    ("codes", "top:1", "--keep top:1 keeps no whole code"),
+    ("codes", "box:0,1,8,8", "--keep box:0,1,8,8 keeps no whole code"),
+]
+
+
+@pytest.mark.parametrize(("kind", "spec", "needle"), BAD_KEEPS)
+def test_bad_keep_is_one_line_and_writes_nothing(
+    tmp_path: Path, kind: str, spec: str, needle: str
+) -> None:
+    if kind == "pixels":
+        prior, shape = save_pixel_prior(tmp_path, "gray-mixture"), (5, 4, 1)
+    else:
+        prior, shape = save_two_stage(tmp_path)[0], (8, 8, 1)
+    npz = write_npz(tmp_path / "x.npz", 2, shape)
+    before = file_state(tmp_path)
+    out = tmp_path / "grid.png"
+    result = invoke(
+        "complete", "--prior", str(prior), "--images", str(npz), "--out", str(out), "--keep", spec
+    )
+    assert needle in one_error_line(result)
+    assert not out.exists() and file_state(tmp_path) == before
+
+
+@pytest.mark.parametrize(("option", "value"), [("--samples", "0"), ("--limit", "0")])
+def test_bad_counts_are_one_line(tmp_path: Path, option: str, value: str) -> None:
+    prior = save_pixel_prior(tmp_path, "gray-mixture")
+    npz = write_npz(tmp_path / "x.npz", 2, (5, 4, 1))
+    out = tmp_path / "grid.png"
+    args = ["--prior", str(prior), "--images", str(npz), "--out", str(out), "--keep", "top:2"]
+    result = invoke("complete", *args, option, value)
+    assert f"{option} {value} must be >= 1" in one_error_line(result) and not out.exists()

@@ -12,8 +12,10 @@ import torch
 from einops import rearrange
 from PIL import Image
 from test_uses_common import (
+    file_state,
     invoke,
     one_error_line,
+    save_conditional_prior,
     save_pixel_prior,
     save_two_stage,
     single_thread,  # noqa: F401 (autouse fixture)
@@ -104,3 +106,29 @@ def test_bad_path_and_wrong_channels_are_one_line(tmp_path: Path) -> None:
     assert "2 channels and cannot be converted" in one_error_line(result)
     result = invoke("score", "--prior", str(tmp_path / "nodir"), "--images", str(npz))
     assert "not found" in one_error_line(result)
+
+
+def test_npz_labels_condition_a_conditional_prior_only(tmp_path: Path) -> None:
+    cond, plain = save_conditional_prior(tmp_path), save_pixel_prior(tmp_path, "gray-mixture")
+    npz = write_npz(tmp_path / "x.npz", 2, (5, 4, 1), labels=[0, 2])
+    x = uint8_to_float(rearrange(torch.from_numpy(np.load(npz)["x"]), "n h w c -> n c h w"))
+    for prior, y in ((cond, torch.tensor([0, 2])), (plain, None)):  # plain: y ignored
+        out = tmp_path / prior.name
+        result = invoke("score", "--prior", str(prior), "--images", str(npz), "--out", str(out))
+        assert result.exit_code == 0, result.output
+        got = torch.tensor([float(r["bits_per_dim"]) for r in read_csv(out / "scores.csv")])
+        with torch.no_grad():
+            want = -load_models(prior).prior.log_prob(x, cond=y) / (math.log(2) * 20)
+        assert torch.allclose(got, want.float(), atol=1e-5)
+
+
+def test_bad_batch_size_is_one_line(tmp_path: Path) -> None:
+    prior = save_pixel_prior(tmp_path, "gray-mixture")
+    npz = write_npz(tmp_path / "x.npz", 2, (5, 4, 1))
+    before, out = file_state(tmp_path), tmp_path / "o"
+    result = invoke(
+        "score", "--prior", str(prior), "--images", str(npz), "--out", str(out),
+        "--batch-size", "0",
+    )  # fmt: skip
+    assert "--batch-size 0 must be >= 1" in one_error_line(result)
+    assert not out.exists() and file_state(tmp_path) == before

@@ -100,8 +100,9 @@ def register(group: click.Group) -> None:
     @click.option(
         "--keep",
         required=True,
-        help="top:N (keep the top N rows), left:N (the left N columns) or box:r0,c0,r1,c1 "
-        "(REMOVE that box, rows r0..r1-1, columns c0..c1-1; keep the rest)",
+        help="top:N (keep the top N rows, 1 <= N < height), left:N (the left N columns, "
+        "1 <= N < width) or box:r0,c0,r1,c1 (REMOVE that box, rows r0..r1-1, columns "
+        "c0..c1-1, inside the image and not all of it; keep the rest)",
     )
     @click.option(
         "--out", default="completions.png", show_default=True, type=click.Path(dir_okay=False)
@@ -112,11 +113,20 @@ def register(group: click.Group) -> None:
     )
     @click.option("--seed", type=int, default=0, show_default=True)
     @click.option("--temperature", type=float, default=1.0, show_default=True)
-    @click.option("--label", type=int, default=None, help="class label (conditional prior)")
+    @click.option(
+        "--label",
+        type=int,
+        default=None,
+        help="class label in [0, classes) for every image (conditional prior; default: the "
+        ".npz labels y); an unconditional prior refuses it",
+    )
     @device_opt
     def complete_cmd(**kw: Any) -> None:
         """Keep part of each image (codes prior: of its code map), sample the rest: a PNG grid
-        with one row per image: original, masked input (removed part gray), completions."""
+        with one row per image: original, masked input (removed part gray), completions.
+
+        Only the masked input reaches the model. Codes prior: the masked input is encoded and
+        a code is kept when all its pixels are kept."""
         from vqprior.uses.complete import complete
 
         _report(complete(**kw))

@@ -2,11 +2,23 @@
 
 Keep specs: ``top:N`` keeps the top N rows, ``left:N`` the left N columns, and
 ``box:r0,c0,r1,c1`` *removes* the box (rows r0..r1-1, columns c0..c1-1) and keeps the rest.
-Coordinates are in image pixels. Elements are sampled in raster order, each given everything
-before it (:meth:`PixelCNN.sample` with ``known``/``mask``): exact for a kept prefix (top, or
-left on the first rows); a kept element after a removed one cannot condition it. On a codes
-prior the image is encoded, the mask shrinks to the code grid (a code is kept when all of its
-pixels are), the codes are completed and decoded.
+Coordinates are in image pixels. A spec must keep something and remove something: N lies in
+``[1, H-1]`` (``[1, W-1]`` for left), the box is non-empty, inside the image and not the whole
+image (to sample whole images use ``vqprior generate``); anything else is refused.
+
+Only the masked input (removed pixels mid-gray, value 128, the grid's second column) reaches
+the model, so nothing of the removed region leaks into the completions. Elements are sampled in
+raster order, each given everything before it (:meth:`PixelCNN.sample` with
+``known``/``mask``): exact for a kept prefix (top, or left on the first rows); a kept element
+after a removed one cannot condition it.
+
+On a codes prior the *masked input* is encoded and a code is kept when its whole pixel
+footprint (``downsample x downsample`` pixels) is kept; the other codes are sampled, then all
+are decoded. A spec that keeps no whole code is refused. The encoder sees only kept pixels, but
+its receptive field is wider than one footprint: kept codes near the removed region encode the
+mid-gray there too, so they may differ from the codes of the full image. The decoded kept
+region is not copied from the input: it carries the VAE's reconstruction error, which can be
+larger next to the removed region.
 """
 
 from __future__ import annotations
@@ -22,7 +34,22 @@ from vqprior.artifacts import save_image_grid
 from vqprior.data import float_to_uint8, uint8_to_float
 from vqprior.sampling.noise import sampling_generator
 from vqprior.uses.images import fit_images, read_images
-from vqprior.uses.models import Models, load_models
+from vqprior.uses.models import Models, check_label, class_labels, load_models
+
+
+def _line_mask(kind: str, n: int, height: int, width: int) -> Tensor:
+    size, what = (height, "rows") if kind == "top" else (width, "columns")
+    if not 1 <= n < size:
+        raise ValueError(
+            f"--keep {kind}:{n}: N must lie in [1, {size - 1}] for a {height}x{width} image "
+            f"(keep some {what}, complete the rest)"
+        )
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    if kind == "top":
+        mask[:n] = True
+    else:
+        mask[:, :n] = True
+    return mask
 
 
 def keep_mask(spec: str, height: int, width: int) -> Tensor:
@@ -32,20 +59,20 @@ def keep_mask(spec: str, height: int, width: int) -> Tensor:
         nums = [int(v) for v in arg.split(",")] if arg else []
     except ValueError:
         nums = []
-    mask = torch.zeros(height, width, dtype=torch.bool)
-    if kind in ("top", "left") and len(nums) == 1 and nums[0] >= 0:
-        if kind == "top":
-            mask[: nums[0]] = True
-        else:
-            mask[:, : nums[0]] = True
-        return mask
+    if kind in ("top", "left") and len(nums) == 1:
+        return _line_mask(kind, nums[0], height, width)
     if kind == "box" and len(nums) == 4:
         r0, c0, r1, c1 = nums
-        if 0 <= r0 < r1 <= height and 0 <= c0 < c1 <= width:
-            mask[:] = True
-            mask[r0:r1, c0:c1] = False
-            return mask
-        raise ValueError(f"--keep {spec}: the box must lie inside the {height}x{width} image")
+        if not (0 <= r0 < r1 <= height and 0 <= c0 < c1 <= width):
+            raise ValueError(f"--keep {spec}: the box must lie inside the {height}x{width} image")
+        if (r1 - r0, c1 - c0) == (height, width):
+            raise ValueError(
+                f"--keep {spec} removes the whole {height}x{width} image: keep some of it "
+                "(vqprior generate samples whole images)"
+            )
+        mask = torch.ones(height, width, dtype=torch.bool)
+        mask[r0:r1, c0:c1] = False
+        return mask
     raise ValueError(
         f"--keep {spec!r} is not top:N, left:N or box:r0,c0,r1,c1 (box = the removed part)"
     )
@@ -57,12 +84,26 @@ def code_mask(pixel_mask: Tensor, downsample: int) -> Tensor:
     return (-F.max_pool2d(-m, downsample))[0, 0] > 0.5
 
 
+MID_GRAY = 128  # what the model sees in place of a removed pixel (uint8)
+MISSING_LABELS = "pass --label or an .npz with labels y"
+
+
 class Completion(NamedTuple):
-    masked: Tensor  # uint8 [N, C, H, W]: removed pixels mid-gray
+    masked: Tensor  # uint8 [N, C, H, W]: removed pixels mid-gray; all the model sees
     samples: Tensor  # uint8 [N, S, C, H, W]
     known: Tensor  # what was kept: pixels float [N, C, H, W] or codes long [N, h, w]
     mask: Tensor  # bool, the shape of ``known`` (True = kept)
     completed: Tensor  # what the prior produced: [N * S, ...] pixels or codes
+
+
+def _kept_codes(keep: str, pixel_mask: Tensor, downsample: int) -> Tensor:
+    mask = code_mask(pixel_mask, downsample)
+    if not mask.any():
+        raise ValueError(
+            f"--keep {keep} keeps no whole code of this codes prior (a code covers "
+            f"{downsample}x{downsample} pixels): keep more of the image"
+        )
+    return mask
 
 
 @torch.no_grad()
@@ -75,46 +116,49 @@ def complete_images(
     temperature: float = 1.0,
     labels: Tensor | None = None,
 ) -> Completion:
-    """Complete uint8 images [N, C, H, W] of the model's shape ``samples`` times each."""
+    """Complete uint8 images [N, C, H, W] of the model's shape ``samples`` times each.
+
+    Only :attr:`Completion.masked` reaches the model (see the module doc). ``labels``: long
+    [N], or a scalar for all (``--label``); checked by :func:`class_labels`."""
     if samples < 1:
         raise ValueError(f"--samples {samples} must be >= 1")
     n, _, h, w = x8.shape
     dev = next(models.prior.parameters()).device
     pixel_mask = keep_mask(keep, h, w)
-    x = uint8_to_float(x8).to(dev)
+    cond = _cond(models, labels, n, dev)
+    masked = torch.where(pixel_mask, x8, torch.full_like(x8, MID_GRAY))
+    x = uint8_to_float(masked).to(dev)
     if models.vae is None:
         known = x.to(models.prior.head_dtype())
         mask = pixel_mask.to(dev).expand_as(known)
     else:
-        known = models.vae.encode(x)
-        mask = code_mask(pixel_mask, models.vae.config.downsample).to(dev).expand_as(known)
-    cond = _cond(models, labels, n, dev)
-    rep = [known.repeat_interleave(samples, 0), mask.repeat_interleave(samples, 0)]
+        mask_codes = _kept_codes(keep, pixel_mask, models.vae.config.downsample)
+        known = models.vae.encode(x)  # [n, h, w]: the masked input's codes
+        mask = mask_codes.to(dev).expand_as(known)
     cond_rep = None if cond is None else cond.repeat_interleave(samples, 0)
-    gen = sampling_generator(seed)
     out = models.prior.sample(
         n * samples,
         cond=cond_rep,
         temperature=temperature,
-        generator=gen,
-        known=rep[0],
-        mask=rep[1],
+        generator=sampling_generator(seed),
+        known=known.repeat_interleave(samples, 0),
+        mask=mask.repeat_interleave(samples, 0),
     )
     images = out if models.vae is None else models.vae.decode(out)
-    masked = torch.where(pixel_mask, x8, torch.full_like(x8, 128))
     done = float_to_uint8(images.cpu()).view(n, samples, *x8.shape[1:])
     return Completion(masked, done, known.cpu(), mask.cpu(), out.cpu())
 
 
 def _cond(models: Models, labels: Tensor | None, n: int, dev: torch.device) -> Tensor | None:
-    k = models.prior.config.num_classes
-    if not k:
-        return None
-    if labels is None:
-        raise ValueError(
-            f"this prior is class-conditional ({k} classes): pass --label or an .npz with y"
-        )
-    return labels.long().to(dev).expand(n) if labels.dim() == 0 else labels.long().to(dev)
+    scalar = labels is not None and labels.dim() == 0
+    cond = class_labels(
+        models.prior.config.num_classes,
+        n,
+        label=int(labels) if labels is not None and scalar else None,
+        data=None if scalar else labels,
+        missing=MISSING_LABELS,
+    )
+    return None if cond is None else cond.to(dev)
 
 
 def complete(
@@ -131,7 +175,10 @@ def complete(
     device: str | None = None,
 ) -> dict[str, Any]:
     """A PNG grid, one row per image: original, masked input, ``samples`` completions."""
+    if limit < 1:
+        raise ValueError(f"--limit {limit} must be >= 1")
     models = load_models(prior_dir, vae_dir, device)
+    check_label(models.prior.config.num_classes, label)
     found = read_images(images)
     x8 = fit_images(found, *models.image_shape)[:limit]
     labels = found.labels[:limit] if found.labels is not None else None

@@ -28,7 +28,7 @@ from vqprior.models.pixelcnn import PixelCNN
 from vqprior.models.vqvae import VQVAE
 from vqprior.nn.mixture import mixture_log_prob
 from vqprior.uses.images import fit_images, png_bits_per_dim, read_images
-from vqprior.uses.models import Models, load_models
+from vqprior.uses.models import Models, class_labels, load_models
 
 LN2 = math.log(2.0)
 DEFAULT_SCORE = "complexity_corrected"
@@ -106,9 +106,14 @@ def _score_batch(models: Models, x8: Tensor, labels: Tensor | None) -> tuple[Ten
 def score_images(
     models: Models, x8: Tensor, labels: Tensor | None = None, batch_size: int = 64
 ) -> Scores:
-    """Score uint8 images ``[N, C, H, W]`` of the model's shape (see :class:`Scores`)."""
+    """Score uint8 images ``[N, C, H, W]`` of the model's shape (see :class:`Scores`).
+
+    ``labels`` long ``[N]`` (an ``.npz``'s ``y``): used by a class-conditional prior (checked
+    by :func:`class_labels`), ignored by an unconditional one; a conditional prior without
+    labels scores the mixture over its classes."""
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
+        raise ValueError(f"--batch-size {batch_size} must be >= 1")
+    labels = class_labels(models.prior.config.num_classes, len(x8), data=labels)
     parts = [
         _score_batch(
             models, x8[i : i + batch_size], None if labels is None else labels[i : i + batch_size]
@@ -163,6 +168,8 @@ def score(
     heatmaps: bool = True,
 ) -> dict[str, Any]:
     """Score a folder or ``.npz`` of images: ``out/scores.csv`` and ``out/heatmaps/*.png``."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size} must be >= 1")
     models = load_models(prior_dir, vae_dir, device)
     found = read_images(images)
     x8 = fit_images(found, *models.image_shape)
