@@ -1,14 +1,21 @@
 """Lossless compression: bit-exact round trips (pixel priors with mixture and categorical
-heads, two-stage), file size against the model's -log2 p, one-line errors."""
+heads, two-stage), file size against the model's -log2 p, one-line errors, and the
+portability contract: exact across thread counts and processes, otherwise one line naming
+what differs from the recorded environment (pixel hash, range decoder failure, format 1)."""
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from compress_reference import channel_log_probs, naive_autoregress
 from einops import rearrange
 from PIL import Image
 from test_uses_common import (
@@ -23,7 +30,6 @@ from test_uses_common import (
 from vqprior.data import uint8_to_float
 from vqprior.nn.mixture import mixture_log_prob
 from vqprior.uses import compress as compress_module
-from vqprior.uses import fallback
 from vqprior.uses.compress import compress_images, decompress_bytes, frequencies
 from vqprior.uses.container import CompressedFileError, header_bytes, pack, unpack
 from vqprior.uses.models import load_models
@@ -150,23 +156,167 @@ def test_cli_round_trip_names_and_errors(tmp_path: Path) -> None:
     assert "compressed with a prior of hash" in line
 
 
-def test_fallback_channel_log_probs_are_the_conditionals() -> None:
+def test_reference_channel_log_probs_are_the_conditionals() -> None:
     gen = torch.Generator().manual_seed(0)
     params = torch.randn(2, 3 * 1 + 2 * 3 * 3 + 3 * 3, 2, 3, generator=gen)  # C=3, M=3
     x = uint8_to_float(torch.randint(0, 256, (2, 3, 2, 3), generator=gen, dtype=torch.uint8))
     want = mixture_log_prob(x, params, 3)
     for c in range(3):
-        lp = fallback.channel_log_probs(params, x, c, 3)  # [b, 256, h, w]
+        lp = channel_log_probs(params, x, c, 3)  # [b, 256, h, w]
         assert torch.allclose(lp.logsumexp(1), torch.zeros(2, 2, 3), atol=1e-4)
         idx = ((x[:, c] + 1) * 127.5).round().long()
         assert torch.allclose(lp.gather(1, idx[:, None])[:, 0], want[:, c], atol=1e-5)
 
 
-def test_round_trip_with_the_fallback_walk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(compress_module, "autoregress", fallback.naive_autoregress)
-    monkeypatch.setattr(compress_module, "mixture_channel_log_probs", fallback.channel_log_probs)
+def test_round_trip_with_the_reference_walk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(compress_module, "autoregress", naive_autoregress)
+    monkeypatch.setattr(compress_module, "mixture_channel_log_probs", channel_log_probs)
     for case in ("rgb-mixture", "rgb-categorical"):
         models = load_models(save_pixel_prior(tmp_path, case))
         check_round_trip(models, random_images(3, (3, 5, 4)), batch_size=2)
     prior, vae = save_two_stage(tmp_path)
     check_round_trip(load_models(prior, vae), random_images(2, (1, 8, 8)), batch_size=2)
+
+
+# ------------------------------------------------------------------ portability contract
+def gray_digits_setup(tmp_path: Path, n: int = 6) -> tuple[Path, Path, torch.Tensor]:
+    """A gray 8x8 mixture prior and an .npz of ``n`` random 8x8 images (x8 [n, 1, 8, 8])."""
+    prior = save_pixel_prior(tmp_path, "gray-mixture", 8, 8)
+    npz = write_npz(tmp_path / "x.npz", n, (8, 8))
+    return prior, npz, torch.from_numpy(np.load(npz)["x"])[:, None]
+
+
+def decompress_elsewhere(packed: Path, out: Path, **env: str) -> subprocess.CompletedProcess:
+    """``vqprior decompress`` in a fresh interpreter with extra environment variables."""
+    cmd = [sys.executable, "-m", "vqprior.cli", "decompress", str(packed), "-o", str(out)]
+    return subprocess.run(
+        cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def read_pngs(out: Path, n: int) -> torch.Tensor:
+    return torch.stack(
+        [torch.from_numpy(np.array(Image.open(out / f"{i:05d}.png")))[None] for i in range(n)]
+    )
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    return lines[0]
+
+
+def test_header_records_the_environment_and_the_pixel_hash(tmp_path: Path) -> None:
+    prior, _, x8 = gray_digits_setup(tmp_path, 2)
+    torch.set_num_threads(2)
+    data = compress_images(load_models(prior), x8, ["a", "b"]).data
+    assert torch.get_num_threads() == 2  # the coding path's one thread is restored
+    header, _ = unpack(data, "f")
+    env = header["env"]
+    assert env["threads"] == 1 and env["dtype"] == "float32" and env["torch"] == torch.__version__
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["device_name"] and env["vqprior"] and env["constriction"]
+    assert len(header["pixels_sha256"]) == 64
+
+
+def test_another_process_and_thread_count_decodes_bit_exact(tmp_path: Path) -> None:
+    prior, npz, x8 = gray_digits_setup(tmp_path)
+    packed = tmp_path / "x.vqz"
+    torch.set_num_threads(2)  # compress with two threads, decompress elsewhere with one
+    result = invoke("compress", "--prior", str(prior), str(npz), "-o", str(packed))
+    assert result.exit_code == 0, result.output
+    proc = decompress_elsewhere(packed, tmp_path / "out", OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stderr
+    assert torch.equal(read_pngs(tmp_path / "out", len(x8)), x8)
+
+
+def test_another_cpu_instruction_set_decodes_exact_or_names_it(tmp_path: Path) -> None:
+    """ATen's portable kernels (no AVX) round differently, as on another CPU: exact, or one
+    line naming the CPU capability; never wrong PNGs."""
+    prior, npz, x8 = gray_digits_setup(tmp_path)
+    packed, out = tmp_path / "x.vqz", tmp_path / "out"
+    invoke("compress", "--prior", str(prior), str(npz), "-o", str(packed))
+    proc = decompress_elsewhere(packed, out, ATEN_CPU_CAPABILITY="default")
+    if proc.returncode == 0:
+        assert torch.equal(read_pngs(out, len(x8)), x8)
+    else:
+        assert "cpu_capability" in error_line(proc) and not out.exists()
+
+
+def other_stream(tmp_path: Path) -> tuple[Path, bytes, list[np.ndarray]]:
+    """A prior, the file of 3 images, and the (valid) streams of 3 other images."""
+    prior, _, x8 = gray_digits_setup(tmp_path, 3)
+    models = load_models(prior)
+    data = compress_images(models, x8, ["a", "b", "c"]).data
+    _, streams = unpack(compress_images(models, x8.flip(0), ["a", "b", "c"]).data, "f")
+    return prior, data, streams
+
+
+def test_a_payload_of_other_pixels_is_caught_by_the_pixel_hash(tmp_path: Path) -> None:
+    prior, data, streams = other_stream(tmp_path)
+    header, mine = unpack(data, "f")
+    flipped = mine[0].copy()
+    flipped[0] ^= np.uint32(1 << 31)
+    for payload in (streams, [flipped]):  # decodes fine, to other pixels
+        packed, out = tmp_path / "x.vqz", tmp_path / "out"
+        packed.write_bytes(pack(header, payload))
+        line = one_error_line(invoke("decompress", str(packed), "-o", str(out)))
+        assert "does not decode to the compressed pixels" in line, line
+        assert "match the ones it records: the payload was altered" in line and not out.exists()
+    assert "pixel hash mismatch" in line or "range decoder failed" in line
+
+
+def test_a_different_recorded_environment_is_named(tmp_path: Path) -> None:
+    prior, data, streams = other_stream(tmp_path)
+    header, mine = unpack(data, "f")
+    models = load_models(prior)
+    moved = dict(header, env=dict(header["env"], torch="1.0.0", device_name="Other CPU"))
+    got, _ = decompress_bytes(pack(moved, mine), models)  # recorded elsewhere, decodes exactly
+    assert torch.equal(got, decompress_bytes(data, models)[0])
+    with pytest.raises(CompressedFileError, match="pixel hash mismatch") as err:
+        decompress_bytes(pack(moved, streams), models, "x.vqz")
+    line = str(err.value)
+    assert f"torch 1.0.0 (here {torch.__version__})" in line and "device_name Other CPU" in line
+    assert "\n" not in line
+
+
+def test_a_failing_range_decoder_gives_the_clear_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import constriction
+
+    class Failing:
+        def __init__(self, words: np.ndarray) -> None:
+            pass
+
+        def decode(self, *args: object) -> np.ndarray:
+            raise AssertionError("Tried to decode from compressed data that is invalid")
+
+    prior, data, _ = other_stream(tmp_path)
+    header, mine = unpack(data, "f")
+    moved = pack(dict(header, env=dict(header["env"], cpu_capability="AVX2")), mine)
+    monkeypatch.setattr(constriction.stream.queue, "RangeDecoder", Failing)
+    with pytest.raises(CompressedFileError) as err:
+        decompress_bytes(moved, load_models(prior), "x.vqz")
+    line = str(err.value)
+    assert "range decoder failed: Tried to decode" in line and "cpu_capability AVX2 (here" in line
+
+
+def test_format_1_files_decode_and_other_versions_are_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    prior, data, streams = other_stream(tmp_path)
+    header, mine = unpack(data, "f")
+    models = load_models(prior)
+    old = {k: v for k, v in header.items() if k not in ("env", "pixels_sha256")}
+    with caplog.at_level(logging.WARNING):
+        got, _ = decompress_bytes(pack(old, mine, version=1), models, "old.vqz")
+    assert torch.equal(got, decompress_bytes(data, models)[0])
+    assert "format version 1 (no pixel hash)" in caplog.text
+    with pytest.raises(CompressedFileError, match="format version 3 .written by a newer vqprior"):
+        decompress_bytes(pack(header, mine, version=3), models)
+    with pytest.raises(CompressedFileError, match="version 2 header without env"):
+        decompress_bytes(pack(old, mine), models)

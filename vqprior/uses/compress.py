@@ -9,17 +9,33 @@ under the codes prior the same way, then the pixels under the VAE's mixture deco
 codes (one decoder pass gives every pixel's parameters; channel by channel given the earlier
 channels). Encoder and decoder run the *same* code path (:class:`Coder` either encodes the
 known value or decodes it), on batches of the same composition, so their probabilities are
-bit-identical. Decompress on the same device type and software as compress.
+bit-identical.
 
 Probabilities are quantised deterministically to integer frequencies
 ``floor(p * (2**24 - n)) + 1`` (float64 ``p`` normalised to sum 1, ``n`` symbols), so that no
 symbol has zero mass; constriction maps them (deterministically) to its fixed-point model.
+
+Portability contract. The frequencies are a discontinuous function of the model's floats, so
+one ulp of difference desynchronises the decoder. Both directions therefore compute the
+distributions under fixed settings (:func:`coding_settings`): one intra-op thread
+(``CODING_THREADS``; measured no slower than two on the per-element steps), autocast off and,
+on CUDA, deterministic cuDNN without benchmark or TF32. The header records what else
+determines the floats (:func:`vqprior.uses.container.environment`: vqprior, torch and
+constriction versions, device and CPU model, CPU instruction set, dtypes, thread count) and
+the SHA-256 of the original pixels, which decompression checks. Hence: on the same machine
+and software decompression is exact whatever the caller's thread count; elsewhere it is
+either exact or refused with one line naming what differs from the recorded environment,
+never silently wrong pixels. (Another CPU instruction set, e.g. AVX512 against AVX2, does
+change the convolutions' last bits; making the floats themselves portable is not attempted.)
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -32,12 +48,24 @@ from vqprior.io import atomic_write_bytes
 from vqprior.nn.grid import from_bins
 from vqprior.nn.mixture import mixture_channel_log_probs
 from vqprior.sampling import autoregress
-from vqprior.uses.container import CompressedFileError, header_bytes, pack, unpack
+from vqprior.uses.container import (
+    CompressedFileError,
+    env_differences,
+    environment,
+    header_bytes,
+    mismatch_message,
+    pack,
+    pixels_sha256,
+    unpack,
+)
 from vqprior.uses.images import exact_images, png_bytes, read_images
 from vqprior.uses.models import Models, load_models
 
+logger = logging.getLogger(__name__)
+
 LN2 = math.log(2.0)
 PRECISION = 24  # bits of the integer frequencies
+CODING_THREADS = 1  # intra-op threads of the coding path, both directions (recorded)
 
 
 def frequencies(log_probs: Tensor, precision: int = PRECISION) -> np.ndarray:
@@ -78,12 +106,46 @@ class Coder:
             self.ideal_bits -= float(picked.sum()) / LN2
             return symbols
         assert self.decoder is not None
-        decoded = self.decoder.decode(self.family, freqs).astype(np.int64)
+        try:
+            decoded = self.decoder.decode(self.family, freqs).astype(np.int64)
+        except Exception as err:  # a desynchronised stream can be invalid for the model
+            raise CompressedFileError(f"the range decoder failed: {_one_line(err)}") from None
         return torch.from_numpy(decoded).to(log_probs.device)
 
     def words(self) -> np.ndarray:
         assert self.encoder is not None
         return np.asarray(self.encoder.get_compressed(), dtype=np.uint32)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+@contextmanager
+def coding_settings(threads: int, device: torch.device) -> Iterator[None]:
+    """Run the coding path under fixed settings, restored afterwards: ``threads`` intra-op
+    threads, autocast off, highest fp32 matmul precision and (CUDA) deterministic cuDNN
+    without benchmark or TF32, so that the caller's settings do not change the floats."""
+    threads_before, matmul_before = torch.get_num_threads(), torch.get_float32_matmul_precision()
+    torch.set_num_threads(threads)
+    torch.set_float32_matmul_precision("highest")
+    cudnn = torch.backends.cudnn.flags(
+        enabled=torch.backends.cudnn.enabled, benchmark=False, deterministic=True, allow_tf32=False
+    )
+    try:
+        with cudnn, torch.autocast(device_type=device.type, enabled=False):
+            yield
+    finally:
+        torch.set_num_threads(threads_before)
+        torch.set_float32_matmul_precision(matmul_before)
+
+
+def _environment(models: Models, threads: int) -> dict[str, Any]:
+    dtypes = {"dtype": next(models.prior.parameters()).dtype}
+    if models.vae is not None:
+        dtypes["vae_dtype"] = next(models.vae.parameters()).dtype
+    return environment(next(models.prior.parameters()).device, dtypes, threads)
 
 
 def _walk_method(models: Models) -> str:
@@ -182,13 +244,17 @@ def compress_images(
     _check_codable(models)
     cond = _labels(models, labels, len(x8))
     method, start, streams, ideal = _walk_method(models), time.perf_counter(), [], 0.0
-    for i in range(0, len(x8), batch_size):
-        coder = Coder()
-        part = None if cond is None else cond[i : i + batch_size]
-        code_batch(models, coder, len(x8[i : i + batch_size]), x8[i : i + batch_size], part, method)
-        streams.append(coder.words())
-        ideal += coder.ideal_bits
+    dev = next(models.prior.parameters()).device
+    with coding_settings(CODING_THREADS, dev):
+        for i in range(0, len(x8), batch_size):
+            coder, batch = Coder(), x8[i : i + batch_size]
+            part = None if cond is None else cond[i : i + batch_size]
+            code_batch(models, coder, len(batch), batch, part, method)
+            streams.append(coder.words())
+            ideal += coder.ideal_bits
     header = {
+        "env": _environment(models, CODING_THREADS),
+        "pixels_sha256": pixels_sha256(x8),
         "num_images": len(x8),
         "image_shape": list(x8.shape[1:]),
         "names": names if from_files else None,  # an .npz's names are its indices
@@ -197,7 +263,7 @@ def compress_images(
         "batch_size": batch_size,
         "method": method,
         "precision": PRECISION,
-        "device": next(models.prior.parameters()).device.type,
+        "device": dev.type,
         "prior_hash": models.prior_hash,
         "prior_path": str(models.prior_path.resolve()),
         "vae_hash": models.vae_hash,
@@ -231,7 +297,9 @@ def check_models(header: dict[str, Any], models: Models, where: str | Path) -> N
 
 
 def decompress_bytes(data: bytes, models: Models, where: str = "file") -> tuple[Tensor, dict]:
-    """The compressed bytes -> (uint8 images [N, C, H, W], header)."""
+    """The compressed bytes -> (uint8 images [N, C, H, W], header). Pixels that do not match
+    the recorded hash, or a range decoder that fails, raise CompressedFileError (one line
+    naming what differs from the recorded environment)."""
     header, streams = unpack(data, where)
     check_models(header, models, where)
     n, bs = header["num_images"], header["batch_size"]
@@ -242,12 +310,27 @@ def decompress_bytes(data: bytes, models: Models, where: str = "file") -> tuple[
             f"{where} was compressed on {header['device']}: decompress with --device "
             f"{header['device']} (this run uses {dev.type})"
         )
+    legacy = "env" not in header  # format 1: the caller's settings, nothing to verify against
+    threads = torch.get_num_threads() if legacy else header["env"]["threads"]
+    here = _environment(models, threads)
     out = []
-    for j, words in enumerate(streams):
-        count = min(bs, n - j * bs)
-        part = None if cond is None else cond[j * bs : j * bs + count].to(dev)
-        out.append(code_batch(models, Coder(words), count, None, part, header["method"]).cpu())
-    return torch.cat(out), header
+    try:
+        with nullcontext() if legacy else coding_settings(threads, dev):
+            for j, words in enumerate(streams):
+                count = min(bs, n - j * bs)
+                part = None if cond is None else cond[j * bs : j * bs + count].to(dev)
+                coder = Coder(words)
+                out.append(code_batch(models, coder, count, None, part, header["method"]).cpu())
+    except CompressedFileError as err:
+        raise CompressedFileError(mismatch_message(header, here, where, str(err))) from None
+    x8 = torch.cat(out)
+    if legacy:
+        logger.warning("%s is format version 1 (no pixel hash): its pixels are unverified", where)
+    elif pixels_sha256(x8) != header["pixels_sha256"]:
+        raise CompressedFileError(mismatch_message(header, here, where, "pixel hash mismatch"))
+    elif diffs := env_differences(header["env"], here):
+        logger.info("%s decoded exactly although compressed under %s", where, ", ".join(diffs))
+    return x8, header
 
 
 def _output_names(header: dict[str, Any]) -> list[str]:
