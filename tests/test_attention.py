@@ -138,7 +138,7 @@ def test_normalises_over_all_codes(every: int, cond: bool, spatial: bool) -> Non
 
 @pytest.mark.parametrize(
     ("base", "channel", "every"),
-    [(GRAY, 0, 1), (dict(GRAY, head="categorical"), 0, 2), (RGB, 1, 1), (RGB, 2, 2)],
+    [(GRAY, 0, 1), (dict(GRAY, head="categorical", num_layers=3), 0, 2), (RGB, 1, 1), (RGB, 2, 2)],
 )
 def test_normalises_over_all_256_values(base: dict, channel: int, every: int) -> None:
     model, labels, smap = make(base, every, cond=True, spatial=True)

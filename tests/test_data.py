@@ -397,6 +397,11 @@ def test_codes_failed_write_keeps_old_file(tmp_path: Path, monkeypatch: pytest.M
 def test_codes_missing_corrupt_and_bad_input(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not found"):
         load_codes(tmp_path / "none.safetensors")
+    altered = tmp_path / "altered.safetensors"  # range-checked once at load, not per step
+    save_codes(altered, torch.tensor([[[0, 8]]]), torch.zeros(1, dtype=torch.long),
+               {"num_codes": "8"})  # fmt: skip
+    with pytest.raises(DataError, match=r"outside \[0, 8\)"):
+        load_codes(altered)
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{junk")
     with pytest.raises(DataError, match="bad.safetensors"):

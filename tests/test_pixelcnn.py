@@ -268,6 +268,10 @@ def test_config_names_and_attention_fields() -> None:
         PixelCNNConfig(attention_every=2, attention_heads=0)
     with pytest.raises(ConfigError, match="backbone=gated"):
         PixelCNNConfig(attention_every=2, backbone="pixelcnnpp")
+    for every in (4, 5):  # a block follows every k layers but the last: none with 4 layers
+        with pytest.raises(ConfigError, match=r"builds no attention block.*\[1, 3\]"):
+            PixelCNNConfig(num_layers=4, attention_every=every)
+    assert PixelCNNConfig(num_layers=4, attention_every=3).attention_every == 3
     with pytest.raises(ConfigError, match="class_dropout"):
         PixelCNNConfig(num_classes=2, class_dropout=1.0)
     model, _ = make("rgb-mixture")

@@ -141,8 +141,8 @@ def test_training_step_drops_labels_to_the_null_class_only_in_training() -> None
     module.log_dict = lambda *a, **k: None  # type: ignore[method-assign]
     seen: list[torch.Tensor] = []
     log_prob = module.model.log_prob
-    module._log_prob["fn"] = lambda x, c: (seen.append(c), log_prob(x, c))[1]
-    module.eval_model.log_prob = lambda x, c: (seen.append(c), log_prob(x, c))[1]  # type: ignore[method-assign]
+    module._log_prob["fn"] = lambda x, c, **kw: (seen.append(c), log_prob(x, c))[1]
+    module.eval_model.log_prob = lambda x, c, **kw: (seen.append(c), log_prob(x, c))[1]  # type: ignore[method-assign]
     x, y = torch.randint(5, (256, 3, 4)), torch.randint(3, (256,))
     torch.manual_seed(0)
     module._step((x, y), "train")

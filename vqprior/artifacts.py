@@ -66,8 +66,13 @@ def load_codes(path: str | os.PathLike[str]) -> tuple[Tensor, Tensor, dict[str, 
         raise DataError(f"cannot read code file {p} ({err}): delete it and encode again") from err
     if "codes" not in tensors or "labels" not in tensors:
         raise DataError(f"{p} lacks 'codes' or 'labels': delete it and encode again")
-    _check_codes(tensors["codes"], tensors["labels"], str(p))
-    return tensors["codes"].long(), tensors["labels"].long(), meta
+    codes = tensors["codes"]
+    _check_codes(codes, tensors["labels"], str(p))
+    k = meta.get("num_codes", "")
+    # checked once here, so that the training step can skip the prior's per-step value checks
+    if k.isdigit() and codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= int(k)):
+        raise DataError(f"{p}: codes outside [0, {k}): delete it and encode again")
+    return codes.long(), tensors["labels"].long(), meta
 
 
 class CodesDataset(Dataset[Item]):

@@ -116,6 +116,12 @@ class PixelCNNConfig(Config):
             return
         if self.backbone != "gated":
             raise ConfigError("attention_every > 0 is supported by backbone=gated only")
+        if self.attention_every >= self.num_layers:  # blocks follow every k layers but the last
+            raise ConfigError(
+                f"attention_every={self.attention_every} builds no attention block with "
+                f"num_layers={self.num_layers} (a block follows every k gated layers, never the "
+                f"last): use attention_every in [1, {self.num_layers - 1}] or 0 for none"
+            )
         if self.channel_groups > 1:  # attention (vqprior.nn.attention) mixes channel groups
             raise ConfigError(
                 "attention_every > 0 needs one channel group: use head=mixture for RGB pixels"

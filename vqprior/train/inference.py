@@ -26,6 +26,7 @@ from vqprior.models.vqvae import VQVAE, VQVAEConfig
 from vqprior.sampling.noise import sampling_generator
 from vqprior.train.codes import VAE_RECORD, default_device, load_vae, read_vae_record
 from vqprior.train.rundir import find_export, write_json
+from vqprior.uses.models import check_label
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +82,7 @@ def _labels(
 ) -> torch.Tensor | None:
     k = prior.config.num_classes
     if label is not None:
-        if not k:
-            raise ValueError("this prior is unconditional: drop --label")
-        if not 0 <= label < k:
-            raise ValueError(f"--label {label} must lie in [0, {k})")
+        check_label(k, label)  # the one label rule of every command
         return torch.full((num,), label, dtype=torch.long, device=device)
     return torch.arange(num, device=device) % k if k else None
 

@@ -75,7 +75,8 @@ def register(group: click.Group) -> None:
     def compress_cmd(**kw: Any) -> None:
         """Losslessly compress IMAGES (a folder of images or an .npz, exactly the model's
         size and channels) with the prior (codes prior: codes, then pixels under the VAE's
-        mixture decoder) into one file. Decompress on the same device type."""
+        mixture decoder) into one file. decompress is exact on the same machine type and software,
+        else one clear line (the file records both and the pixels' hash)."""
         from vqprior.uses.compress import compress
 
         _report(compress(**kw))

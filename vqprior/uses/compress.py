@@ -59,7 +59,7 @@ from vqprior.uses.container import (
     unpack,
 )
 from vqprior.uses.images import exact_images, png_bytes, read_images
-from vqprior.uses.models import Models, load_models
+from vqprior.uses.models import Models, class_labels, load_models
 
 logger = logging.getLogger(__name__)
 
@@ -273,14 +273,9 @@ def compress_images(
 
 
 def _labels(models: Models, labels: Tensor | None, n: int) -> Tensor | None:
-    k = models.prior.config.num_classes
-    if not k:
-        return None
-    if labels is None or len(labels) != n:
-        raise ValueError(
-            f"this prior is class-conditional ({k} classes): give an .npz with labels y"
-        )
-    return labels.long().to(next(models.prior.parameters()).device)
+    k, missing = models.prior.config.num_classes, "give an .npz with labels y"
+    cond = class_labels(k, n, data=labels, missing=missing)
+    return None if cond is None else cond.to(models.prior.device)
 
 
 def check_models(header: dict[str, Any], models: Models, where: str | Path) -> None:
