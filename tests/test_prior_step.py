@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from vqprior.models.hierarchy import upsample_top_codes
+from vqprior.models.levels import upsample_codes as upsample_top_codes
 from vqprior.train.hierarchy_prior import BottomPriorModule
 from vqprior.train.prior import PriorModule
 

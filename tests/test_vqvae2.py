@@ -1,5 +1,5 @@
-"""Two-level VQ-VAE (levels=2): shapes, gradients, encode/decode invariant, dead codes, export,
-the top condition of the bottom prior, two-level sampling and the two-level bound."""
+"""Two-level VQ-VAE (levels=2): shapes, gradients, encode/decode invariant, dead codes, export.
+The chain of priors over the levels: tests/test_levels.py."""
 
 from __future__ import annotations
 
@@ -11,14 +11,7 @@ import torch
 from einops import rearrange
 
 from vqprior.io import load_pretrained
-from vqprior.models.hierarchy import (
-    VQVAE2,
-    check_two_level,
-    sample_two_level,
-    top_condition,
-    two_level_nats,
-)
-from vqprior.models.pixelcnn import PixelCNN, PixelCNNConfig
+from vqprior.models.hierarchy import VQVAE2
 from vqprior.models.vqvae import VQVAE, VQVAEConfig
 from vqprior.nn.quantize import VectorQuantizer
 
@@ -126,7 +119,7 @@ def test_dead_code_restart_resets_forced_dead_codes_on_both_codebooks(codebook: 
     model = vae2(codebook=codebook, dead_code_threshold=threshold).train()
     dead = torch.tensor([0, 3, 7])
     seen: dict[str, list[torch.Tensor]] = {}
-    for name, q in model.quantizers.items():
+    for name, q in dict(zip(model.level_names, model.codebooks, strict=True)).items():
         with torch.no_grad():
             q.cluster_size.fill_(5.0)
             q.cluster_size[dead] = 0.0
@@ -136,7 +129,7 @@ def test_dead_code_restart_resets_forced_dead_codes_on_both_codebooks(codebook: 
         seen[name] = []
         _capture_inputs(q, seen[name])
     model(images(4, 3, 8, seed=3))
-    for name, q in model.quantizers.items():
+    for name, q in dict(zip(model.level_names, model.codebooks, strict=True)).items():
         z = seen[name][0]
         assert torch.all(q.cluster_size[dead] == threshold), name  # restarted ...
         for i in dead.tolist():  # ... to one of this level's encoder outputs
@@ -149,18 +142,21 @@ def test_dead_code_restart_resets_forced_dead_codes_on_both_codebooks(codebook: 
 def test_usage_and_perplexity_per_level_count_the_codes() -> None:
     torch.manual_seed(4)
     model = vae2().eval()
-    model.reset_usage()
+    for q in model.codebooks:
+        q.reset_usage()
     x = images(4, 3, 8, seed=4)
     out = model(x)
-    stats = model.usage_stats()
+    stats = {
+        name: q.usage_stats() for name, q in zip(model.level_names, model.codebooks, strict=True)
+    }
     assert set(stats) == {"top", "bottom"}
     for name, codes in (("top", out.top_codes), ("bottom", out.codes)):
         counts = torch.bincount(codes.flatten(), minlength=16).double()
         p = counts[counts > 0] / counts.sum()
         assert stats[name].codes_used == int((counts > 0).sum())
         assert stats[name].perplexity == pytest.approx(math.exp(-(p * p.log()).sum().item()))
-    model.reset_usage()
-    assert model.usage_stats()["top"] == (0, 0.0)
+    model.codebooks[0].reset_usage()
+    assert model.codebooks[0].usage_stats() == (0, 0.0)
 
 
 @pytest.mark.parametrize("codebook", ["ema", "learned"])
@@ -183,119 +179,6 @@ def test_save_and_load_pretrained_round_trip_two_levels(tmp_path: Path, codebook
     got = loaded.encode_levels(x)
     assert torch.equal(got.top, top) and torch.equal(got.bottom, bottom)
     assert torch.equal(loaded.decode_levels(top, bottom), model.decode_levels(top, bottom))
-
-
-def test_top_condition_is_the_upsampled_top_code_vectors() -> None:
-    torch.manual_seed(6)
-    model = vae2(top_downsample=2).eval()
-    top = torch.randint(0, 16, (2, 2, 3))
-    cond = top_condition(model, top, (4, 6))
-    assert cond.shape == (2, 4, 4, 6)
-    embed = model.quantizer_top.embed
-    for r in range(4):
-        for c in range(6):
-            torch.testing.assert_close(cond[:, :, r, c], embed[top[:, r // 2, c // 2]])
-    with pytest.raises(ValueError, match="multiple"):
-        top_condition(model, top, (5, 6))
-    with pytest.raises(ValueError, match="two-level"):
-        top_condition(VQVAE(tiny(levels=1)), top, (4, 6))  # type: ignore[arg-type]
-
-
-def _priors(model: VQVAE2, num_classes: int = 0) -> tuple[PixelCNN, PixelCNN]:
-    base = dict(data="codes", num_codes=16, channels=8, num_layers=2, num_classes=num_classes)
-    top = PixelCNN(PixelCNNConfig.from_dict({**base, "height": 2, "width": 2}))
-    bottom = PixelCNN(
-        PixelCNNConfig.from_dict(
-            {**base, "height": 4, "width": 4, "spatial_cond_channels": model.config.code_dim}
-        )
-    )
-    return top.eval(), bottom.eval()
-
-
-def test_bottom_prior_depends_on_the_top_codes() -> None:
-    torch.manual_seed(7)
-    model = vae2().eval()
-    with torch.no_grad():
-        model.quantizer_top.embed.copy_(torch.randn(16, 4))
-    _, bottom_prior = _priors(model)
-    bottom = torch.randint(0, 16, (1, 4, 4))
-    top_a, top_b = torch.zeros(1, 2, 2, dtype=torch.long), torch.ones(1, 2, 2, dtype=torch.long)
-    lp = [
-        bottom_prior.log_prob(bottom, spatial_cond=top_condition(model, t, (4, 4)))
-        for t in (top_a, top_b)
-    ]
-    assert not torch.allclose(lp[0], lp[1])
-
-
-@pytest.mark.parametrize("num_classes", [0, 3])
-def test_two_level_sampler_is_exact_and_decodes(num_classes: int) -> None:
-    torch.manual_seed(8)
-    model = vae2().eval()
-    top_prior, bottom_prior = _priors(model, num_classes)
-    cond = torch.tensor([0, 1, 2]) if num_classes else None
-    runs = [
-        sample_two_level(
-            model,
-            top_prior,
-            bottom_prior,
-            3,
-            cond=cond,
-            generator=torch.Generator().manual_seed(9),
-            method=method,
-        )
-        for method in ("auto", "naive")
-    ]
-    fast, ref = runs
-    assert fast.top.shape == (3, 2, 2) and fast.bottom.shape == (3, 4, 4)
-    assert torch.equal(fast.top, ref.top) and torch.equal(fast.bottom, ref.bottom)
-    assert torch.equal(fast.images, model.decode_levels(fast.top, fast.bottom))
-    assert fast.images.shape == (3, 3, 8, 8)
-
-
-def test_two_level_bound_recomputed_from_log_probs() -> None:
-    torch.manual_seed(10)
-    model = vae2(recon="mixture", num_mixtures=2).eval()
-    top_prior, bottom_prior = _priors(model)
-    x = images(3, 3, 8, seed=10)
-    nats = two_level_nats(model, top_prior, bottom_prior, x)
-    with torch.no_grad():
-        out = model(x)
-        spatial = top_condition(model, out.top_codes, (4, 4))
-        top_lp = top_prior.log_prob(out.top_codes, reduction="none").flatten(1).sum(1)
-        bottom_lp = bottom_prior.log_prob(out.codes, reduction="none", spatial_cond=spatial)
-    torch.testing.assert_close(nats.top, -top_lp)
-    torch.testing.assert_close(nats.bottom, -bottom_lp.flatten(1).sum(1))
-    dims = 3 * 8 * 8
-    torch.testing.assert_close(nats.decoder.mean() / dims, out.recon_loss)
-    bits = nats.bits_per_dim(dims)
-    total = (nats.top + nats.bottom + nats.decoder).mean() / (dims * math.log(2.0))
-    assert bits["bits_per_dim"] == pytest.approx(float(total), rel=1e-5)
-    assert bits["decoder_bits_per_dim"] == pytest.approx(float(out.bits_per_dim), rel=1e-5)
-    mse_model = vae2(recon="mse").eval()
-    assert math.isnan(
-        two_level_nats(mse_model, top_prior, bottom_prior, x).bits_per_dim(dims)["bits_per_dim"]
-    )
-
-
-def test_mismatched_priors_are_refused() -> None:
-    model = vae2()
-    top_prior, bottom_prior = _priors(model)
-    with pytest.raises(ValueError, match="spatial_cond_channels"):
-        check_two_level(model, top_prior, top_prior)
-    with pytest.raises(ValueError, match="takes no spatial condition"):
-        check_two_level(model, bottom_prior, bottom_prior)
-    coarse = PixelCNN(
-        PixelCNNConfig(
-            data="codes", num_codes=16, height=2, width=2, channels=8, spatial_cond_channels=4
-        )
-    )
-    with pytest.raises(ValueError, match="top_downsample=2"):
-        check_two_level(model, top_prior, coarse)
-    other = PixelCNN(PixelCNNConfig(data="codes", num_codes=8, height=2, width=2, channels=8))
-    with pytest.raises(ValueError, match="16-code codebook"):
-        check_two_level(model, other, bottom_prior)
-    with pytest.raises(ValueError, match="two-level"):
-        check_two_level(VQVAE(tiny(levels=1)), top_prior, bottom_prior)
 
 
 def test_level_quantizers_and_reconstruct_cover_both_kinds() -> None:

@@ -12,7 +12,8 @@ import torch
 from vqprior.config import ConfigError
 from vqprior.data import DataConfig, load_image_splits
 from vqprior.io import CheckpointError
-from vqprior.models.hierarchy import VQVAE2, level_quantizers, reconstruct, top_condition
+from vqprior.models.hierarchy import VQVAE2, level_quantizers, reconstruct
+from vqprior.models.levels import upsample_codes
 from vqprior.models.vqvae import VQVAE, VQVAEConfig
 from vqprior.train.hierarchy import (
     check_level,
@@ -101,7 +102,7 @@ def test_bottom_prior_module_uses_top_condition_and_learns_from_it() -> None:
     module = BottomPriorModule(prior_cfg, train, top_embed=model.quantizer_top.embed)
     top, bottom = torch.randint(0, 16, (3, 2, 2)), torch.randint(0, 16, (3, 4, 4))
     batch = (bottom, torch.zeros(3, dtype=torch.long), top)
-    spatial = top_condition(model, top, (4, 4))
+    spatial = upsample_codes(model.quantizer_top.embed, top, (4, 4))
     torch.testing.assert_close(module._inputs(batch)[2], spatial)
     module.log_dict = lambda *a, **k: None  # type: ignore[method-assign]  # no trainer here
     loss = module._step(batch, "val")

@@ -21,20 +21,18 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import Tensor, nn
 
-from vqprior.models.pixelcnn import PixelCNN
 from vqprior.models.vqvae import (
+    LEVEL_CLASSES,
     VQVAE,
     VQVAEConfig,
     build_decoder,
     build_encoder,
     build_quantizer,
 )
-from vqprior.nn.mixture import mixture_log_prob
-from vqprior.nn.quantize import QuantizerOutput, UsageStats, VectorQuantizer
+from vqprior.nn.quantize import QuantizerOutput, VectorQuantizer
 
 LN2 = math.log(2.0)
 LEVEL_NAMES = ("top", "bottom")
@@ -155,16 +153,17 @@ class VQVAE2(VQVAE):
         )
         return Levels(top, bottom)
 
-    def decoder_output(self, top: Tensor, bottom: Tensor) -> Tensor:
-        """Raw decoder output [b, out_channels, H, W] for the two code maps."""
+    def decoder_output(self, *codes: Tensor) -> Tensor:
+        """Raw decoder output [b, out_channels, H, W] for the code maps (top, bottom)."""
+        if len(codes) != 2:
+            raise ValueError(
+                f"a two-level VQ-VAE decodes (top, bottom) codes, got {len(codes)} maps"
+            )
+        top, bottom = codes
         self._check_levels(top, bottom)
         q_t = self.quantizer_top.lookup(top.long())
         q_b = self.quantizer.lookup(bottom.long())
         return self.decoder(torch.cat([self.upsample_top(q_t), q_b], dim=1))
-
-    def decode_levels(self, top: Tensor, bottom: Tensor) -> Tensor:
-        """Code maps top long [b, ht, wt] and bottom long [b, hb, wb] -> images [b, c, H, W]."""
-        return self._output_to_image(self.decoder_output(top, bottom))
 
     def forward(self, x: Tensor) -> VQVAE2Output:  # type: ignore[override]
         """Images [b, c, H, W] in [-1, 1] -> :class:`VQVAE2Output` (updates both codebooks)."""
@@ -193,178 +192,27 @@ class VQVAE2(VQVAE):
             top_perplexity=q_t.perplexity,
         )
 
-    # ------------------------------------------------------------------------------ health
+    # ------------------------------------------------------------------------------ levels
+    level_names = LEVEL_NAMES
+
     @property
-    def quantizers(self) -> dict[str, VectorQuantizer]:
-        """The codebooks by level name: ``{"top": ..., "bottom": ...}``."""
-        return {"top": self.quantizer_top, "bottom": self.quantizer}
+    def codebooks(self) -> tuple[VectorQuantizer, ...]:
+        return (self.quantizer_top, self.quantizer)
 
-    def reset_usage(self) -> None:
-        """Zero both codebooks' usage counters."""
-        for q in self.quantizers.values():
-            q.reset_usage()
+    def level_shapes(self, height: int, width: int) -> list[tuple[int, int]]:
+        return [self.top_shape(height, width), self.latent_shape(height, width)]
 
-    def usage_stats(self) -> dict[str, UsageStats]:
-        """Codes used and usage perplexity per level since the last reset (summed over ranks)."""
-        return {name: q.usage_stats() for name, q in self.quantizers.items()}
 
-    def decoder_nats(self, x: Tensor, top: Tensor, bottom: Tensor) -> Tensor:
-        """-log p(x | top, bottom) in nats per example [b] (``recon="mixture"`` only)."""
-        cfg = self.config
-        if cfg.recon != "mixture":
-            raise ValueError("decoder bits need recon=mixture (recon=mse has no likelihood)")
-        self._check_images(x)
-        out = self.decoder_output(top, bottom)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            lp = mixture_log_prob(x.float(), out.float(), cfg.num_mixtures, cfg.num_bins)
-        return -lp.flatten(1).sum(1)
+LEVEL_CLASSES[2] = VQVAE2
 
 
 def level_quantizers(vae: VQVAE) -> dict[str, VectorQuantizer]:
-    """The codebooks by level: ``{"": quantizer}`` for one level, ``{"top", "bottom"}`` for two."""
-    return vae.quantizers if isinstance(vae, VQVAE2) else {"": vae.quantizer}
+    """The codebooks by level name (``""`` for a one-level VAE, whose metrics carry no level)."""
+    if vae.config.levels == 1:
+        return {"": vae.quantizer}
+    return dict(zip(vae.level_names, vae.codebooks, strict=True))
 
 
 def reconstruct(vae: VQVAE, x: Tensor) -> Tensor:
     """decode(encode(x)) through every level: images [b, c, H, W] in [-1, 1] -> same."""
-    if isinstance(vae, VQVAE2):
-        return vae.decode_levels(*vae.encode_levels(x))
-    return vae.decode(vae.encode(x))
-
-
-# ------------------------------------------------------------------------- priors over levels
-def upsample_top_codes(
-    embed: Tensor, top: Tensor, bottom_hw: tuple[int, int], check: bool = True
-) -> Tensor:
-    """The bottom prior's spatial condition from a top codebook ``embed`` [K, d] and top codes
-    long [b, ht, wt]: each code's vector repeated over its (hb/ht) x (wb/wt) cell -> [b, d, hb,
-    wb], detached. Shapes are always checked; the codes' range [0, K) only when ``check`` and
-    not compiling (a host sync)."""
-    k = embed.shape[0]
-    if top.dim() != 3 or top.is_floating_point() or top.is_complex() or top.dtype == torch.bool:
-        raise ValueError(
-            f"top codes must be integers [b, ht, wt], got {top.dtype} {list(top.shape)}"
-        )
-    (hb, wb), (ht, wt) = bottom_hw, top.shape[1:]
-    if hb % ht or wb % wt:
-        raise ValueError(f"bottom grid {hb}x{wb} is not a multiple of the top grid {ht}x{wt}")
-    if check and not torch.compiler.is_compiling() and top.numel():
-        lo, hi = (int(v) for v in top.aminmax())
-        if lo < 0 or hi >= k:
-            raise ValueError(f"top codes must lie in [0, {k}), got values in [{lo}, {hi}]")
-    vectors = F.embedding(top.long(), embed.detach())  # [b, ht, wt, d]
-    return repeat(vectors, "b h w d -> b d (h sh) (w sw)", sh=hb // ht, sw=wb // wt)
-
-
-def top_condition(vae: VQVAE2, top: Tensor, bottom_hw: tuple[int, int]) -> Tensor:
-    """The bottom prior's spatial condition: :func:`upsample_top_codes` with the VAE's top
-    codebook, top codes long [b, ht, wt] -> [b, d, hb, wb]."""
-    if not isinstance(vae, VQVAE2):
-        raise ValueError("top_condition needs a two-level VQ-VAE (levels=2)")
-    return upsample_top_codes(vae.quantizer_top.embed, top, bottom_hw)
-
-
-class TwoLevelSample(NamedTuple):
-    """``images`` [n, c, H, W] in [-1, 1], ``top`` long [n, ht, wt], ``bottom`` long [n, hb, wb]."""
-
-    images: Tensor
-    top: Tensor
-    bottom: Tensor
-
-
-class TwoLevelNats(NamedTuple):
-    """-log p per example [b] in nats: top prior, bottom prior given top, decoder given both
-    (NaN for ``recon="mse"``). Their sum bounds -log p(x) (the codes are deterministic)."""
-
-    top: Tensor
-    bottom: Tensor
-    decoder: Tensor
-
-    def bits_per_dim(self, dims: int) -> dict[str, float]:
-        """Batch means in bits per image dimension; ``bits_per_dim`` is the two-level bound."""
-        scale = 1.0 / (len(self.top) * dims * LN2)
-        parts = {name: float(v.sum()) * scale for name, v in self._asdict().items()}
-        result = {f"{name}_bits_per_dim": v for name, v in parts.items()}
-        result["bits_per_dim"] = sum(parts.values())  # NaN when the decoder has no likelihood
-        return result
-
-
-def check_two_level(vae: VQVAE, top_prior: PixelCNN, bottom_prior: PixelCNN) -> None:
-    """ValueError unless the priors model this VAE's top codes and bottom codes given top."""
-    if not isinstance(vae, VQVAE2):
-        raise ValueError("a two-level prior needs a two-level VQ-VAE (levels=2)")
-    cfg, tds = vae.config, vae.config.top_downsample
-    t, b = top_prior.config, bottom_prior.config
-    for name, p in (("top", t), ("bottom", b)):
-        if p.data != "codes" or p.num_codes != cfg.num_codes:
-            raise ValueError(
-                f"the {name} prior must model codes of the VAE's {cfg.num_codes}-code codebook "
-                f"(data={p.data}, num_codes={p.num_codes})"
-            )
-    if b.spatial_cond_channels != cfg.code_dim:
-        raise ValueError(
-            f"the bottom prior needs spatial_cond_channels = code_dim = {cfg.code_dim} "
-            f"(the top condition), got {b.spatial_cond_channels}"
-        )
-    if t.spatial_cond_channels:
-        raise ValueError("the top prior takes no spatial condition (spatial_cond_channels=0)")
-    if (b.height, b.width) != (t.height * tds, t.width * tds):
-        raise ValueError(
-            f"the bottom prior's grid {b.height}x{b.width} must be the top prior's "
-            f"{t.height}x{t.width} times top_downsample={tds}"
-        )
-
-
-def _cond(prior: PixelCNN, cond: Tensor | None) -> Tensor | None:
-    """Class labels for a class-conditional prior; an unconditional one gets None."""
-    return cond if prior.config.num_classes else None
-
-
-@torch.no_grad()
-def sample_two_level(
-    vae: VQVAE,
-    top_prior: PixelCNN,
-    bottom_prior: PixelCNN,
-    n: int,
-    cond: Tensor | None = None,
-    temperature: float = 1.0,
-    generator: torch.Generator | None = None,
-    method: str = "auto",
-) -> TwoLevelSample:
-    """Sample top codes, then bottom codes given them (spatial condition), then decode.
-
-    ``cond`` (class labels [n]) goes to whichever prior is class-conditional.
-    """
-    check_two_level(vae, top_prior, bottom_prior)
-    assert isinstance(vae, VQVAE2)
-    top = top_prior.sample(
-        n, cond=_cond(top_prior, cond), temperature=temperature, generator=generator, method=method
-    )
-    grid = (bottom_prior.config.height, bottom_prior.config.width)
-    bottom = bottom_prior.sample(
-        n,
-        cond=_cond(bottom_prior, cond),
-        temperature=temperature,
-        generator=generator,
-        method=method,
-        spatial_cond=top_condition(vae, top, grid),
-    )
-    return TwoLevelSample(vae.decode_levels(top, bottom), top, bottom)
-
-
-@torch.no_grad()
-def two_level_nats(
-    vae: VQVAE, top_prior: PixelCNN, bottom_prior: PixelCNN, x: Tensor, cond: Tensor | None = None
-) -> TwoLevelNats:
-    """Images [b, c, H, W] -> :class:`TwoLevelNats` of the three-part code length."""
-    check_two_level(vae, top_prior, bottom_prior)
-    assert isinstance(vae, VQVAE2)
-    top, bottom = vae.encode_levels(x)
-    spatial = top_condition(vae, top, tuple(bottom.shape[1:]))  # type: ignore[arg-type]
-    top_nats = -top_prior.log_prob(top, _cond(top_prior, cond))
-    bottom_nats = -bottom_prior.log_prob(bottom, _cond(bottom_prior, cond), spatial_cond=spatial)
-    if vae.config.recon == "mixture":
-        dec = vae.decoder_nats(x, top, bottom)
-    else:
-        dec = torch.full_like(top_nats, float("nan"))
-    return TwoLevelNats(top_nats.float(), bottom_nats.float(), dec.float())
+    return vae.decode_levels(*vae.encode_levels(x))

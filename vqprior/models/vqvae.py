@@ -7,8 +7,11 @@ regresses pixels (``recon="mse"``) or outputs a discretized logistic mixture
 The reconstruction carries gradient to the decoder and, straight through the quantizer, to the
 encoder (for the mixture head through the mixture's mean), so extra losses can be put on it.
 
-``levels=2`` builds the two-level hierarchy of VQ-VAE-2 (:mod:`vqprior.models.hierarchy`):
-``VQVAE(VQVAEConfig(levels=2))`` returns a :class:`~vqprior.models.hierarchy.VQVAE2`.
+Levels are data: every VQ-VAE has ``levels`` code maps (``level_names``, ``codebooks``, top
+first); ``encode_levels`` returns them as one tuple and ``decode_levels``, ``decoder_output``
+and ``decoder_nats`` take them, for one level as for two. ``levels=2`` builds the two-level
+hierarchy of VQ-VAE-2 (:mod:`vqprior.models.hierarchy`): ``VQVAE(VQVAEConfig(levels=2))``
+returns the class registered for that level count in :data:`LEVEL_CLASSES`.
 """
 
 from __future__ import annotations
@@ -203,11 +206,9 @@ class VQVAE(nn.Module, PretrainedMixin):
     config: VQVAEConfig
 
     def __new__(cls, config: VQVAEConfig | None = None) -> VQVAE:
-        """``levels=2`` builds the two-level subclass; everything else this class."""
-        if cls is VQVAE and config is not None and config.levels == 2:
-            from vqprior.models.hierarchy import VQVAE2
-
-            return super().__new__(VQVAE2)
+        """``levels=n`` builds the class registered in :data:`LEVEL_CLASSES` for ``n``."""
+        if cls is VQVAE and config is not None and config.levels != 1:
+            return super().__new__(LEVEL_CLASSES[config.levels])
         return super().__new__(cls)
 
     def __init__(self, config: VQVAEConfig | None = None) -> None:
@@ -254,6 +255,44 @@ class VQVAE(nn.Module, PretrainedMixin):
                 f"codes must lie in [0, {k}), got values in [{int(codes.min())}, {int(codes.max())}]"
             )
 
+    # ------------------------------------------------------------------ levels (top first)
+    level_names: tuple[str, ...] = ("codes",)
+
+    @property
+    def codebooks(self) -> tuple[VectorQuantizer, ...]:
+        """One codebook per level, top first."""
+        return (self.quantizer,)
+
+    def level_shapes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """The code-map size (h, w) of every level, top first, for images (height, width)."""
+        return [self.latent_shape(height, width)]
+
+    def encode_levels(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Images float [b, c, H, W] in [-1, 1] -> every level's codes long [b, h, w], top
+        first; never touches the codebooks."""
+        return (self.encode(x),)
+
+    def decoder_output(self, *codes: torch.Tensor) -> torch.Tensor:
+        """Raw decoder output [b, out_channels, H, W] for every level's codes (top first)."""
+        (flat,) = codes
+        self._check_codes(flat)
+        return self.decoder(self.quantizer.lookup(flat.long()))
+
+    def decode_levels(self, *codes: torch.Tensor) -> torch.Tensor:
+        """Every level's codes (top first) -> images float [b, c, H, W] in [-1, 1]."""
+        return self._output_to_image(self.decoder_output(*codes))
+
+    def decoder_nats(self, x: torch.Tensor, *codes: torch.Tensor) -> torch.Tensor:
+        """-log p(x | codes) in nats per example [b] (``recon="mixture"`` only)."""
+        cfg = self.config
+        if cfg.recon != "mixture":
+            raise ValueError("decoder bits need recon=mixture (recon=mse has no likelihood)")
+        self._check_images(x)
+        out = self.decoder_output(*codes)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            lp = mixture_log_prob(x.float(), out.float(), cfg.num_mixtures, cfg.num_bins)
+        return -lp.flatten(1).sum(1)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images float [b, c, H, W] in [-1, 1] -> codes long [b, H/ds, W/ds]."""
         self._check_images(x)
@@ -264,9 +303,7 @@ class VQVAE(nn.Module, PretrainedMixin):
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes long [b, h, w] -> images float [b, c, h*ds, w*ds] in [-1, 1]."""
-        self._check_codes(codes)
-        out = self.decoder(self.quantizer.lookup(codes.long()))
-        return self._output_to_image(out)
+        return self.decode_levels(codes)
 
     def _output_to_image(self, out: torch.Tensor) -> torch.Tensor:
         """Decoder output [b, out_channels, H, W] -> reconstruction in [-1, 1] (differentiable).
@@ -323,6 +360,9 @@ class VQVAE(nn.Module, PretrainedMixin):
             bits_per_dim=bits_per_dim,
             perplexity=q.perplexity,
         )
+
+
+LEVEL_CLASSES: dict[int, type[VQVAE]] = {1: VQVAE}  # more levels: vqprior.models.hierarchy
 
 
 def check_image_range(x: torch.Tensor) -> None:

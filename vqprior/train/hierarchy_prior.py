@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from vqprior.data import ImageSplits
-from vqprior.models.hierarchy import VQVAE2, upsample_top_codes
+from vqprior.models.hierarchy import VQVAE2
+from vqprior.models.levels import upsample_codes
 from vqprior.models.vqvae import VQVAE
 from vqprior.sampling.noise import sampling_generator
 from vqprior.train.config import DeviceOptions, PriorStageConfig
@@ -39,7 +40,7 @@ def level_datamodule(
 
 class BottomPriorModule(PriorModule):
     """A bottom prior: batches (bottom, y, top); the spatial condition of every layer is
-    :func:`upsample_top_codes` of the top codes (as :func:`top_condition`), from a frozen copy
+    :func:`~vqprior.models.levels.upsample_codes` of the top codes (as :meth:`LevelModel.condition`), from a frozen copy
     ``top_embed`` of the VAE's top codebook.
 
     Only :meth:`_inputs` differs: the step (class dropout, ``compile``, metrics), exports, EMA
@@ -71,7 +72,7 @@ class BottomPriorModule(PriorModule):
         """Batches (bottom, y, top) -> (bottom, y, the top codes' upsampled codebook vectors)."""
         x, y, top = batch
         grid = (x.shape[1], x.shape[2])
-        spatial = upsample_top_codes(self.top_embed, top, grid, check=False)  # see _step
+        spatial = upsample_codes(self.top_embed, top, grid, check=False)  # see _step
         return x, y, self.memory_format(spatial.to(self.dtype))
 
     @torch.no_grad()
@@ -88,7 +89,7 @@ class BottomPriorModule(PriorModule):
         k = model.config.num_classes
         cond = torch.arange(n, device=dev) % k if k else None
         grid = (model.config.height, model.config.width)
-        spatial = upsample_top_codes(self.top_embed.to(dev), top, grid)
+        spatial = upsample_codes(self.top_embed.to(dev), top, grid)
         return model.sample(
             n, cond=cond, temperature=temperature, generator=generator, spatial_cond=spatial
         )
