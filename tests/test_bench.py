@@ -6,14 +6,17 @@ No timing is asserted here (timed tests are flaky); speed targets are read off t
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from vqprior.bench import format_table, main
-from vqprior.bench_ab import compare_trees, this_tree
-from vqprior.bench_profile import GROUPS, format_profiles, profile_model
-from vqprior.bench_train import (
+from vqprior.bench.ab import WORKER, compare_trees, this_tree
+from vqprior.bench.profile import GROUPS, format_profiles, profile_model
+from vqprior.bench.train import (
     DEFAULT_TRAIN_MODELS,
     TRAIN_MODELS,
     Variant,
@@ -110,3 +113,19 @@ def test_baseline_tree_comparison_runs_alternating_subprocesses() -> None:
     assert row.base_images_per_s > 0 and row.images_per_s > 0 and row.ratio > 0
     with pytest.raises(ValueError, match="no vqprior package"):
         compare_trees(this_tree() / "tests", ["prior-codes-8x8"], ["fp32"], 2, 1, 1, 1)
+
+
+def test_the_baseline_worker_imports_only_what_old_trees_have() -> None:
+    assert (this_tree() / "vqprior" / "bench" / "ab.py").is_file()
+    imported = set(re.findall(r"^from (vqprior[\w.]*) import", WORKER, flags=re.M))
+    assert imported == {"vqprior.models.pixelcnn", "vqprior.models.vqvae"}
+    assert "import vqprior\n" not in WORKER
+
+
+def test_bench_lives_outside_the_light_top_level() -> None:
+    code = "import sys, vqprior; print(sorted(m for m in sys.modules if m.startswith('vqprior.bench')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+    for args in (["-m", "vqprior", "bench", "--help"], ["-m", "vqprior.bench.sweep", "--help"]):
+        done = subprocess.run([sys.executable, *args], capture_output=True, text=True, check=False)
+        assert done.returncode == 0 and "usage:" in done.stdout, done.stderr[-2000:]

@@ -1,12 +1,35 @@
-"""The defaults-per-second sweep: arm parsing and one short arm on the embedded digits."""
+"""The defaults-per-second sweep: arm parsing, and short arms on the embedded digits trained by
+the training stage's PriorModule under a Lightning Trainer stopped at the budget."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
-from vqprior.bench_sweep import format_rows, main, parse_arm, run_arm
+from vqprior.bench.budget import FIT_AFTER
+from vqprior.bench.sweep import format_rows, main, parse_arm, run_arm
+from vqprior.train.prior import PriorModule
+
+SPEC: dict[str, Any] = {
+    "name": "tiny",
+    "overrides": {
+        "channels": 8,
+        "num_layers": 2,
+        "num_mixtures": 2,
+        "batch_size": 16,
+        "lr": 3e-3,
+        "lr_schedule": "cosine",
+        "warmup_steps": 2,
+    },
+    "data": "digits",
+    "budget": 2.0,
+    "held_out": 100,
+    "limit": None,
+    "threads": 1,
+    "seed": 0,
+}
 
 
 def test_arms_parse_typed_overrides_and_reject_unknown_keys(tmp_path) -> None:
@@ -20,31 +43,23 @@ def test_arms_parse_typed_overrides_and_reject_unknown_keys(tmp_path) -> None:
         main(["--data", "digits", "--arm", "x:depth=3", "--out", str(tmp_path / "s.json")])
     with pytest.raises(ValueError, match="precision must be"):
         main(["--data", "digits", "--arm", "x:precision=fp16", "--out", str(tmp_path / "s.json")])
+    assert not (tmp_path / "s.json").exists()
 
 
-def test_one_arm_trains_for_its_budget_and_reports_held_out_bits() -> None:
-    spec = {
-        "name": "tiny",
-        "overrides": {
-            "channels": 8,
-            "num_layers": 2,
-            "num_mixtures": 2,
-            "batch_size": 16,
-            "lr": 3e-3,
-            "lr_schedule": "cosine",
-            "warmup_steps": 2,
-        },
-        "data": "digits",
-        "budget": 2.0,
-        "held_out": 100,
-        "limit": None,
-        "threads": 1,
-        "seed": 0,
-    }
-    untrained = run_arm({**spec, "budget": 0.0})
-    assert untrained["steps"] == 0
-    row = run_arm(spec)
-    assert row["steps"] > 20  # the cosine horizon is set from the first 20 steps' timing
+def test_one_arm_trains_through_prior_module_for_its_budget(monkeypatch) -> None:
+    calls: list[int] = []
+    step = PriorModule.training_step
+
+    def counted(self: PriorModule, batch: Any, batch_idx: int) -> Any:
+        calls.append(batch_idx)
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(PriorModule, "training_step", counted)
+    untrained = run_arm({**SPEC, "budget": 0.0})
+    assert untrained["steps"] == 0 and not calls
+    row = run_arm(SPEC)
+    assert row["steps"] == len(calls) > FIT_AFTER  # every step is the stage's training_step
+    assert row["cosine_horizon"] > FIT_AFTER  # predicted from the first steps' timing
     assert 2.0 <= row["trained_s"] < 10.0
     assert math.isfinite(row["held_out_bits_per_dim"])
     assert row["held_out_bits_per_dim"] < untrained["held_out_bits_per_dim"] - 0.1

@@ -1,16 +1,18 @@
 """``vqprior bench``: sampling and training speed, as ratios against baselines in the same run.
 
-Sampling: the reference loop (one full forward pass per sequential step) against the default
-fast exact sampler, for a 32x32x3 pixel prior and 8x8 / 16x16 code-map priors. The reference
-loop's cost per step is constant (every step is the same full pass), so it is timed on a
-prefix of steps and extrapolated; the table says how many steps were timed. The fast sampler
-always runs to completion, and on the timed prefix both must agree exactly.
+Sampling (:mod:`vqprior.bench.sampling`): the reference loop (one full forward pass per
+sequential step) against the default fast exact sampler, for a 32x32x3 pixel prior and 8x8 /
+16x16 code-map priors; the reference loop is timed on a prefix of steps and extrapolated (the
+table says how many), and on that prefix both samplers must agree exactly.
 
-Training (:mod:`vqprior.bench_train`): images per second of the VQ-VAE, the default priors and
+Training (:mod:`vqprior.bench.train`): images per second of the VQ-VAE, the default priors and
 the PixelCNN++ port's tiny config, in fp32 and bf16 autocast, eager and (``--compile``)
 compiled, each as a ratio to the model's fp32 eager row timed interleaved with it.
-``--baseline-tree DIR`` (:mod:`vqprior.bench_ab`) times another source tree in alternating
-subprocesses; ``--profile`` (:mod:`vqprior.bench_profile`) shows where a step's time goes.
+``--baseline-tree DIR`` (:mod:`vqprior.bench.ab`) times another source tree in alternating
+subprocesses; ``--profile`` (:mod:`vqprior.bench.profile`) shows where a step's time goes.
+
+``python -m vqprior.bench.sweep`` (:mod:`vqprior.bench.sweep`) is not speed but quality per
+second: the held-out bits/dim each prior setting reaches in a fixed wall-clock budget.
 """
 
 from __future__ import annotations
@@ -19,16 +21,16 @@ import argparse
 import json
 import logging
 import platform
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from vqprior.bench_ab import compare_trees, format_ab
-from vqprior.bench_profile import format_profiles, profile_rows
-from vqprior.bench_train import (
+from vqprior.bench.ab import compare_trees, format_ab
+from vqprior.bench.profile import format_profiles, profile_rows
+from vqprior.bench.sampling import SAMPLING_MODELS, bench_sampling
+from vqprior.bench.train import (
     DEFAULT_TRAIN_MODELS,
     PRECISIONS,
     TRAIN_MODELS,
@@ -36,96 +38,8 @@ from vqprior.bench_train import (
     training_rows,
 )
 from vqprior.io import atomic_write_text
-from vqprior.models.pixelcnn import PixelCNN, PixelCNNConfig
-from vqprior.nn.step import supports_steps
-from vqprior.sampling import draw_noise, num_steps, sample_naive, sampling_generator
 
 log = logging.getLogger(__name__)
-
-# gated rows: 64 channels x 8 layers (the default before 4 layers), so rows compare across versions
-SAMPLING_MODELS: dict[str, PixelCNNConfig] = {
-    "pixels-32x32x3": PixelCNNConfig(
-        data="pixels", in_channels=3, height=32, width=32, num_layers=8
-    ),
-    "codes-8x8": PixelCNNConfig(data="codes", num_codes=512, height=8, width=8, num_layers=8),
-    "codes-16x16": PixelCNNConfig(data="codes", num_codes=512, height=16, width=16, num_layers=8),
-    # causal attention after every 2 gated layers (issue 12): a key/value cache in the step
-    "codes-16x16-attention": PixelCNNConfig(
-        data="codes", num_codes=512, height=16, width=16, num_layers=8, attention_every=2
-    ),
-    # PixelCNN++ tiny (issue 11): its cached sampler lives in vqprior/nn/pixelcnnpp_step.py
-    "pixelcnnpp-tiny-32x32x3": PixelCNNConfig(
-        data="pixels",
-        backbone="pixelcnnpp",
-        channels=32,
-        nr_resnet=1,
-        num_scales=3,
-        num_mixtures=5,
-        dropout=0.5,
-    ),
-}
-
-
-@dataclass
-class SamplingRow:
-    model: str
-    batch: int
-    steps: int  # sequential steps of the reference loop
-    naive_steps_timed: int
-    naive_s: float  # extrapolated to all steps when naive_steps_timed < steps
-    fast_method: str
-    fast_s: float
-    speedup: float
-    prefix_equal: bool  # fast sample == reference on the timed prefix
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
-    _sync(device)
-    start = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return time.perf_counter() - start, out
-
-
-def bench_sampling(
-    name: str, cfg: PixelCNNConfig, batch: int, device: torch.device, naive_steps: int
-) -> SamplingRow:
-    torch.manual_seed(0)
-    model = PixelCNN(cfg).to(device).eval()
-    steps = num_steps(model)
-    timed = min(steps, naive_steps)
-    gen = sampling_generator(0)  # sampling noise is drawn on the CPU (same seed, same samples)
-    with torch.no_grad():
-        noise = draw_noise(model, batch, gen.manual_seed(1), device)
-        sample_naive(model, batch, None, 1.0, noise, None, 2)  # warm-up both paths at this batch
-        model.sample(batch, generator=gen.manual_seed(0)) if steps <= 64 else None
-        naive_t, ref = _timed(
-            lambda: sample_naive(model, batch, None, 1.0, noise, None, timed), device
-        )
-        fast_t, fast = _timed(lambda: model.sample(batch, generator=gen.manual_seed(1)), device)
-    assert isinstance(ref, torch.Tensor) and isinstance(fast, torch.Tensor)
-    naive_total = naive_t * steps / timed
-    method = "cached" if supports_steps(model.backbone) else "fixed_point"  # what auto picks
-    equal = _prefix_equal(model, ref, fast, timed)
-    return SamplingRow(
-        name, batch, steps, timed, naive_total, method, fast_t, naive_total / fast_t, equal
-    )
-
-
-def _prefix_equal(model: PixelCNN, ref: torch.Tensor, fast: torch.Tensor, steps: int) -> bool:
-    """Compare the first ``steps`` sequential elements (raster order) of two samples."""
-    if ref.dim() == 3:
-        ref, fast = ref[:, None], fast[:, None]
-    groups = model.config.channel_groups
-    flat_ref = ref.permute(0, 2, 3, 1).flatten(1)  # raster order: row, column, channel
-    flat_fast = fast.permute(0, 2, 3, 1).flatten(1)
-    elements = steps if groups > 1 else steps * ref.shape[1]
-    return bool(torch.equal(flat_ref[:, :elements], flat_fast[:, :elements]))
 
 
 def format_table(result: dict) -> str:
@@ -281,7 +195,3 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(format_table(result))  # noqa: T201 - the command's output
     print(f"\nwrote {args.out}")  # noqa: T201
     return result
-
-
-if __name__ == "__main__":
-    main()

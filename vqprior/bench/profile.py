@@ -20,7 +20,7 @@ import torch
 from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile
 
-from vqprior.bench_train import DEFAULT_TRAIN_MODELS, Variant, make_step
+from vqprior.bench.train import DEFAULT_TRAIN_MODELS, Variant, make_step
 
 GROUPS = (
     "convolution",

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vqprior.bench_train import TINY_DROPOUT, TRAIN_MODELS
+from vqprior.bench.train import TINY_DROPOUT, TRAIN_MODELS
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class ABRow:
 
 
 def this_tree() -> Path:
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]  # vqprior/bench/ab.py -> the tree
 
 
 def run_worker(tree: Path, spec: dict) -> float:

@@ -4,7 +4,7 @@ Every model is trained (Adam, one optimiser step per batch) in each variant: pre
 or bf16 autocast (the likelihoods stay fp32), eager or ``torch.compile``; bf16 runs in
 channels-last memory. Variants of one model are interleaved step by step in one process and
 the median step time is kept, so each ratio to the model's fp32 eager row is measured under
-the same machine load. :mod:`vqprior.bench_ab` compares against another source tree.
+the same machine load. :mod:`vqprior.bench.ab` compares against another source tree.
 """
 
 from __future__ import annotations
