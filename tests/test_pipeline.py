@@ -311,3 +311,45 @@ def test_shipped_pipelines_are_valid(name: str) -> None:
     assert {"train-vae", "encode", "train-prior", "generate", "evaluate"} <= set(kinds)
     priors = [s for s in pipe.stages if s.kind == "train-prior"]
     assert {("vae" in s.refs) for s in priors} == {True, False}  # a codes and a pixel prior
+
+
+def _levels_pipeline(levels: int) -> str:
+    """A pipeline of a tiny VQ-VAE with ``levels`` levels, one prior per level, samples, bound."""
+    tiny = f"{ROOT}/configs/tiny"
+    vae = (f"  vae: {{kind: train-vae, config: {tiny}/vae_mixture.yaml, "
+           f"model: {{levels: {levels}, top_downsample: 2}}}}\n")  # fmt: skip
+    if levels == 1:
+        priors = f"  prior: {{kind: train-prior, config: {tiny}/prior_codes.yaml, vae: vae}}\n"
+        refs = "prior: prior"
+    else:
+        priors = "".join(
+            f"  prior_{lv}: {{kind: train-prior, config: {tiny}/prior_codes.yaml, vae: vae, "
+            f"data: {{level: {lv}}}}}\n"
+            for lv in ("top", "bottom")
+        )
+        refs = "prior: prior_top, bottom_prior: prior_bottom"
+    return (f"stages:\n{vae}{priors}  samples: {{kind: generate, {refs}, num: 4}}\n"
+            f"  bound: {{kind: evaluate, {refs}}}\n")  # fmt: skip
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_pipeline_goes_to_samples_and_bound_for_every_level_count(
+    tmp_path: Path, levels: int
+) -> None:
+    file = tmp_path / "levels.yaml"
+    file.write_text(_levels_pipeline(levels))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["pipeline", str(file), "--out", str(out), *DEV])
+    assert result.exit_code == 0, result.output
+    assert set(statuses(out).values()) == {"ran"}
+    samples = load_file(str(out / "samples" / "samples.safetensors"))
+    assert samples["images"].shape == (4, 1, 8, 8)
+    names = ["codes"] if levels == 1 else ["top_codes", "bottom_codes"]
+    assert sorted(k for k in samples if k.endswith("codes")) == sorted(names)
+    bound = json.loads((out / "bound" / "eval.json").read_text())
+    parts = [k for k in bound if k.endswith("_bits_per_dim") and k != "bits_per_dim"]
+    assert len(parts) == levels + 1  # every level's prior and the decoder
+    assert bound["bits_per_dim"] == pytest.approx(sum(bound[k] for k in parts))
+    summary = {s["name"]: s for s in json.loads((out / "summary.json").read_text())["stages"]}
+    assert summary["bound"]["figures"]["bits_per_dim"] == pytest.approx(bound["bits_per_dim"])
+    assert "samples/samples.png" in (out / "summary.md").read_text()

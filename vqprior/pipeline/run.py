@@ -157,11 +157,13 @@ def _execute(
     if stage.kind == "generate":
         png = folder / "samples.png"
         inference.generate(dirs["prior"], dirs.get("vae"), cfg["num"], png, cfg["seed"],
-                           cfg["temperature"], cfg["label"], dev, cfg["method"])  # fmt: skip
+                           cfg["temperature"], cfg["label"], dev, cfg["method"],
+                           bottom_prior_dir=dirs.get("bottom_prior"))  # fmt: skip
         return {"num": cfg["num"], "images": [str(png.relative_to(pipe.out))]}
     result = inference.evaluate(
-        dirs["prior"], dirs.get("vae"), cfg["split"], cfg["batch_size"], dev
-    )
+        dirs["prior"], dirs.get("vae"), cfg["split"], cfg["batch_size"], dev,
+        bottom_prior_dir=dirs.get("bottom_prior"),
+    )  # fmt: skip
     atomic_write_text(folder / "eval.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
     return {k: v for k, v in result.items() if k != "num_examples"}
 

@@ -19,7 +19,8 @@ the pipeline file, or to the folder above it, i.e. the repository root for
 optionally ``codes`` (an encode stage of the same VAE and data). ``encode`` takes ``vae``,
 ``data`` overrides merged over that VAE's data, ``batch_size``. ``generate`` takes ``prior``,
 ``num``, ``seed``, ``temperature``, ``label``, ``method``; ``evaluate`` takes ``prior``,
-``split``, ``batch_size``. ``--set STAGE.key.sub=value`` edits a stage's mapping.
+``split``, ``batch_size``. Both take ``bottom_prior`` for a two-level VAE (``prior`` is then
+its top prior), so a two-level model goes to its samples and its bound like a one-level one. ``--set STAGE.key.sub=value`` edits a stage's mapping.
 """
 
 from __future__ import annotations
@@ -42,7 +43,12 @@ KINDS = ("train-vae", "encode", "train-prior", "generate", "evaluate")
 TRAINING = ("train-vae", "train-prior")
 SECTIONS = ("model", "data", "train")
 # reference key -> the kind of stage it must name
-REFS = {"vae": "train-vae", "codes": "encode", "prior": "train-prior"}
+REFS = {
+    "vae": "train-vae",
+    "codes": "encode",
+    "prior": "train-prior",
+    "bottom_prior": "train-prior",
+}
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
 
 
@@ -86,8 +92,8 @@ ALLOWED = {
     "train-vae": ("kind", "config", *SECTIONS),
     "train-prior": ("kind", "config", *SECTIONS, "vae", "codes"),
     "encode": ("kind", "vae", "data", *(f for f in EncodeOptions.__dataclass_fields__)),
-    "generate": ("kind", "prior", *GenerateOptions.__dataclass_fields__),
-    "evaluate": ("kind", "prior", *EvaluateOptions.__dataclass_fields__),
+    "generate": ("kind", "prior", "bottom_prior", *GenerateOptions.__dataclass_fields__),
+    "evaluate": ("kind", "prior", "bottom_prior", *EvaluateOptions.__dataclass_fields__),
 }
 
 
@@ -250,9 +256,12 @@ def _resolve(name: str, spec: dict[str, Any], earlier: list[Stage], file: Path) 
         return Stage(name, kind, {"data": data, **opts.to_dict()}, {"vae": vae}, (vae,))
     prior = _ref(spec, "prior", earlier, optional=False)
     assert prior is not None
-    options = {k: v for k, v in spec.items() if k not in ("kind", "prior")}
+    options = {k: v for k, v in spec.items() if k not in ("kind", "prior", "bottom_prior")}
     config = OPTIONS[kind].from_dict(options).to_dict()
     refs = {"prior": prior}
+    bottom = _ref(spec, "bottom_prior", earlier, optional=True)  # a two-level VAE's levels
+    if bottom is not None:
+        refs["bottom_prior"] = bottom
     vae = next(s for s in earlier if s.name == prior).refs.get("vae")
     if vae is not None:
         refs["vae"] = vae
