@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vqprior.nn.gated import CausalHead, GatedStack, LayerOut
+from vqprior.nn.gated import CausalHead, GatedStack
 from vqprior.nn.masked import channel_groups
-from vqprior.nn.step import StepContext
+from vqprior.nn.step import LayerOut, StepContext
 
 
 def expected_field(size: int, groups: int, layers: int, p: int) -> torch.Tensor:

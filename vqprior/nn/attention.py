@@ -42,8 +42,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vqprior.config import ConfigError
-from vqprior.nn.gated import LayerOut
-from vqprior.nn.step import StepContext
+from vqprior.nn.step import LayerOut, StepContext
 
 __all__ = ["AttentionBlock", "position_encoding"]
 

@@ -17,15 +17,16 @@ computing exactly what its ``forward`` computes at one row or one element.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from vqprior.nn.attention import AttentionBlock
 from vqprior.nn.masked import MaskedConv2d, causal_mask, channel_groups
-from vqprior.nn.step import StepBlock, StepContext
+from vqprior.nn.step import LayerOut, StepBlock, StepContext
 
 Bias = Tensor | float
 
@@ -47,12 +48,6 @@ def conv1x1_fp32(conv: nn.Conv2d, x: Tensor) -> Tensor:
     bias = None if conv.bias is None else conv.bias.to(dtype)
     with torch.autocast(device_type=x.device.type, enabled=False):
         return F.conv2d(x.to(dtype), weight.to(dtype), bias)
-
-
-class LayerOut(NamedTuple):
-    v: Tensor  # [b, F, H, W] gated vertical features
-    h: Tensor  # [b, F, H, W] horizontal features (residual stream)
-    skip: Tensor | None  # [b, F, H, W]; None: the block adds nothing to the skip sum
 
 
 def _row(b: Bias, r: int) -> Bias:
@@ -199,17 +194,10 @@ class GatedLayer(nn.Module):
         return state.h_out, skip
 
 
-def _attention_block(channels: int, heads: int, groups: int, cond_dim: int, spatial: int) -> Any:
+def _attention_block(
+    channels: int, heads: int, groups: int, cond_dim: int, spatial: int
+) -> AttentionBlock:
     """The causal self-attention block of :mod:`vqprior.nn.attention` (see nn/step.py)."""
-    try:
-        from vqprior.nn.attention import AttentionBlock  # type: ignore[import-not-found]
-    except ImportError:
-        from vqprior.config import ConfigError
-
-        raise ConfigError(
-            "attention is not implemented yet (vqprior.nn.attention.AttentionBlock is missing); "
-            "set attention_every=0"
-        ) from None
     return AttentionBlock(
         channels=channels, heads=heads, groups=groups, cond_dim=cond_dim, spatial_channels=spatial
     )

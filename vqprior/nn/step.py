@@ -85,7 +85,15 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-__all__ = ["StepBackbone", "StepBlock", "StepContext", "supports_steps"]
+__all__ = ["LayerOut", "StepBackbone", "StepBlock", "StepContext", "supports_steps"]
+
+
+class LayerOut(NamedTuple):
+    """What a block's full-tensor ``forward(v, h, cond, spatial)`` returns."""
+
+    v: Tensor  # [b, F, H, W] gated vertical features
+    h: Tensor  # [b, F, H, W] horizontal features (residual stream)
+    skip: Tensor | None  # [b, F, H, W]; None: the block adds nothing to the skip sum
 
 
 class StepContext(NamedTuple):
