@@ -7,12 +7,12 @@ import torch
 from model_cases import PP
 from torch import Tensor, nn
 
-from vqprior.nn.pixelcnnpp import (
+from vqprior.nn.pixelcnnpp import PixelCNNPPBackbone
+from vqprior.nn.pixelcnnpp_layers import (
     DownRightShiftedConv2d,
     DownRightShiftedDeconv2d,
     DownShiftedConv2d,
     DownShiftedDeconv2d,
-    PixelCNNPPBackbone,
     concat_elu,
     down_shift,
     right_shift,
@@ -226,7 +226,7 @@ def test_dropout_is_stochastic_in_train_mode_only():
 
 @pytest.mark.parametrize("p", [0.3, 0.5, 0.125])  # 0.3: fp32 uniforms; else uniform bytes
 def test_dropout_keeps_one_minus_p_and_rescales_like_nn_dropout(p):
-    from vqprior.nn.pixelcnnpp import Dropout
+    from vqprior.nn.pixelcnnpp_layers import Dropout
 
     torch.manual_seed(0)
     drop = Dropout(p).train()
@@ -245,7 +245,7 @@ def test_dropout_keeps_one_minus_p_and_rescales_like_nn_dropout(p):
 
 
 def test_random_bytes_are_uniform_in_every_byte_lane_and_follow_the_memory_format():
-    from vqprior.nn.pixelcnnpp import random_bytes_like
+    from vqprior.nn.pixelcnnpp_layers import random_bytes_like
 
     torch.manual_seed(0)
     x = torch.empty(5, 7, 9, 11)  # 3465 values: not a multiple of 8

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from vqprior.nn.pixelcnnpp import DownShiftedDeconv2d, GatedResnet, concat_elu
+from vqprior.nn.pixelcnnpp_layers import DownShiftedDeconv2d, GatedResnet, concat_elu
 
 if TYPE_CHECKING:
     from vqprior.nn.pixelcnnpp import PixelCNNPPBackbone

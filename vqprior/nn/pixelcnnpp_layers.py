@@ -1,0 +1,166 @@
+"""PixelCNN++ layers (Salimans et al. 2017): shifted convolutions, the gated resnet block,
+``concat_elu`` and a memory-format-preserving dropout.
+
+Each shifted layer reads only the rows (and columns) its name says; the receptive field of
+every layer and of the whole network is derived in :mod:`vqprior.nn.pixelcnnpp`. The backbone
+there and its incremental evaluation in :mod:`vqprior.nn.pixelcnnpp_step` both build on these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ConvFactory = Callable[[int, int], nn.Conv2d]
+
+
+def concat_elu(x: Tensor) -> Tensor:
+    """ELU of ``[x, -x]`` along channels: ``[b, c, h, w] -> [b, 2c, h, w]``."""
+    return F.elu(torch.cat([x, -x], dim=1))
+
+
+def random_bytes_like(x: Tensor) -> Tensor:
+    """Independent uniform uint8 values of ``x``'s shape, device and memory format.
+
+    Drawn as full-range 64-bit integers viewed as 8 bytes each: one generator call per 8 bytes
+    (``random_(0, 256)`` on uint8 makes one per byte, ~4x slower on CPU).
+    """
+    n = x.numel()
+    words = torch.empty((n + 7) // 8, dtype=torch.int64, device=x.device)
+    flat = words.random_(torch.iinfo(torch.int64).min, None).view(torch.uint8)[:n]
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return flat.as_strided(x.shape, x.stride())  # dense strides are a permutation
+    return flat.view(x.shape)
+
+
+class Dropout(nn.Module):
+    """Element-wise dropout, as ``nn.Dropout(p)``, with the keep mask drawn in ``x``'s memory
+    format: uniform bytes ``>= 256 p`` when ``256 p`` is a whole number (exact, e.g. p = 0.5),
+    else ``rand >= p`` in fp32 (on CPU both are several times cheaper than ``bernoulli_``).
+    Under ``torch.compile`` it is always ``rand >= p``: inductor generates (and fuses) it."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        level = self.p * 256
+        if level == round(level) and not torch.compiler.is_compiling():
+            keep = random_bytes_like(x) >= int(level)
+        else:
+            keep = torch.rand_like(x, dtype=torch.float32) >= self.p
+        return x * (keep * (1.0 / (1.0 - self.p))).to(x.dtype)
+
+
+def down_shift(x: Tensor) -> Tensor:
+    """Shift ``[b, c, h, w]`` down one row: row ``i`` takes row ``i - 1``, row 0 is zero."""
+    return F.pad(x, (0, 0, 1, 0))[:, :, :-1, :]
+
+
+def right_shift(x: Tensor) -> Tensor:
+    """Shift ``[b, c, h, w]`` right one column: column ``j`` takes ``j - 1``, column 0 is zero."""
+    return F.pad(x, (1, 0, 0, 0))[:, :, :, :-1]
+
+
+class DownShiftedConv2d(nn.Conv2d):
+    """Conv whose output ``(i, j)`` reads rows ``i-kh+1..i``, columns ``j-kw//2..j+kw//2``.
+
+    ``kernel[1]`` must be odd (centred columns). ``[b, c_in, h, w] -> [b, c_out, h/s, w/s]``.
+    """
+
+    def __init__(
+        self, in_ch: int, out_ch: int, kernel: tuple[int, int] = (2, 3), stride: int = 1
+    ) -> None:
+        if kernel[1] % 2 != 1:
+            raise ValueError(f"DownShiftedConv2d needs an odd kernel width, got {kernel}")
+        super().__init__(in_ch, out_ch, kernel, stride=stride)
+        side = (kernel[1] - 1) // 2
+        self.pads = (side, side, kernel[0] - 1, 0)  # left, right, top, bottom
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(F.pad(x, self.pads))
+
+
+class DownRightShiftedConv2d(nn.Conv2d):
+    """Conv whose output ``(i, j)`` reads rows ``i-kh+1..i`` and columns ``j-kw+1..j``.
+
+    ``[b, c_in, h, w] -> [b, c_out, h/s, w/s]``.
+    """
+
+    def __init__(
+        self, in_ch: int, out_ch: int, kernel: tuple[int, int] = (2, 2), stride: int = 1
+    ) -> None:
+        super().__init__(in_ch, out_ch, kernel, stride=stride)
+        self.pads = (kernel[1] - 1, 0, kernel[0] - 1, 0)  # left, right, top, bottom
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(F.pad(x, self.pads))
+
+
+class DownShiftedDeconv2d(nn.Module):
+    """2x upsampling, kernel ``(2, 3)``: output ``(y, x)`` reads input row ``y // 2`` and
+    columns ``x // 2 .. (x + 1) // 2``. ``[b, c_in, h, w] -> [b, c_out, 2h, 2w]``."""
+
+    def __init__(self, in_ch: int, out_ch: int) -> None:
+        super().__init__()
+        self.deconv = nn.ConvTranspose2d(in_ch, out_ch, (2, 3), stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        y = self.deconv(x)  # [b, c, 2h, 2w + 1]: column 2c + k - 1 <- input column c
+        return y[:, :, : 2 * h, 1 : 2 * w + 1]
+
+
+class DownRightShiftedDeconv2d(nn.Module):
+    """2x upsampling, kernel ``(2, 2)``: output ``(y, x)`` reads input ``(y // 2, x // 2)``.
+
+    ``[b, c_in, h, w] -> [b, c_out, 2h, 2w]``.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int) -> None:
+        super().__init__()
+        self.deconv = nn.ConvTranspose2d(in_ch, out_ch, (2, 2), stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.deconv(x)
+
+
+class GatedResnet(nn.Module):
+    """``x + a * sigmoid(b)`` with ``[a, b] = conv(dropout(concat_elu(conv(concat_elu(x)) +
+    nin(concat_elu(aux)))) + proj(cond)``. Causality is that of ``make_conv``; ``aux`` is read
+    at the same position only. ``x: [b, c, h, w]``, ``aux: [b, aux_ch, h, w]``, ``cond: [b, d]``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        make_conv: ConvFactory,
+        aux_channels: int = 0,
+        dropout: float = 0.0,
+        cond_dim: int = 0,
+    ) -> None:
+        super().__init__()
+        self.conv1 = make_conv(2 * channels, channels)
+        self.nin_aux = nn.Conv2d(2 * aux_channels, channels, 1) if aux_channels else None
+        self.dropout = Dropout(dropout)
+        self.conv2 = make_conv(2 * channels, 2 * channels)
+        with torch.no_grad():  # small residual branch at init, as the original's init_scale
+            self.conv2.weight.mul_(0.1)
+        self.cond_proj = nn.Linear(cond_dim, 2 * channels, bias=False) if cond_dim else None
+
+    def forward(self, x: Tensor, aux: Tensor | None = None, cond: Tensor | None = None) -> Tensor:
+        c1 = self.conv1(concat_elu(x))
+        if self.nin_aux is not None:
+            assert aux is not None, "this block was built with an auxiliary input"
+            c1 = c1 + self.nin_aux(concat_elu(aux))
+        c2 = self.conv2(self.dropout(concat_elu(c1)))
+        if self.cond_proj is not None:
+            assert cond is not None, "this block was built with conditioning"
+            c2 = c2 + self.cond_proj(cond)[:, :, None, None]  # [b, 2c] -> [b, 2c, 1, 1]
+        a, b = c2.chunk(2, dim=1)
+        return x + a * torch.sigmoid(b)
