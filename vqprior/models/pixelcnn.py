@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -31,6 +30,7 @@ from vqprior.nn.gated import CausalHead, GatedStack, conv1x1_fp32
 from vqprior.nn.grid import to_bins
 from vqprior.nn.masked import channel_groups
 from vqprior.nn.mixture import mixture_log_prob, num_mixture_params
+from vqprior.sampling import sample as run_sampler
 
 Reduction = Literal["none", "sum", "mean"]
 
@@ -130,8 +130,6 @@ class PixelCNNConfig(Config):
             raise ConfigError(
                 f"channels={self.channels} must be divisible by attention_heads={self.attention_heads}"
             )
-        if importlib.util.find_spec("vqprior.nn.attention") is None:
-            raise ConfigError("attention is not implemented yet: set attention_every=0")
 
     @property
     def has_null_class(self) -> bool:
@@ -352,8 +350,6 @@ class PixelCNN(nn.Module, PretrainedMixin):
         loop); for the same generator every method returns the same samples. ``known`` and
         ``mask`` (True: keep ``known`` there) complete partial inputs.
         """
-        from vqprior.sampling import sample as run_sampler
-
         return run_sampler(
             self,
             n,
