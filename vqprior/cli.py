@@ -16,6 +16,7 @@ from typing import Any
 import click
 import yaml
 
+from vqprior.cli_common import ExistingPath
 from vqprior.config import ConfigError, apply_overrides
 from vqprior.lock import RunLockedError
 from vqprior.uses.cli import register as register_uses
@@ -77,25 +78,6 @@ class _Group(click.Group):
             ctx.exit(code)
 
 
-class _Existing(click.Path):
-    """A path that must exist: a missing one is a user error (one line, exit 2), not a usage
-    message."""
-
-    def __init__(self, what: str, directory: bool) -> None:
-        super().__init__(file_okay=not directory, dir_okay=directory)
-        self.what, self.directory = what, directory
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        path = Path(value)
-        if not path.exists():
-            raise FileNotFoundError(f"{self.what} {path} not found")
-        if self.directory and not path.is_dir():
-            raise NotADirectoryError(f"{self.what} {path} is a file, expected a directory")
-        if not self.directory and path.is_dir():
-            raise IsADirectoryError(f"{self.what} {path} is a directory, expected a file")
-        return super().convert(value, param, ctx)
-
-
 def _load_config(path: str | None, sets: tuple[str, ...]) -> dict[str, Any]:
     raw: Any = {}
     if path is not None:
@@ -140,7 +122,7 @@ def _stage_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--config",
             "config_path",
-            type=_Existing("config file", directory=False),
+            type=ExistingPath("config file", directory=False),
             help="a YAML in configs/",
         ),
         click.option(
@@ -246,7 +228,7 @@ def train_prior_cmd(
 
 
 def _vae_option(required: bool, help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    kind = _Existing("VAE run dir", directory=True)
+    kind = ExistingPath("VAE run dir", directory=True)
     return click.option("--vae", "vae_dir", required=required, default=None, type=kind, help=help)
 
 
@@ -254,14 +236,14 @@ _prior_option = click.option(
     "--prior",
     "prior_dir",
     required=True,
-    type=_Existing("prior run dir", directory=True),
+    type=ExistingPath("prior run dir", directory=True),
     help="train-prior run dir",
 )
 _bottom_prior_option = click.option(
     "--bottom-prior",
     "bottom_prior_dir",
     default=None,
-    type=_Existing("bottom prior run dir", directory=True),
+    type=ExistingPath("bottom prior run dir", directory=True),
     help="two-level VAE: the bottom prior's run dir (--prior is then the top prior)",
 )
 _inference_device_option = click.option(
@@ -274,7 +256,7 @@ _inference_device_option = click.option(
 @click.option(
     "--config",
     "config_path",
-    type=_Existing("config file", directory=False),
+    type=ExistingPath("config file", directory=False),
     help="YAML whose data section to encode",
 )
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="e.g. data.limit=100")
@@ -346,7 +328,7 @@ def evaluate_cmd(**kw: Any) -> None:
 
 
 @cli.command("export")
-@click.argument("ckpt", type=_Existing("checkpoint", directory=False))
+@click.argument("ckpt", type=ExistingPath("checkpoint", directory=False))
 @click.argument("out_dir", required=False, type=click.Path(file_okay=False))
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="same as DIR")
 def export_cmd(ckpt: str, out_dir: str | None, out: str | None) -> None:

@@ -1,7 +1,8 @@
 """Click commands of the uses: score, complete, compress, decompress.
 
-:func:`register` adds them to the ``vqprior`` group; the heavy imports happen when a command
-runs, so ``vqprior --help`` stays fast.
+:mod:`vqprior.cli` adds them to the ``vqprior`` group with :func:`register` (this module
+does not import it); the heavy imports happen when a command runs, so ``vqprior --help`` stays
+fast.
 """
 
 from __future__ import annotations
@@ -11,26 +12,26 @@ from typing import Any
 
 import click
 
+from vqprior.cli_common import ExistingPath
+
 
 def _report(result: dict[str, Any]) -> None:
     click.echo(json.dumps(result, sort_keys=True, default=str))
 
 
-def _options(group: click.Group) -> tuple[Any, Any, Any]:
-    from vqprior.cli import _Existing
-
+def _options() -> tuple[Any, Any, Any]:
     prior = click.option(
         "--prior",
         "prior_dir",
         required=True,
-        type=_Existing("prior run dir", directory=True),
+        type=ExistingPath("prior run dir", directory=True),
         help="train-prior run dir (or exported model dir)",
     )
     vae = click.option(
         "--vae",
         "vae_dir",
         default=None,
-        type=_Existing("VAE run dir", directory=True),
+        type=ExistingPath("VAE run dir", directory=True),
         help="train-vae run dir (codes prior; default: the one the prior records)",
     )
     device = click.option("--device", default=None, help="cpu (default) or cuda")
@@ -39,7 +40,7 @@ def _options(group: click.Group) -> tuple[Any, Any, Any]:
 
 def register(group: click.Group) -> None:
     """Add score, complete, compress and decompress to ``group``."""
-    prior_opt, vae_opt, device_opt = _options(group)
+    prior_opt, vae_opt, device_opt = _options()
 
     @group.command("score")
     @prior_opt
