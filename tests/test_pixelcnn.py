@@ -243,7 +243,7 @@ def test_log_prob_compiles_with_fullgraph_under_conditions(name: str) -> None:
 
 
 def test_the_top_condition_compiles_with_fullgraph_into_the_bottom_log_prob() -> None:
-    from vqprior.models.hierarchy import upsample_top_codes
+    from vqprior.models.levels import upsample_codes as upsample_top_codes
 
     torch._dynamo.reset()
     torch.manual_seed(0)

@@ -176,6 +176,7 @@ def _load_vae(
             f"the VAE at {vae_path} has {vae.config.num_codes} codes but the prior models "
             f"{k}: pass the VAE this prior was trained on"
         )
+    _check_grids(priors, record, vae, vae_path)
     if record is None or "vae_hash" not in record:
         logger.warning("%s records no VAE hash: cannot check %s", paths[0], vae_path)
     elif (found := content_hash(vae_path)) != record["vae_hash"]:
@@ -209,8 +210,8 @@ def _check_grids(
     priors: list[PixelCNN], record: dict[str, Any] | None, vae: VQVAE, vae_path: Path
 ) -> None:
     """Refuse a VAE whose code maps (for the recorded image size) are not the priors' grids."""
-    if record is None or "image_shape" not in record:
-        return
+    if record is None or "image_shape" not in record or len(priors) != vae.config.levels:
+        return  # a missing or extra level is named by _check_order
     _, height, width = record["image_shape"]
     want = [tuple(s) for s in vae.level_shapes(height, width)]
     got = [(p.config.height, p.config.width) for p in priors]
@@ -247,6 +248,5 @@ def load_models(
         raise CheckpointError(
             f"{', '.join(map(str, paths))} do not fit {vae_path}: {err}"
         ) from None
-    _check_grids(priors, next((r for r in records if r), None), vae, vae_path)
     vae_hash = content_hash(vae_path)
     return Models(model.to(dev).eval(), tuple(paths), hashes, vae_path, vae_hash)
