@@ -155,8 +155,8 @@ def _level_of(prior: PixelCNN, record: dict[str, Any] | None) -> str | None:
 def _load_vae(
     priors: list[PixelCNN], paths: list[Path], vae_dir: str | Path | None, records: list[Any]
 ) -> tuple[VQVAE, Path]:
-    """The VAE of codes priors (``vae_dir``, else the one their records name); refuse one whose
-    hash or codebook is not the one they were trained on."""
+    """The VAE of codes priors (``vae_dir``, else the one their records name); refuse priors
+    given at the wrong level and a VAE whose codebook, grids or hash are not theirs."""
     hashes = {r.get("vae_hash") for r in records if r is not None}
     if len(hashes) > 1:
         raise CheckpointError(
@@ -176,10 +176,15 @@ def _load_vae(
             f"the VAE at {vae_path} has {vae.config.num_codes} codes but the prior models "
             f"{k}: pass the VAE this prior was trained on"
         )
-    _check_grids(priors, record, vae, vae_path)
+    levels = [_level_of(p, r) for p, r in zip(priors, records, strict=True)]
+    found = content_hash(vae_path)
+    wrong = record is not None and "vae_hash" in record and found != record["vae_hash"]
+    if not wrong or (levels[0] is None) == (vae.config.levels == 1):  # a wrong VAE of another
+        _check_order(paths, levels, vae)  # level count is named by its hash below
+        _check_grids(priors, record, vae, vae_path)
     if record is None or "vae_hash" not in record:
         logger.warning("%s records no VAE hash: cannot check %s", paths[0], vae_path)
-    elif (found := content_hash(vae_path)) != record["vae_hash"]:
+    elif wrong:
         raise CheckpointError(
             f"the VAE at {vae_path} (hash {found}) is not the one this prior was trained on "
             f"(hash {record['vae_hash']}): pass that train-vae run dir"
@@ -241,7 +246,6 @@ def load_models(
             raise ValueError(f"{paths[0]} is a prior on pixels: drop --vae and --bottom-prior")
         return Models(LevelModel(None, priors).to(dev).eval(), tuple(paths), hashes, None, None)
     vae, vae_path = _load_vae(priors, paths, vae_dir, records)
-    _check_order(paths, [_level_of(p, r) for p, r in zip(priors, records, strict=True)], vae)
     try:
         model = LevelModel(vae, priors)
     except ValueError as err:
