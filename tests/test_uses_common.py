@@ -1,6 +1,8 @@
-"""Shared builders for the uses tests (tiny random models saved as exports), and tests of
-image reading/conversion, model loading, and the argument rules every use command shares:
-class labels as generate takes them, two-level models refused with one line."""
+"""Shared builders for the uses tests (tiny random models saved as exports; a VAE of one or
+two levels with its priors, named to a command as ``--prior [--bottom-prior] --vae``), and
+tests of image reading/conversion, model loading, and the argument rules every use command
+shares: class labels as generate takes them, the priors of a two-level model given in the
+wrong places (or of different VAEs) refused with one line."""
 
 from __future__ import annotations
 
@@ -13,13 +15,14 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from einops import rearrange
 from PIL import Image
 
 from vqprior import VQVAE, PixelCNN, PixelCNNConfig, VQVAEConfig
 from vqprior.cli import cli
 from vqprior.io import CheckpointError, content_hash
 from vqprior.uses.images import exact_images, fit_images, read_images
-from vqprior.uses.models import VAE_RECORD, check_label, class_labels, load_models
+from vqprior.uses.models import VAE_RECORD, Models, check_label, class_labels, load_models
 
 PIXEL_CASES: dict[str, dict[str, Any]] = {
     "gray-mixture": dict(data="pixels", in_channels=1, head="mixture", num_mixtures=2),
@@ -79,16 +82,36 @@ def save_conditional_prior(root: Path, classes: int = 3) -> Path:
     return PixelCNN(cfg).save_pretrained(root / f"prior-cond{classes}")
 
 
-def save_two_level(root: Path) -> dict[str, Path]:
+@torch.no_grad()
+def spread_codebooks(vae: VQVAE) -> None:
+    """Set a random two-level VAE's codebooks to encoder outputs of noise images, top first, so
+    that its codes vary (random codebooks leave every code the same one)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(4, vae.config.in_channels, 8, 8, generator=gen) * 2 - 1
+
+    def spread(book: torch.nn.Module, z: torch.Tensor) -> None:
+        rows = rearrange(z, "b d h w -> (b h w) d")
+        book.embed.copy_(rows[torch.randperm(len(rows), generator=gen)[: len(book.embed)]])
+
+    top, bottom = vae.codebooks
+    z_b = vae.encoder(x)
+    spread(top, vae.encoder_top(z_b))
+    top_codes = vae.encode_levels(x)[0]  # the bottom codebook sees the top codes' vectors
+    spread(bottom, vae._bottom_input(z_b, top.lookup(top_codes)))
+
+
+def save_two_level(root: Path, seed: int = 0, classes: int = 0) -> dict[str, Path]:
     """A two-level VAE (1 channel, 8x8 images -> bottom 4x4 and top 2x2 codes) and its top and
-    bottom priors with the records train-prior writes (``level``, the level's grid)."""
-    torch.manual_seed(0)
+    bottom priors (``classes``: class-conditional) with the records train-prior writes
+    (``level``, the level's grid)."""
+    torch.manual_seed(seed)
     vae = VQVAE(
         VQVAEConfig(
             in_channels=1, hidden_channels=8, res_channels=4, num_res_blocks=0, downsample=2,
             num_codes=6, code_dim=4, recon="mixture", num_mixtures=2, levels=2,
         )
     )  # fmt: skip
+    spread_codebooks(vae)
     vae_path = vae.save_pretrained(root / "vae-two-level")
     record = {"vae_hash": content_hash(vae_path), "vae_path": str(vae_path), "num_codes": 6}
     paths = {"vae": vae_path}
@@ -96,7 +119,7 @@ def save_two_level(root: Path) -> dict[str, Path]:
         prior = PixelCNN(
             PixelCNNConfig(
                 data="codes", num_codes=6, height=size, width=size, channels=8, num_layers=2,
-                spatial_cond_channels=spatial,
+                spatial_cond_channels=spatial, num_classes=classes,
             )
         )  # fmt: skip
         rec = {**record, "image_shape": [1, 8, 8], "grid": [size, size], "level": level}
@@ -104,6 +127,32 @@ def save_two_level(root: Path) -> dict[str, Path]:
             root / f"prior-{level}", extra_files={VAE_RECORD: json.dumps(rec)}
         )
     return paths
+
+
+LEVELS = [1, 2]  # the VAEs of the codes tests: one level (save_two_stage) or two
+
+
+def save_levels(root: Path, levels: int) -> dict[str, Path]:
+    """A mixture VAE of 8x8 gray images with ``levels`` levels and its priors: ``prior`` (the
+    top one), ``bottom`` (two levels only) and ``vae``."""
+    if levels == 1:
+        prior, vae = save_two_stage(root)
+        return {"prior": prior, "vae": vae}
+    paths = save_two_level(root)
+    return {"prior": paths["top"], "bottom": paths["bottom"], "vae": paths["vae"]}
+
+
+def model_args(paths: dict[str, Path], vae: bool = True) -> list[str]:
+    """``--prior TOP [--bottom-prior BOTTOM] [--vae DIR]`` for :func:`save_levels`' paths."""
+    args = ["--prior", str(paths["prior"])]
+    if "bottom" in paths:
+        args += ["--bottom-prior", str(paths["bottom"])]
+    return [*args, "--vae", str(paths["vae"])] if vae else args
+
+
+def load_levels(paths: dict[str, Path]) -> Models:
+    """:func:`load_models` of :func:`save_levels`' paths."""
+    return load_models(paths["prior"], paths["vae"], bottom_prior_dir=paths.get("bottom"))
 
 
 def write_npz(
@@ -258,28 +307,55 @@ def test_label_rules_in_every_command(
     assert not out.exists() and file_state(prior) == before
 
 
-@pytest.mark.parametrize("command", ["score", "complete", "compress"])
-@pytest.mark.parametrize("which", ["top", "bottom", "vae"])
-def test_two_level_models_are_refused(tmp_path: Path, command: str, which: str) -> None:
+def test_two_level_model_loads_level_by_level(tmp_path: Path) -> None:
     paths = save_two_level(tmp_path)
-    if which == "vae":  # a one-level codes prior handed a two-level VAE
-        prior, _ = save_two_stage(tmp_path)
-        extra = ["--vae", str(paths["vae"])]
-        needle = f"the VAE at {paths['vae']} is a two-level VQ-VAE"
-    else:
-        prior, extra = paths[which], []
-        needle = f"{prior} is the {which} prior of a two-level VQ-VAE"
+    models = load_models(paths["top"], bottom_prior_dir=paths["bottom"])  # VAE: the records'
+    assert models.model.names == ("top", "bottom") and models.image_shape == (1, 8, 8)
+    assert models.prior_paths == (paths["top"], paths["bottom"])
+    assert models.prior_hash == f"{content_hash(paths['top'])}+{content_hash(paths['bottom'])}"
+    assert models.vae_hash == content_hash(paths["vae"])
+
+
+def bad_combo(root: Path, case: str) -> tuple[list[str], str]:
+    """Model arguments that name priors in the wrong places, or of different VAEs, and the
+    words of the one line that refuses them."""
+    paths = save_two_level(root)
+    top, bottom = str(paths["top"]), str(paths["bottom"])
+    if case == "bottom-as-prior":
+        return ["--prior", bottom], f"{bottom} models the bottom codes but is given as the top"
+    if case == "swapped":
+        return ["--prior", bottom, "--bottom-prior", top], "pass the top prior as --prior"
+    if case == "top-alone":
+        return ["--prior", top], f"{top} is the top prior of a two-level VQ-VAE: pass its bottom"
+    if case == "different-vaes":
+        other = save_two_level(root / "other", seed=1)
+        return ["--prior", top, "--bottom-prior", str(other["bottom"])], "different VAEs"
+    one_level, _ = save_two_stage(root)
+    if case == "one-level-with-bottom":
+        return ["--prior", str(one_level), "--bottom-prior", bottom], "different VAEs"
+    assert case == "one-level-prior-two-level-vae"
+    return ["--prior", str(one_level), "--vae", str(paths["vae"])], "not the one this prior"
+
+
+BAD_COMBOS = [
+    "bottom-as-prior",
+    "swapped",
+    "top-alone",
+    "different-vaes",
+    "one-level-with-bottom",
+    "one-level-prior-two-level-vae",
+]
+
+
+@pytest.mark.parametrize("command", ["score", "complete", "compress"])
+@pytest.mark.parametrize("case", BAD_COMBOS)
+def test_bad_level_combinations_are_one_line(tmp_path: Path, command: str, case: str) -> None:
+    args, needle = bad_combo(tmp_path, case)
     npz = write_npz(tmp_path / "x.npz", 2, (8, 8, 1))
     before = file_state(tmp_path)
     out = tmp_path / "out"
-    line = one_error_line(invoke(*use_args(command, prior, npz, out), *extra))
-    assert needle in line and "support one-level models" in line and "--bottom-prior" in line
+    cmd = use_args(command, Path("PRIOR"), npz, out)
+    at = cmd.index("--prior")
+    line = one_error_line(invoke(*cmd[:at], *args, *cmd[at + 2 :]))
+    assert needle in line, line
     assert not out.exists() and file_state(tmp_path) == before
-
-
-def test_two_level_record_is_refused_before_its_vae_is_read(tmp_path: Path) -> None:
-    paths = save_two_level(tmp_path)
-    for p in paths["vae"].iterdir():
-        p.unlink()  # the record alone names the level
-    with pytest.raises(ValueError, match="top prior of a two-level VQ-VAE"):
-        load_models(paths["top"])

@@ -1,10 +1,12 @@
 """Lossless compression: bit-exact round trips (pixel priors with mixture and categorical
-heads, two-stage), file size against the model's -log2 p, one-line errors, and the
+heads, a VAE of one or two levels, through the CLI with nothing but the file to decompress),
+file size against the model's -log2 p (per level), one-line errors, and the
 portability contract: exact across thread counts and processes, otherwise one line naming
 what differs from the recorded environment (pixel hash, range decoder failure, format 1)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -19,15 +21,21 @@ from compress_reference import channel_log_probs, naive_autoregress
 from einops import rearrange
 from PIL import Image
 from test_uses_common import (
+    LEVELS,
     invoke,
+    load_levels,
+    model_args,
     one_error_line,
+    save_levels,
     save_pixel_prior,
+    save_two_level,
     save_two_stage,
     single_thread,  # noqa: F401 (autouse fixture)
     write_npz,
 )
 
 from vqprior.data import uint8_to_float
+from vqprior.io import content_hash
 from vqprior.nn.mixture import mixture_log_prob
 from vqprior.uses import compress as compress_module
 from vqprior.uses.compress import compress_images, decompress_bytes, frequencies
@@ -85,11 +93,36 @@ def test_model_bits_match_log_prob(tmp_path: Path) -> None:
     assert result.ideal_bits == pytest.approx(want, rel=1e-4)
 
 
-def test_two_stage_round_trip_is_bit_exact(tmp_path: Path) -> None:
-    prior, vae = save_two_stage(tmp_path)
-    models = load_models(prior, vae)
+@pytest.mark.parametrize("levels", LEVELS)
+def test_vae_round_trip_is_bit_exact_and_codes_every_level(tmp_path: Path, levels: int) -> None:
+    paths = save_levels(tmp_path, levels)
+    models = load_levels(paths)
     for n in (1, 3, 7):
-        check_round_trip(models, random_images(n, (1, 8, 8), seed=n), batch_size=3)
+        data = check_round_trip(models, random_images(n, (1, 8, 8), seed=n), batch_size=3)
+    header, _ = unpack(data, "f")  # every prior's hash and path, top first
+    priors = [paths["prior"], *([paths["bottom"]] if levels == 2 else [])]
+    assert header["levels"] == list(models.model.names)
+    assert header["prior_hashes"] == [content_hash(p) for p in priors]
+    assert header["prior_paths"] == [str(p.resolve()) for p in priors]
+    assert header["prior_hash"] == "+".join(header["prior_hashes"])
+    assert header["vae_hash"] == content_hash(paths["vae"])
+
+
+@pytest.mark.parametrize("levels", LEVELS)
+def test_part_bits_are_each_levels_log_prob(tmp_path: Path, levels: int) -> None:
+    models = load_levels(save_levels(tmp_path, levels))
+    model = models.model
+    assert model.vae is not None
+    x8 = random_images(3, (1, 8, 8))
+    result = compress_images(models, x8, ["a", "b", "c"], batch_size=2)
+    x = uint8_to_float(x8)
+    with torch.no_grad():
+        codes = model.encode(x)
+        want = [-float(lp.sum()) / math.log(2) for lp in model.level_log_probs(codes)]
+        want.append(float(model.vae.decoder_nats(x, *codes).sum()) / math.log(2))
+    assert list(result.part_bits) == [*model.names, "decoder"]
+    assert list(result.part_bits.values()) == pytest.approx(want, rel=1e-4)
+    assert result.ideal_bits == pytest.approx(sum(want), rel=1e-4)
 
 
 def test_two_stage_needs_a_mixture_decoder(tmp_path: Path) -> None:
@@ -176,8 +209,40 @@ def test_round_trip_with_the_reference_walk(
     for case in ("rgb-mixture", "rgb-categorical"):
         models = load_models(save_pixel_prior(tmp_path, case))
         check_round_trip(models, random_images(3, (3, 5, 4)), batch_size=2)
-    prior, vae = save_two_stage(tmp_path)
-    check_round_trip(load_models(prior, vae), random_images(2, (1, 8, 8)), batch_size=2)
+    for levels in LEVELS:
+        models = load_levels(save_levels(tmp_path / f"levels{levels}", levels))
+        check_round_trip(models, random_images(2, (1, 8, 8)), batch_size=2)
+
+
+def test_cli_two_level_round_trip_needs_only_the_file(tmp_path: Path) -> None:
+    paths = save_levels(tmp_path, 2)
+    npz = write_npz(tmp_path / "x.npz", 5, (8, 8))
+    x8 = torch.from_numpy(np.load(npz)["x"])[:, None]
+    packed, out = tmp_path / "x.vqz", tmp_path / "out"
+    result = invoke(
+        "compress", *model_args(paths), str(npz), "-o", str(packed), "--batch-size", "2"
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    parts = report["model_bits_per_image"]  # the figures per level, and the decoder's
+    assert list(parts) == ["bottom", "decoder", "top"]  # (sorted keys)
+    assert sum(parts.values()) == pytest.approx(report["model_bits"] / 5)
+    result = invoke("decompress", str(packed), "-o", str(out))  # priors and VAE: the file's
+    assert result.exit_code == 0, result.output
+    assert torch.equal(read_pngs(out, 5), x8)
+    other = save_two_level(tmp_path / "other", seed=1)
+    line = one_error_line(
+        invoke("decompress", str(packed), "-o", str(tmp_path / "o2"), "--bottom-prior",
+               str(paths["prior"]))
+    )  # fmt: skip
+    assert "pass the top prior as --prior" in line
+    line = one_error_line(
+        invoke("decompress", str(packed), "-o", str(tmp_path / "o3"), "--prior",
+               str(other["top"]), "--bottom-prior", str(other["bottom"]), "--vae",
+               str(other["vae"]))
+    )  # fmt: skip
+    assert "compressed with a prior of hash" in line
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
 
 
 # ------------------------------------------------------------------ portability contract
@@ -316,6 +381,12 @@ def test_format_1_files_decode_and_other_versions_are_refused(
         got, _ = decompress_bytes(pack(old, mine, version=1), models, "old.vqz")
     assert torch.equal(got, decompress_bytes(data, models)[0])
     assert "format version 1 (no pixel hash)" in caplog.text
+    packed, out = tmp_path / "before-levels.vqz", tmp_path / "out"  # a format 2 file written
+    before = {k: v for k, v in header.items() if k not in ("levels", "prior_hashes", "prior_paths")}
+    packed.write_bytes(pack(before, mine))  # before two-level models: its prior_path alone
+    result = invoke("decompress", str(packed), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert torch.equal(read_pngs(out, 3), decompress_bytes(data, models)[0])
     with pytest.raises(CompressedFileError, match="format version 3 .written by a newer vqprior"):
         decompress_bytes(pack(header, mine, version=3), models)
     with pytest.raises(CompressedFileError, match="version 2 header without env"):

@@ -1,4 +1,5 @@
-"""vqprior score: CSV bits/dim against the model's log_prob, heatmaps, one-line errors."""
+"""vqprior score: CSV bits/dim against the model's log_prob (level by level, for one and two
+levels), heatmaps per level, the class mixture over levels, one-line errors."""
 
 from __future__ import annotations
 
@@ -12,20 +13,27 @@ import torch
 from einops import rearrange
 from PIL import Image
 from test_uses_common import (
+    LEVELS,
     file_state,
     invoke,
+    load_levels,
+    model_args,
     one_error_line,
     save_conditional_prior,
+    save_levels,
     save_pixel_prior,
-    save_two_stage,
+    save_two_level,
     single_thread,  # noqa: F401 (autouse fixture)
     write_npz,
 )
 
 from vqprior.data import uint8_to_float
 from vqprior.nn.mixture import mixture_log_prob
-from vqprior.uses.images import png_bytes
+from vqprior.uses.images import fit_images, png_bytes, read_images
 from vqprior.uses.models import load_models
+from vqprior.uses.score import element_log_probs
+
+LN2 = math.log(2)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -60,39 +68,74 @@ def test_csv_bits_per_dim_is_minus_log_prob(tmp_path: Path, case: str) -> None:
         assert im.size == (4, 5)  # (width, height) of the image
 
 
-def test_codes_prior_columns_and_upsampled_heatmap(tmp_path: Path) -> None:
-    prior_dir, vae_dir = save_two_stage(tmp_path)
+@pytest.mark.parametrize("levels", LEVELS)
+def test_csv_is_minus_log_prob_per_level_and_heatmaps_per_level(
+    tmp_path: Path, levels: int
+) -> None:
+    paths = save_levels(tmp_path, levels)
     folder = tmp_path / "imgs"
     folder.mkdir()
     rng = np.random.default_rng(1)
     for name in ("one.png", "two.png"):  # RGB 10x12 files: converted to gray, resized to 8x8
         Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(folder / name)
     out = tmp_path / "o"
-    result = invoke("score", "--prior", str(prior_dir), "--images", str(folder), "--out", str(out))
+    result = invoke(
+        "score", *model_args(paths, vae=False), "--images", str(folder), "--out", str(out)
+    )
     assert result.exit_code == 0, result.output
     rows = read_csv(out / "scores.csv")
     assert [r["name"] for r in rows] == ["one.png", "two.png"]
-    models = load_models(prior_dir, vae_dir)
-    assert models.vae is not None
-    from vqprior.uses.images import fit_images, read_images
-
+    model = load_levels(paths).model
+    assert model.vae is not None and len(model.priors) == levels
+    columns = ["prior_bits"] if levels == 1 else ["top_bits", "bottom_bits"]
+    assert list(rows[0]) == [
+        "name", "bits_per_dim", "png_bits_per_dim", "complexity_corrected", *columns,
+        "decoder_bits", "total_bits",
+    ]  # fmt: skip
     x = uint8_to_float(fit_images(read_images(folder), 1, 8, 8))
-    with torch.no_grad():
-        codes = models.vae.encode(x)
-        prior_bits = -models.prior.log_prob(codes).double() / math.log(2)
-        params = models.vae.decoder(models.vae.quantizer.lookup(codes))
-        dec_bits = -mixture_log_prob(x, params, 2).flatten(1).sum(1).double() / math.log(2)
+    with torch.no_grad():  # recomputed level by level: each given the levels above
+        codes = model.encode(x)
+        level_bits = [-lp.double() / LN2 for lp in model.level_log_probs(codes)]
+        params = model.vae.decoder_output(*codes)
+        dec_bits = -mixture_log_prob(x, params, 2).flatten(1).sum(1).double() / LN2
+    total = torch.stack(level_bits).sum(0) + dec_bits
     for i, r in enumerate(rows):
-        assert float(r["prior_bits"]) == pytest.approx(float(prior_bits[i]), abs=2e-3)
+        for col, bits in zip(columns, level_bits, strict=True):
+            assert float(r[col]) == pytest.approx(float(bits[i]), abs=2e-3)
         assert float(r["decoder_bits"]) == pytest.approx(float(dec_bits[i]), abs=2e-3)
-        assert float(r["total_bits"]) == pytest.approx(float(prior_bits[i] + dec_bits[i]), abs=4e-3)
-        assert float(r["bits_per_dim"]) == pytest.approx(
-            float(prior_bits[i] + dec_bits[i]) / 64, abs=1e-5
-        )
-    with Image.open(out / "heatmaps" / "one.png") as im:
-        assert im.size == (8, 8)
-        heat = np.asarray(im)
-    assert (heat[::2, ::2] == heat[1::2, 1::2]).all()  # one colour per code (2x2 pixels)
+        assert float(r["total_bits"]) == pytest.approx(float(total[i]), abs=4e-3)
+        assert float(r["bits_per_dim"]) == pytest.approx(float(total[i]) / 64, abs=1e-5)
+    for name, level in zip(model.names, codes, strict=True):  # a heatmap per level
+        folder = out / "heatmaps" if levels == 1 else out / "heatmaps" / name
+        with Image.open(folder / "one.png") as im:
+            assert im.size == (8, 8)
+            heat = np.asarray(im)
+        f = 8 // level.shape[-1]  # one colour per code: f x f pixels
+        blocks = rearrange(heat, "(h fh) (w fw) c -> h w (fh fw) c", fh=f, fw=f)
+        assert (blocks == blocks[:, :, :1]).all()
+
+
+def test_two_level_class_mixture_is_the_marginal(tmp_path: Path) -> None:
+    """An unlabelled conditional model scores log (1/k) sum_y p(top | y) p(bottom | top, y),
+    spread over both levels' elements; labels give each class's own log p."""
+    paths = save_two_level(tmp_path, classes=3)
+    model = load_models(paths["top"], bottom_prior_dir=paths["bottom"]).model
+    x = uint8_to_float(torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8))
+    with torch.no_grad():
+        codes = model.encode(x)
+        lps = element_log_probs(model, codes, None)
+        per_class = torch.stack(
+            [
+                torch.stack(model.level_log_probs(codes, torch.full((4,), y))).sum(0)
+                for y in range(3)
+            ]
+        )  # [k, b]
+        labelled = element_log_probs(model, codes, torch.tensor([0, 1, 2, 0]))
+    assert [lp.shape for lp in lps] == [c.shape for c in codes]
+    got = torch.stack([lp.flatten(1).sum(1) for lp in lps]).sum(0)
+    assert torch.allclose(got, torch.logsumexp(per_class, 0) - math.log(3), atol=1e-4)
+    got = torch.stack([lp.flatten(1).sum(1) for lp in labelled]).sum(0)
+    assert torch.allclose(got, per_class[[0, 1, 2, 0], torch.arange(4)], atol=1e-4)
 
 
 def test_bad_path_and_wrong_channels_are_one_line(tmp_path: Path) -> None:

@@ -19,13 +19,20 @@ def _report(result: dict[str, Any]) -> None:
     click.echo(json.dumps(result, sort_keys=True, default=str))
 
 
-def _options() -> tuple[Any, Any, Any]:
+def _options() -> tuple[Any, Any, Any, Any]:
     prior = click.option(
         "--prior",
         "prior_dir",
         required=True,
         type=ExistingPath("prior run dir", directory=True),
-        help="train-prior run dir (or exported model dir)",
+        help="train-prior run dir (or exported model dir); a two-level VAE's top prior",
+    )
+    bottom = click.option(
+        "--bottom-prior",
+        "bottom_prior_dir",
+        default=None,
+        type=ExistingPath("bottom prior run dir", directory=True),
+        help="two-level VAE: the bottom prior's run dir (--prior is then the top prior)",
     )
     vae = click.option(
         "--vae",
@@ -35,15 +42,16 @@ def _options() -> tuple[Any, Any, Any]:
         help="train-vae run dir (codes prior; default: the one the prior records)",
     )
     device = click.option("--device", default=None, help="cpu (default) or cuda")
-    return prior, vae, device
+    return prior, bottom, vae, device
 
 
 def register(group: click.Group) -> None:
     """Add score, complete, compress and decompress to ``group``."""
-    prior_opt, vae_opt, device_opt = _options()
+    prior_opt, bottom_opt, vae_opt, device_opt = _options()
 
     @group.command("score")
     @prior_opt
+    @bottom_opt
     @vae_opt
     @click.option(
         "--images", required=True, help="a folder of image files or an .npz (x uint8 [N,H,W,C])"
@@ -57,10 +65,12 @@ def register(group: click.Group) -> None:
         OUT/heatmaps/ (codes prior: per code, upsampled to the image).
 
         Columns: name, bits_per_dim, png_bits_per_dim, complexity_corrected (= bits_per_dim
-        minus the PNG size in bits/dim, Serra et al. 2020) and, for a codes prior,
-        prior_bits, decoder_bits, total_bits. The default OOD score is complexity_corrected
-        (higher = more out-of-distribution). Images are converted to the prior's channels
-        and resized to its size.
+        minus the PNG size in bits/dim, Serra et al. 2020) and, through a VAE, each level's
+        bits given the levels above (prior_bits for one level; top_bits, bottom_bits for
+        two: --prior TOP --bottom-prior BOTTOM), decoder_bits, total_bits. A two-level model
+        writes a heatmap per level (OUT/heatmaps/top/, OUT/heatmaps/bottom/). The default OOD
+        score is complexity_corrected (higher = more out-of-distribution). Images are
+        converted to the prior's channels and resized to its size.
         """
         from vqprior.uses.score import score
 
@@ -68,6 +78,7 @@ def register(group: click.Group) -> None:
 
     @group.command("compress")
     @prior_opt
+    @bottom_opt
     @vae_opt
     @click.argument("images")
     @click.option("-o", "--out", "out_file", required=True, type=click.Path(dir_okay=False))
@@ -75,9 +86,12 @@ def register(group: click.Group) -> None:
     @device_opt
     def compress_cmd(**kw: Any) -> None:
         """Losslessly compress IMAGES (a folder of images or an .npz, exactly the model's
-        size and channels) with the prior (codes prior: codes, then pixels under the VAE's
-        mixture decoder) into one file. decompress is exact on the same machine type and software,
-        else one clear line (the file records both and the pixels' hash)."""
+        size and channels) with the model into one file: a pixel prior codes the pixels;
+        through a VAE each level's codes under its prior given the levels above (two levels:
+        --prior TOP --bottom-prior BOTTOM), then the pixels under the VAE's mixture decoder
+        given every level. The file records every prior and the VAE, so decompress FILE -o DIR
+        needs nothing else. decompress is exact on the same machine type and software, else
+        one clear line (the file records both and the pixels' hash)."""
         from vqprior.uses.compress import compress
 
         _report(compress(**kw))
@@ -86,6 +100,12 @@ def register(group: click.Group) -> None:
     @click.argument("file")
     @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
     @click.option("--prior", "prior_dir", default=None, help="default: the prior the file records")
+    @click.option(
+        "--bottom-prior",
+        "bottom_prior_dir",
+        default=None,
+        help="default: the bottom prior the file records (two-level VAE)",
+    )
     @click.option("--vae", "vae_dir", default=None, help="default: the VAE the file records")
     @device_opt
     def decompress_cmd(**kw: Any) -> None:
@@ -97,6 +117,7 @@ def register(group: click.Group) -> None:
 
     @group.command("complete")
     @prior_opt
+    @bottom_opt
     @vae_opt
     @click.option("--images", required=True, help="a folder of image files or an .npz")
     @click.option(
@@ -127,8 +148,9 @@ def register(group: click.Group) -> None:
         """Keep part of each image (codes prior: of its code map), sample the rest: a PNG grid
         with one row per image: original, masked input (removed part gray), completions.
 
-        Only the masked input reaches the model. Codes prior: the masked input is encoded and
-        a code is kept when all its pixels are kept."""
+        Only the masked input reaches the model. Through a VAE (two levels: --prior TOP
+        --bottom-prior BOTTOM) the masked input is encoded into every level, a code is kept
+        when all its pixels are kept, and the levels are completed top first."""
         from vqprior.uses.complete import complete
 
         _report(complete(**kw))

@@ -12,9 +12,11 @@ raster order, each given everything before it (:meth:`PixelCNN.sample` with
 ``known``/``mask``): exact for a kept prefix (top, or left on the first rows); a kept element
 after a removed one cannot condition it.
 
-On a codes prior the *masked input* is encoded and a code is kept when its whole pixel
-footprint (``downsample x downsample`` pixels) is kept; the other codes are sampled, then all
-are decoded. A spec that keeps no whole code is refused. The encoder sees only kept pixels, but
+Through a VAE (one level or more: :class:`~vqprior.models.levels.LevelModel`) the *masked
+input* is encoded into every level, and a level's code is kept when its whole pixel footprint
+is kept (a top code of a two-level VAE covers ``downsample * top_downsample`` pixels a side);
+the levels are completed top first, each given the (completed) levels above, then decoded. A
+spec that keeps no whole code of any level is refused. The encoder sees only kept pixels, but
 its receptive field is wider than one footprint: kept codes near the removed region encode the
 mid-gray there too, so they may differ from the codes of the full image. The decoded kept
 region is not copied from the input: it carries the VAE's reconstruction error, which can be
@@ -78,10 +80,26 @@ def keep_mask(spec: str, height: int, width: int) -> Tensor:
     )
 
 
-def code_mask(pixel_mask: Tensor, downsample: int) -> Tensor:
-    """Pixel keep mask [H, W] -> code keep mask [H/ds, W/ds]: kept when all its pixels are."""
+def code_mask(pixel_mask: Tensor, downsample: int | tuple[int, int]) -> Tensor:
+    """Pixel keep mask [H, W] -> code keep mask [H/ds, W/ds] of a level whose code covers
+    ``downsample`` pixels (a side, or (rows, columns)): kept when all its pixels are."""
     m = pixel_mask[None, None].float()
     return (-F.max_pool2d(-m, downsample))[0, 0] > 0.5
+
+
+def level_masks(keep: str, pixel_mask: Tensor, grids: list[tuple[int, int]]) -> list[Tensor]:
+    """The keep mask of every level (grid (h, w) each, top first; a pixel prior's is the pixel
+    mask); refuses a spec that keeps no whole code of any level."""
+    height, width = pixel_mask.shape
+    factors = [(height // h, width // w) for h, w in grids]
+    masks = [code_mask(pixel_mask, f) for f in factors]
+    if not any(m.any() for m in masks):
+        fh, fw = min(factors)
+        raise ValueError(
+            f"--keep {keep} keeps no whole code of this codes prior (a code covers "
+            f"{fh}x{fw} pixels): keep more of the image"
+        )
+    return masks
 
 
 MID_GRAY = 128  # what the model sees in place of a removed pixel (uint8)
@@ -89,21 +107,14 @@ MISSING_LABELS = "pass --label or an .npz with labels y"
 
 
 class Completion(NamedTuple):
+    """``known``, ``mask`` and ``completed`` hold one tensor per level, top first (a pixel
+    prior: the pixels float [N, C, H, W]; a VAE: codes long [N, h, w])."""
+
     masked: Tensor  # uint8 [N, C, H, W]: removed pixels mid-gray; all the model sees
     samples: Tensor  # uint8 [N, S, C, H, W]
-    known: Tensor  # what was kept: pixels float [N, C, H, W] or codes long [N, h, w]
-    mask: Tensor  # bool, the shape of ``known`` (True = kept)
-    completed: Tensor  # what the prior produced: [N * S, ...] pixels or codes
-
-
-def _kept_codes(keep: str, pixel_mask: Tensor, downsample: int) -> Tensor:
-    mask = code_mask(pixel_mask, downsample)
-    if not mask.any():
-        raise ValueError(
-            f"--keep {keep} keeps no whole code of this codes prior (a code covers "
-            f"{downsample}x{downsample} pixels): keep more of the image"
-        )
-    return mask
+    known: tuple[Tensor, ...]  # what was kept, per level: the masked input's encoding
+    mask: tuple[Tensor, ...]  # bool, the shape of ``known`` (True = kept)
+    completed: tuple[Tensor, ...]  # what the priors produced, per level: [N * S, ...]
 
 
 @torch.no_grad()
@@ -122,37 +133,39 @@ def complete_images(
     [N], or a scalar for all (``--label``); checked by :func:`class_labels`."""
     if samples < 1:
         raise ValueError(f"--samples {samples} must be >= 1")
-    n, _, h, w = x8.shape
-    dev = next(models.prior.parameters()).device
-    pixel_mask = keep_mask(keep, h, w)
-    cond = _cond(models, labels, n, dev)
+    model, dev = models.model, models.prior.device
+    pixel_mask = keep_mask(keep, *x8.shape[-2:])
+    cond = _cond(models, labels, len(x8), dev)
     masked = torch.where(pixel_mask, x8, torch.full_like(x8, MID_GRAY))
-    x = uint8_to_float(masked).to(dev)
-    if models.vae is None:
-        known = x.to(models.prior.head_dtype())
-        mask = pixel_mask.to(dev).expand_as(known)
-    else:
-        mask_codes = _kept_codes(keep, pixel_mask, models.vae.config.downsample)
-        known = models.vae.encode(x)  # [n, h, w]: the masked input's codes
-        mask = mask_codes.to(dev).expand_as(known)
-    cond_rep = None if cond is None else cond.repeat_interleave(samples, 0)
-    out = models.prior.sample(
-        n * samples,
-        cond=cond_rep,
+    known = model.encode(uint8_to_float(masked).to(dev))  # every level, top first
+    masks = level_masks(keep, pixel_mask, [(k.shape[-2], k.shape[-1]) for k in known])
+    masks = [m.to(dev).expand_as(k) for m, k in zip(masks, known, strict=True)]
+
+    def rep(t: Tensor) -> Tensor:
+        return t.repeat_interleave(samples, 0)
+
+    out = model.sample(
+        len(x8) * samples,
+        cond=None if cond is None else rep(cond),
+        known=[rep(k) for k in known],
+        mask=[rep(m) for m in masks],
         temperature=temperature,
         generator=sampling_generator(seed),
-        known=known.repeat_interleave(samples, 0),
-        mask=mask.repeat_interleave(samples, 0),
     )
-    images = out if models.vae is None else models.vae.decode(out)
-    done = float_to_uint8(images.cpu()).view(n, samples, *x8.shape[1:])
-    return Completion(masked, done, known.cpu(), mask.cpu(), out.cpu())
+    done = float_to_uint8(model.decode(out).cpu()).view(len(x8), samples, *x8.shape[1:])
+    return Completion(
+        masked,
+        done,
+        tuple(k.cpu() for k in known),
+        tuple(m.cpu() for m in masks),
+        tuple(o.cpu() for o in out),
+    )
 
 
 def _cond(models: Models, labels: Tensor | None, n: int, dev: torch.device) -> Tensor | None:
     scalar = labels is not None and labels.dim() == 0
     cond = class_labels(
-        models.prior.config.num_classes,
+        models.model.num_classes,
         n,
         label=int(labels) if labels is not None and scalar else None,
         data=None if scalar else labels,
@@ -173,12 +186,14 @@ def complete(
     label: int | None = None,
     limit: int = 8,
     device: str | None = None,
+    bottom_prior_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """A PNG grid, one row per image: original, masked input, ``samples`` completions."""
+    """A PNG grid, one row per image: original, masked input, ``samples`` completions. A
+    two-level model is its top prior (``prior_dir``) and bottom prior (``bottom_prior_dir``)."""
     if limit < 1:
         raise ValueError(f"--limit {limit} must be >= 1")
-    models = load_models(prior_dir, vae_dir, device)
-    check_label(models.prior.config.num_classes, label)
+    models = load_models(prior_dir, vae_dir, device, bottom_prior_dir)
+    check_label(models.model.num_classes, label)
     found = read_images(images)
     x8 = fit_images(found, *models.image_shape)[:limit]
     labels = found.labels[:limit] if found.labels is not None else None
@@ -188,4 +203,13 @@ def complete(
     rows = torch.cat([x8[:, None], result.masked[:, None], result.samples], dim=1)
     grid = uint8_to_float(rows.flatten(0, 1))
     save_image_grid(out, grid, nrow=samples + 2)
-    return {"png": str(out), "num_images": len(x8), "samples": samples, "grid_cols": samples + 2}
+    return {
+        "png": str(out),
+        "num_images": len(x8),
+        "samples": samples,
+        "grid_cols": samples + 2,
+        "levels": list(models.model.names),
+        "kept_elements": {
+            name: int(m[0].sum()) for name, m in zip(models.model.names, result.mask, strict=True)
+        },
+    }

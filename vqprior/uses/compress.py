@@ -1,15 +1,17 @@
 """Lossless image compression with a trained prior: range coding (the ``constriction``
 library) driven by the model's conditional distributions.
 
-Pixel prior: the raster walk :func:`vqprior.sampling.autoregress` visits every element; its
-``choose`` function codes the element's value under the distribution the model gives there
-(mixture head: channel by channel, :func:`mixture_channel_log_probs` given the earlier
-channels; categorical head: the softmax of that channel's logits). Two-stage model: the codes
-under the codes prior the same way, then the pixels under the VAE's mixture decoder given the
-codes (one decoder pass gives every pixel's parameters; channel by channel given the earlier
-channels). Encoder and decoder run the *same* code path (:class:`Coder` either encodes the
-known value or decodes it), on batches of the same composition, so their probabilities are
-bit-identical.
+The model is a chain of levels (:class:`~vqprior.models.levels.LevelModel`), coded top
+first into one stream per batch. A level: the raster walk :func:`vqprior.sampling.autoregress`
+of its prior, given the levels above, visits every element; its ``choose`` function codes the
+element's value under the distribution the model gives there (codes: the softmax of the
+logits; pixels, mixture head: channel by channel, :func:`mixture_channel_log_probs` given the
+earlier channels; categorical head: the softmax of that channel's logits). A pixel prior's one
+level is the image; through a VAE (one level or two), the pixels follow under the VAE's
+mixture decoder given every level (one decoder pass gives every pixel's parameters; channel
+by channel given the earlier channels). Encoder and decoder run the *same* code path
+(:class:`Coder` either encodes the known value or decodes it), on batches of the same
+composition, so their probabilities are bit-identical.
 
 Probabilities are quantised deterministically to integer frequencies
 ``floor(p * (2**24 - n)) + 1`` (float64 ``p`` normalised to sum 1, ``n`` symbols), so that no
@@ -17,12 +19,12 @@ symbol has zero mass; constriction maps them (deterministically) to its fixed-po
 
 Portability contract. The frequencies are a discontinuous function of the model's floats, so
 one ulp of difference desynchronises the decoder. Both directions therefore compute the
-distributions under fixed settings (:func:`coding_settings`): one intra-op thread
-(``CODING_THREADS``; measured no slower than two on the per-element steps), autocast off and,
-on CUDA, deterministic cuDNN without benchmark or TF32. The header records what else
-determines the floats (:func:`vqprior.uses.container.environment`: vqprior, torch and
-constriction versions, device and CPU model, CPU instruction set, dtypes, thread count) and
-the SHA-256 of the original pixels, which decompression checks. Hence: on the same machine
+distributions under fixed settings (:func:`vqprior.uses.container.coding_settings`): one
+intra-op thread (``CODING_THREADS``; measured no slower than two on the per-element steps),
+autocast off and, on CUDA, deterministic cuDNN without benchmark or TF32. The header records
+what else determines the floats (:func:`vqprior.uses.container.environment`: vqprior, torch
+and constriction versions, device and CPU model, CPU instruction set, dtypes, thread count)
+and the SHA-256 of the original pixels, which decompression checks. Hence: on the same machine
 and software decompression is exact whatever the caller's thread count; elsewhere it is
 either exact or refused with one line naming what differs from the recorded environment,
 never silently wrong pixels. (Another CPU instruction set, e.g. AVX512 against AVX2, does
@@ -34,8 +36,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -45,11 +46,14 @@ from torch import Tensor
 
 from vqprior.data import uint8_to_float
 from vqprior.io import atomic_write_bytes
-from vqprior.nn.grid import from_bins
+from vqprior.models.pixelcnn import PixelCNN
+from vqprior.models.vqvae import VQVAE
+from vqprior.nn.grid import from_bins, to_bins
 from vqprior.nn.mixture import mixture_channel_log_probs
 from vqprior.sampling import autoregress
 from vqprior.uses.container import (
     CompressedFileError,
+    coding_settings,
     env_differences,
     environment,
     header_bytes,
@@ -122,27 +126,11 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
-@contextmanager
-def coding_settings(threads: int, device: torch.device) -> Iterator[None]:
-    """Run the coding path under fixed settings, restored afterwards: ``threads`` intra-op
-    threads, autocast off, highest fp32 matmul precision and (CUDA) deterministic cuDNN
-    without benchmark or TF32, so that the caller's settings do not change the floats."""
-    threads_before, matmul_before = torch.get_num_threads(), torch.get_float32_matmul_precision()
-    torch.set_num_threads(threads)
-    torch.set_float32_matmul_precision("highest")
-    cudnn = torch.backends.cudnn.flags(
-        enabled=torch.backends.cudnn.enabled, benchmark=False, deterministic=True, allow_tf32=False
-    )
-    try:
-        with cudnn, torch.autocast(device_type=device.type, enabled=False):
-            yield
-    finally:
-        torch.set_num_threads(threads_before)
-        torch.set_float32_matmul_precision(matmul_before)
-
-
 def _environment(models: Models, threads: int) -> dict[str, Any]:
-    dtypes = {"dtype": next(models.prior.parameters()).dtype}
+    model = models.model
+    dtypes = {"dtype": model.priors[0].param_dtype()}  # the top prior; then the levels below
+    below = zip(model.names[1:], model.priors[1:], strict=True)
+    dtypes.update({f"{name}_dtype": prior.param_dtype() for name, prior in below})
     if models.vae is not None:
         dtypes["vae_dtype"] = next(models.vae.parameters()).dtype
     return environment(next(models.prior.parameters()).device, dtypes, threads)
@@ -151,13 +139,14 @@ def _environment(models: Models, threads: int) -> dict[str, Any]:
 def _walk_method(models: Models) -> str:
     from vqprior.nn.step import supports_steps
 
-    return "cached" if supports_steps(models.prior.backbone) else "naive"
+    steps = all(supports_steps(p.backbone) for p in models.model.priors)
+    return "cached" if steps else "naive"
 
 
-def _prior_choose(models: Models, coder: Coder, known: Tensor | None) -> Any:
+def _prior_choose(prior: PixelCNN, coder: Coder, known: Tensor | None) -> Any:
     """``choose`` for :func:`autoregress`: code each element; ``known`` holds the symbols
     (codes [n, h, w], or pixel bins [n, C, H, W]) when encoding, None when decoding."""
-    cfg = models.prior.config
+    cfg = prior.config
 
     def choose(out: Tensor, r: int, c: int, group: int | None) -> Tensor:
         if cfg.data == "codes":
@@ -183,11 +172,11 @@ def _prior_choose(models: Models, coder: Coder, known: Tensor | None) -> Any:
     return choose
 
 
-def _decoder_pixels(models: Models, coder: Coder, codes: Tensor, known: Tensor | None) -> Tensor:
-    """Code the pixels under the VAE's mixture decoder given ``codes`` -> uint8 [n, C, H, W]."""
-    assert models.vae is not None
-    vcfg = models.vae.config
-    params = models.vae.decoder(models.vae.quantizer.lookup(codes))  # [n, P, H, W]
+def _decoder_pixels(vae: VQVAE, coder: Coder, levels: list[Tensor], known: Tensor | None) -> Tensor:
+    """Code the pixels under the VAE's mixture decoder given every level (top first) -> uint8
+    [n, C, H, W]; ``known`` holds the pixels (long) when encoding, None when decoding."""
+    vcfg = vae.config
+    params = vae.decoder_output(*levels)  # [n, P, H, W]
     n, _, h, w = params.shape
     x = torch.zeros(n, vcfg.in_channels, h, w, dtype=torch.float32, device=params.device)
     for ch in range(vcfg.in_channels):
@@ -195,24 +184,44 @@ def _decoder_pixels(models: Models, coder: Coder, codes: Tensor, known: Tensor |
         lp = lp.permute(0, 2, 3, 1).reshape(n * h * w, vcfg.num_bins)  # [(n h w), bins]
         sym = coder(lp, None if known is None else known[:, ch].reshape(-1))
         x[:, ch] = from_bins(sym.view(n, h, w), vcfg.num_bins)
-    return ((x + 1.0) * ((vcfg.num_bins - 1) / 2.0)).round().to(torch.uint8)
+    return to_bins(x, vcfg.num_bins).to(torch.uint8)
+
+
+def _symbols(prior: PixelCNN, level: Tensor) -> Tensor:
+    """A level as the symbols its prior codes: codes long, pixels as their bins."""
+    return level.long() if prior.config.data == "codes" else to_bins(level, prior.config.num_bins)
 
 
 @torch.no_grad()
 def code_batch(
-    models: Models, coder: Coder, n: int, x8: Tensor | None, cond: Tensor | None, method: str
+    models: Models,
+    coder: Coder,
+    n: int,
+    x8: Tensor | None,
+    cond: Tensor | None,
+    method: str,
+    bits: dict[str, float] | None = None,
 ) -> Tensor:
     """Encode uint8 images ``x8`` [n, C, H, W] into ``coder`` (returns them), or decode n
-    images from it (``x8`` None) -> uint8 [n, C, H, W]."""
-    prior = models.prior
-    dev = next(prior.parameters()).device
-    if models.vae is None:
-        known = None if x8 is None else x8.to(dev).long()
-        x = autoregress(prior, n, _prior_choose(models, coder, known), cond, None, method)
-        return ((x.float() + 1.0) * 127.5).round().to(torch.uint8)
-    codes = None if x8 is None else models.vae.encode(uint8_to_float(x8.to(dev)))
-    codes = autoregress(prior, n, _prior_choose(models, coder, codes), cond, None, method)
-    return _decoder_pixels(models, coder, codes.long(), None if x8 is None else x8.to(dev).long())
+    images from it (``x8`` None) -> uint8 [n, C, H, W]: every level top first, each given the
+    levels above, then (through a VAE) the pixels given every level. ``bits`` collects each
+    part's -log2 p (by level name, and ``decoder``)."""
+    model, bits = models.model, {} if bits is None else bits
+    dev = models.prior.device
+    known = None if x8 is None else model.encode(uint8_to_float(x8.to(dev)))
+    levels: list[Tensor] = []
+    for i, (name, prior) in enumerate(zip(model.names, model.priors, strict=True)):
+        start, symbols = coder.ideal_bits, None if known is None else _symbols(prior, known[i])
+        choose = _prior_choose(prior, coder, symbols)
+        spatial = model.condition(i, levels)
+        levels.append(autoregress(prior, n, choose, model.labels(i, cond), spatial, method))
+        bits[name] = bits.get(name, 0.0) + coder.ideal_bits - start
+    if model.vae is None:  # a pixel prior: its one level is the image
+        return to_bins(levels[0], model.priors[0].config.num_bins).to(torch.uint8)
+    start, pixels = coder.ideal_bits, None if x8 is None else x8.to(dev).long()
+    x = _decoder_pixels(model.vae, coder, [lv.long() for lv in levels], pixels)
+    bits["decoder"] = bits.get("decoder", 0.0) + coder.ideal_bits - start
+    return x
 
 
 def _check_codable(models: Models) -> None:
@@ -230,6 +239,7 @@ class Compressed(NamedTuple):
     data: bytes
     ideal_bits: float  # -log2 p of the images under the model's float probabilities
     seconds: float
+    part_bits: dict[str, float]  # ideal_bits by part: each level (top first), then "decoder"
 
 
 def compress_images(
@@ -244,12 +254,12 @@ def compress_images(
     _check_codable(models)
     cond = _labels(models, labels, len(x8))
     method, start, streams, ideal = _walk_method(models), time.perf_counter(), [], 0.0
-    dev = next(models.prior.parameters()).device
+    dev, parts = models.prior.device, dict[str, float]()
     with coding_settings(CODING_THREADS, dev):
         for i in range(0, len(x8), batch_size):
             coder, batch = Coder(), x8[i : i + batch_size]
             part = None if cond is None else cond[i : i + batch_size]
-            code_batch(models, coder, len(batch), batch, part, method)
+            code_batch(models, coder, len(batch), batch, part, method, parts)
             streams.append(coder.words())
             ideal += coder.ideal_bits
     header = {
@@ -264,22 +274,26 @@ def compress_images(
         "method": method,
         "precision": PRECISION,
         "device": dev.type,
-        "prior_hash": models.prior_hash,
-        "prior_path": str(models.prior_path.resolve()),
+        "levels": list(models.model.names),
+        "prior_hashes": list(models.prior_hashes),  # one per level, top first
+        "prior_paths": [str(p.resolve()) for p in models.prior_paths],
+        "prior_hash": models.prior_hash,  # the hashes "+"-joined (a one-level model: its hash)
+        "prior_path": str(models.prior_path.resolve()),  # the top prior
         "vae_hash": models.vae_hash,
         "vae_path": None if models.vae_path is None else str(models.vae_path.resolve()),
     }
-    return Compressed(pack(header, streams), ideal, time.perf_counter() - start)
+    return Compressed(pack(header, streams), ideal, time.perf_counter() - start, parts)
 
 
 def _labels(models: Models, labels: Tensor | None, n: int) -> Tensor | None:
-    k, missing = models.prior.config.num_classes, "give an .npz with labels y"
+    k, missing = models.model.num_classes, "give an .npz with labels y"
     cond = class_labels(k, n, data=labels, missing=missing)
     return None if cond is None else cond.to(models.prior.device)
 
 
 def check_models(header: dict[str, Any], models: Models, where: str | Path) -> None:
-    """Refuse (one line) models other than the ones that wrote ``header``."""
+    """Refuse (one line) models other than the ones that wrote ``header`` (``prior_hash``:
+    every level's prior hash, top first, joined by ``+``)."""
     for what, want, got in (
         ("prior", header["prior_hash"], models.prior_hash),
         ("VAE", header["vae_hash"], models.vae_hash),
@@ -344,11 +358,14 @@ def compress(
     vae_dir: str | Path | None = None,
     batch_size: int = 16,
     device: str | None = None,
+    bottom_prior_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Compress a folder or ``.npz`` of images (exactly the model's shape) into ``out_file``."""
+    """Compress a folder or ``.npz`` of images (exactly the model's shape) into ``out_file``.
+    A two-level model is its top prior (``prior_dir``) and bottom prior (``bottom_prior_dir``);
+    the file records both, so :func:`decompress` needs nothing else."""
     if batch_size < 1:
         raise ValueError(f"--batch-size {batch_size} must be >= 1")
-    models = load_models(prior_dir, vae_dir, device)
+    models = load_models(prior_dir, vae_dir, device, bottom_prior_dir)
     found = read_images(images)
     x8 = exact_images(found, *models.image_shape)
     result = compress_images(models, x8, found.names, found.labels, batch_size, found.from_files)
@@ -362,6 +379,7 @@ def compress(
         "header_bytes": header_bytes(result.data),
         "bytes_per_image": size / len(x8),
         "model_bits": result.ideal_bits,
+        "model_bits_per_image": {k: v / len(x8) for k, v in result.part_bits.items()},
         "file_bits_over_model_bits": 8 * size / result.ideal_bits,
         "bits_per_dim": 8 * size / x8.numel(),
         "png_bytes_per_image": png / len(x8),
@@ -375,15 +393,23 @@ def decompress(
     prior_dir: str | Path | None = None,
     vae_dir: str | Path | None = None,
     device: str | None = None,
+    bottom_prior_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Decompress ``file`` into PNGs in ``out_dir`` (the models default to those it records)."""
+    """Decompress ``file`` into PNGs in ``out_dir`` (the priors and VAE default to those it
+    records: every level's prior, top first, and the VAE)."""
     path = Path(file)
     if not path.is_file():
         raise FileNotFoundError(f"compressed file {path} not found")
     data = path.read_bytes()
     header, _ = unpack(data, path)
     device = device or header["device"]
-    models = load_models(prior_dir or header["prior_path"], vae_dir or header["vae_path"], device)
+    recorded = header.get("prior_paths") or [header["prior_path"]]  # one-level files: a path
+    models = load_models(
+        prior_dir or recorded[0],
+        vae_dir or header["vae_path"],
+        device,
+        bottom_prior_dir or (recorded[1] if len(recorded) > 1 else None),
+    )
     start = time.perf_counter()
     x8, header = decompress_bytes(data, models, str(path))
     seconds = time.perf_counter() - start

@@ -1,4 +1,5 @@
-"""The ``vqprior compress`` file format, and the environment record its header holds.
+"""The ``vqprior compress`` file format, the environment record its header holds, and the
+fixed settings the coding runs under (:func:`coding_settings`).
 
 ::
 
@@ -12,7 +13,11 @@
     payload    the streams, uint32 little-endian words, one after another
     checksum   32 bytes: SHA-256 of everything before it
 
-Version 1 files (no ``env``, no pixel hash) are still read. A file that is too short, has
+The header names the model level by level: ``levels`` (top first), ``prior_hashes`` and
+``prior_paths`` (one per level), ``prior_hash`` (those hashes joined by ``+``),
+``prior_path`` (the top prior), ``vae_hash`` and ``vae_path``. A one-level file without
+``prior_paths`` (written before two-level models) reads as ``[prior_path]``. Version 1 files
+(no ``env``, no pixel hash) are still read. A file that is too short, has
 another magic or version, or whose checksum does not match is refused with one line
 (:class:`CompressedFileError`).
 """
@@ -24,6 +29,8 @@ import json
 import os
 import platform
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -141,6 +148,25 @@ def environment(
     else:
         env["device_name"] = _cpu_name() if device.type == "cpu" else device.type
     return env
+
+
+@contextmanager
+def coding_settings(threads: int, device: torch.device) -> Iterator[None]:
+    """Run the coding path under fixed settings, restored afterwards: ``threads`` intra-op
+    threads, autocast off, highest fp32 matmul precision and (CUDA) deterministic cuDNN
+    without benchmark or TF32, so that the caller's settings do not change the floats."""
+    threads_before, matmul_before = torch.get_num_threads(), torch.get_float32_matmul_precision()
+    torch.set_num_threads(threads)
+    torch.set_float32_matmul_precision("highest")
+    cudnn = torch.backends.cudnn.flags(
+        enabled=torch.backends.cudnn.enabled, benchmark=False, deterministic=True, allow_tf32=False
+    )
+    try:
+        with cudnn, torch.autocast(device_type=device.type, enabled=False):
+            yield
+    finally:
+        torch.set_num_threads(threads_before)
+        torch.set_float32_matmul_precision(matmul_before)
 
 
 def env_differences(recorded: dict[str, Any], here: dict[str, Any]) -> list[str]:
