@@ -21,7 +21,8 @@ from vqprior.io import CheckpointError, load_pretrained
 from vqprior.models.pixelcnn import PixelCNN, PixelCNNConfig
 from vqprior.models.vqvae import VQVAE, VQVAEConfig
 
-BLOCKED = ("lightning", "pytorch_lightning", "lightning_fabric", "click")
+# huggingface_hub: an optional extra, needed only for hub ids and push_to_hub
+BLOCKED = ("lightning", "pytorch_lightning", "lightning_fabric", "click", "huggingface_hub")
 
 # Run in a fresh interpreter: importing the blocked packages raises ImportError.
 CHILD = """
@@ -291,12 +292,14 @@ def test_save_refuses_to_replace_a_directory_that_is_not_an_export(tmp_path: Pat
         small().save_pretrained(tmp_path / "m", extra_files={"../x": "no"})
 
 
-def test_export_holds_config_weights_and_extra_files(tmp_path: Path) -> None:
+def test_export_holds_config_weights_card_and_extra_files(tmp_path: Path) -> None:
     model = small()
     path = model.save_pretrained(tmp_path / "m", extra_files={"vae.json": '{"vae_hash": "x"}'})
-    assert sorted(files(path)) == ["config.json", "model.safetensors", "vae.json"]
+    assert sorted(files(path)) == ["README.md", "config.json", "model.safetensors", "vae.json"]
     meta = json.loads((path / "config.json").read_text())
     assert meta["model_type"] == "PixelCNN" and meta["config"] == model.config.to_dict()
+    card = (path / "README.md").read_text()  # the card: front matter, the VAE record
+    assert card.startswith("---\nlicense: mit\nlibrary_name: vqprior\n") and "`x`" in card
     again = model.save_pretrained(tmp_path / "m")  # an export is replaced as a whole
-    assert sorted(files(again)) == ["config.json", "model.safetensors"]
+    assert sorted(files(again)) == ["README.md", "config.json", "model.safetensors"]
     assert vqprior.PixelCNN.from_pretrained(again).config == model.config

@@ -101,6 +101,27 @@ def test_an_export_cannot_name_a_class_to_import(tmp_path: Path) -> None:
         load_pretrained(path)
 
 
+def test_a_hub_model_holding_a_pickle_is_refused_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hub repo with pytorch_model.bin (a pickle) and no safetensors: never unpickled."""
+    pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    model = PixelCNN(PixelCNNConfig(in_channels=1, height=4, width=4, channels=4, num_layers=1))
+    export, marker = model.save_pretrained(tmp_path / "m"), tmp_path / "pwned"
+    repo = tmp_path / "cache" / "models--evil--model"  # the hub cache's layout
+    snapshot = repo / "snapshots" / "c0ffee"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_bytes((export / "config.json").read_bytes())
+    torch.save({"w": Payload(marker)}, snapshot / "pytorch_model.bin")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("c0ffee")
+    with pytest.raises(CheckpointError, match="model.safetensors is missing"):
+        load_pretrained("evil/model", cache_dir=tmp_path / "cache")
+    assert not marker.exists()
+
+
 def _calls(tree: ast.AST) -> list[tuple[str, ast.Call]]:
     """(dotted name of the callee, call) for every call like ``a.b(...)`` or ``f(...)``."""
     found = []

@@ -1,4 +1,5 @@
-"""Using trained models from Python imports neither Lightning nor click."""
+"""Using trained models from Python imports neither Lightning nor click, nor huggingface_hub
+(an optional extra, imported only for a hub id or push_to_hub)."""
 
 from __future__ import annotations
 
@@ -24,11 +25,12 @@ data = {"name": "digits", "limit": 32, "val_fraction": 0.1, "test_fraction": 0.1
 encode_codes(tmp + "/vae", data, tmp + "/codes", device="cpu")
 generate(tmp + "/prior", num=2, out_png=tmp + "/s.png", device="cpu")
 evaluate(tmp + "/prior", split="val", device="cpu", data=DataConfig.from_dict(data))
-print(sorted(m for m in sys.modules if m.split(".")[0] in ("lightning", "click", "pytorch_lightning")))
+heavy = ("lightning", "click", "pytorch_lightning", "huggingface_hub")
+print(sorted(m for m in sys.modules if m.split(".")[0] in heavy))
 """
 
 
-def test_load_encode_generate_evaluate_import_no_lightning_or_click(tmp_path: Path) -> None:
+def test_load_encode_generate_evaluate_import_no_lightning_click_or_hub(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=300
     )

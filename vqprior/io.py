@@ -4,9 +4,12 @@ An exported model is a directory::
 
     config.json        {"model_type": "PixelCNN", "config": {...}, "format_version": 1, ...}
     model.safetensors  the state dict (parameters and persistent buffers)
+    README.md          the model card (vqprior.card); not part of the content hash
+    vae.json           a codes prior's record of its VAE
 
 No pickle is ever read: exports are safetensors, Lightning checkpoints load with
-``weights_only=True``.
+``weights_only=True``. A hub id ("user/name") loads through :mod:`vqprior.hub`, which
+imports the optional huggingface_hub only then.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
+from vqprior.card import CARD_NAME, model_card
 from vqprior.config import Config, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -156,7 +160,11 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def content_hash(path: str | os.PathLike[str]) -> str:
-    """Hash of an exported model directory (config and weights): its identity for stage two."""
+    """Hash of an exported model directory (config and weights): its identity for stage two.
+
+    Only ``config.json`` and ``model.safetensors`` count: the card (README.md) and vae.json
+    may be written or refreshed at any time without changing the identity a prior records.
+    """
     digest = hashlib.sha256()
     for data in _read_files(Path(path), (CONFIG_NAME, WEIGHTS_NAME)):  # both of one save
         digest.update(hashlib.sha256(data).hexdigest().encode())
@@ -307,7 +315,8 @@ class PretrainedMixin:
     def save_pretrained(
         self, path: str | os.PathLike[str], extra_files: Mapping[str, str | bytes] | None = None
     ) -> Path:
-        """Write ``config.json``, ``model.safetensors`` (and ``extra_files``, name -> content)
+        """Write ``config.json``, ``model.safetensors``, a model card ``README.md`` (and
+        ``extra_files``, name -> content; a ``README.md`` there replaces the generated card)
         into directory ``path`` as one unit.
 
         The files go to a temp sibling directory, are fsynced, and the directory is swapped in
@@ -321,9 +330,10 @@ class PretrainedMixin:
         path = Path(path)
         _check_replaceable(path)
         state = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
+        config = self.config.to_dict()
         meta = {
             "model_type": self.model_type,
-            "config": self.config.to_dict(),
+            "config": config,
             "format_version": FORMAT_VERSION,
             "vqprior_version": _version(),
         }
@@ -337,24 +347,82 @@ class PretrainedMixin:
                     f"extra_files: {name!r} must be a plain file name, not {sorted(files)}"
                 )
             files[name] = data.encode() if isinstance(data, str) else bytes(data)
+        if CARD_NAME not in files:
+            vae = _json_object(files.get("vae.json"))
+            files[CARD_NAME] = model_card(self.model_type, config, vae=vae).encode()
         write_dir(path, files)
         return path
 
     @classmethod
-    def from_pretrained(cls: type[M], path: str | os.PathLike[str]) -> M:
-        model = load_pretrained(path)
+    def from_pretrained(
+        cls: type[M], dir_or_hub_id: str | os.PathLike[str], **hub_options: Any
+    ) -> M:
+        """Load an export directory or a hub id ("user/name"); ``hub_options``: see
+        :func:`load_pretrained`."""
+        model = load_pretrained(dir_or_hub_id, **hub_options)
         if not isinstance(model, cls):
-            raise CheckpointError(f"{path} holds a {type(model).__name__}, not a {cls.__name__}")
+            raise CheckpointError(
+                f"{dir_or_hub_id} holds a {type(model).__name__}, not a {cls.__name__}"
+            )
         return model
 
+    def push_to_hub(self, repo_id: str, **options: Any) -> Any:
+        """Save this model and push it to hub model repo ``repo_id`` (created if missing); needs
+        ``pip install "vqprior[hub]"`` and a login. ``options``: ``extra_files``,
+        ``commit_message``, ``private``, ``token``, ``revision``, ``create_pr``
+        (:func:`vqprior.hub.push`). Returns huggingface_hub's ``CommitInfo``."""
+        from vqprior.hub import push
 
-def load_pretrained(path: str | os.PathLike[str]) -> nn.Module:
-    """Load an exported VQVAE or PixelCNN (in eval mode) from ``path``; no Lightning needed.
+        assert isinstance(self, nn.Module)
+        return push(self, repo_id, **options)
 
-    Raises :class:`CheckpointError` (one line naming the problem) for a missing, corrupt or
-    mismatched export.
+
+def _json_object(data: bytes | None) -> dict[str, Any] | None:
+    try:
+        found = json.loads(data) if data else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _names_hub_model(name: str | os.PathLike[str], path: Path) -> bool:
+    """``name`` is shaped like a hub id ("user/name") and no such local export exists."""
+    if not isinstance(name, str) or _export_dir(path).exists():
+        return False
+    from vqprior.hub import is_hub_id
+
+    return is_hub_id(name)
+
+
+def load_pretrained(
+    dir_or_hub_id: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> nn.Module:
+    """Load an exported VQVAE or PixelCNN (in eval mode); no Lightning needed.
+
+    ``dir_or_hub_id``: an export directory, or a hub id ("user/name", no such local path)
+    taken from the hub cache (``cache_dir``, else ``HF_HUB_CACHE``) or downloaded; a hub id
+    needs ``pip install "vqprior[hub]"``, and ``HF_HUB_OFFLINE=1`` or ``local_files_only``
+    keep it off the network. Raises :class:`CheckpointError` (one line naming the problem) for
+    a missing, corrupt or mismatched export, or a hub id neither cached nor reachable.
     """
-    path = Path(path)
+    path = Path(dir_or_hub_id)
+    if _names_hub_model(dir_or_hub_id, path):
+        from vqprior.hub import download
+
+        path = download(
+            str(dir_or_hub_id),
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+        )
+    elif revision is not None:
+        raise ValueError(f"revision={revision!r} is for a hub id, and {path} is a local path")
     model_type, config, state = _read_export(path)
     if model_type not in MODEL_TYPES:
         raise CheckpointError(

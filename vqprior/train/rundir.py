@@ -14,8 +14,9 @@ from typing import Any
 
 import yaml
 
+from vqprior.card import CARD_NAME, model_card
 from vqprior.config import ConfigError
-from vqprior.io import atomic_path, atomic_write_text
+from vqprior.io import CONFIG_NAME, atomic_path, atomic_write_text
 from vqprior.ranks import is_rank_zero
 
 logger = logging.getLogger(__name__)
@@ -195,6 +196,29 @@ def flatten_metrics(out: Path) -> Path | None:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_model_card(out: Path, summary: dict[str, Any]) -> Path | None:
+    """(Re)write the card ``<out>/model/README.md`` from the export's config and ``vae.json``,
+    the run's ``config.yaml`` (the data) and ``summary`` (the figures); None without an export.
+
+    The card is outside the model's content hash (:func:`vqprior.io.content_hash`), so a
+    refreshed card never changes the identity that a prior records of its VAE.
+    """
+    model = out / MODEL_DIR
+    if not (model / CONFIG_NAME).is_file():
+        return None
+    meta = read_json(model / CONFIG_NAME)
+    cfg_file, vae_file = out / "config.yaml", model / "vae.json"
+    card = model_card(
+        str(meta.get("model_type")),
+        meta.get("config") or {},
+        run_config=_read_run_config(cfg_file) if cfg_file.is_file() else None,
+        summary=summary,
+        vae=read_json(vae_file) if vae_file.is_file() else None,
+    )
+    atomic_write_text(model / CARD_NAME, card)
+    return model / CARD_NAME
 
 
 def read_json(path: Path) -> dict[str, Any]:

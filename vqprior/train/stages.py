@@ -4,7 +4,8 @@ Run directory of a stage::
 
     config.yaml              the resolved config (a rerun with the same config resumes)
     checkpoints/last.ckpt    full training state (+ periodic step=*.ckpt)
-    model/                   the exported model (config.json + model.safetensors; vae.json for codes)
+    model/                   the exported model (config.json + model.safetensors + README.md card;
+                             vae.json for codes)
     metrics.csv              one row per logged step
     images/*.png             reconstruction or sample grids
     summary.json             key figures at the end
@@ -62,6 +63,7 @@ from vqprior.train.rundir import (
     prepare_run_dir,
     read_json,
     write_json,
+    write_model_card,
 )
 from vqprior.train.trainer import build_trainer, run_training
 from vqprior.train.vae import VQVAEModule
@@ -110,6 +112,7 @@ def _finish(
         **extra,
     }
     write_json(out / "summary.json", summary)
+    write_model_card(out, summary)  # model/README.md: the export's card, with these figures
     return summary
 
 
@@ -152,7 +155,8 @@ def _fit_vae(
     chosen = export_best(
         trainer, metrics, out, lambda: module.model.save_pretrained(out / MODEL_DIR)
     )
-    return _finish(out, "train-vae", trainer, module.model, metrics, started, chosen)
+    shape = {"image_shape": [splits.channels, splits.height, splits.width]}  # for the card
+    return _finish(out, "train-vae", trainer, module.model, metrics, started, {**chosen, **shape})
 
 
 def export_best(
