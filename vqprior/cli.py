@@ -328,18 +328,37 @@ def evaluate_cmd(**kw: Any) -> None:
 
 
 @cli.command("export")
-@click.argument("ckpt", type=ExistingPath("checkpoint", directory=False))
+@click.argument("ckpt", type=click.Path())
 @click.argument("out_dir", required=False, type=click.Path(file_okay=False))
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="same as DIR")
-def export_cmd(ckpt: str, out_dir: str | None, out: str | None) -> None:
-    """Turn a Lightning checkpoint into an exported model dir (safetensors): CKPT DIR."""
+@click.option(
+    "--onnx",
+    is_flag=True,
+    help='also write encoder/decoder.onnx (VAE) or prior.onnx and onnx.json; needs "vqprior[onnx]"',
+)
+def export_cmd(ckpt: str, out_dir: str | None, out: str | None, onnx: bool) -> None:
+    """Turn a Lightning checkpoint into an exported model dir (safetensors): CKPT DIR.
+
+    With --onnx CKPT may also be an exported model dir: its ONNX graphs go to DIR."""
     from vqprior.train.inference import export
 
     if (out_dir is None) == (out is None):
         raise click.UsageError("give the export directory once: vqprior export CKPT DIR")
     target = out_dir if out_dir is not None else out
     assert target is not None
-    _report({"model_dir": str(export(ckpt, target))})
+    if not Path(ckpt).exists():
+        raise FileNotFoundError(f"checkpoint {ckpt} not found")
+    if onnx:
+        from vqprior.onnx_export import OnnxUnavailableError, require_onnx
+
+        try:
+            require_onnx()
+        except OnnxUnavailableError as err:
+            raise click.ClickException(str(err)) from None
+    result: dict[str, Any] = {"model_dir": str(export(ckpt, target, onnx=onnx))}
+    if onnx:
+        result["onnx"] = sorted(str(p) for p in Path(target).glob("*.onnx"))
+    _report(result)
 
 
 @cli.command("pipeline")

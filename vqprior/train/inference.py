@@ -173,14 +173,33 @@ def _bits(nats: LevelNats, dims: int, model: LevelModel) -> dict[str, Any]:
     return result
 
 
-def export(ckpt: str | Path, out_dir: str | Path) -> Path:
+def export(ckpt: str | Path, out_dir: str | Path, onnx: bool = False) -> Path:
     """A Lightning checkpoint of train-vae or train-prior -> an exported model dir (EMA weights
-    for a prior, with its vae.json)."""
-    return export_state(safe_torch_load(ckpt), out_dir, ckpt)
+    for a prior, with its vae.json). ``onnx``: also its ONNX graphs and ``onnx.json``
+    (:mod:`vqprior.onnx_export`); ``ckpt`` may then be an exported model dir, whose graphs
+    alone go to ``out_dir`` (which may be that dir)."""
+    if Path(ckpt).is_dir():
+        if not onnx:
+            raise ValueError(
+                f"{ckpt} is a directory: export takes a .ckpt (or a model dir with --onnx)"
+            )
+        from vqprior.io import load_pretrained
+        from vqprior.onnx_export import export_onnx, require_onnx
+
+        require_onnx()
+        model = load_pretrained(ckpt)
+        assert isinstance(model, (VQVAE, PixelCNN))
+        export_onnx(model, out_dir)
+        return Path(out_dir)
+    return export_state(safe_torch_load(ckpt), out_dir, ckpt, onnx)
 
 
-def export_state(state: Any, out_dir: str | Path, ckpt: str | Path) -> Path:
+def export_state(state: Any, out_dir: str | Path, ckpt: str | Path, onnx: bool = False) -> Path:
     """:func:`export` of a checkpoint already loaded (``state``) from ``ckpt``."""
+    if onnx:
+        from vqprior.onnx_export import require_onnx
+
+        require_onnx()  # before writing anything
     hp = state.get("hyper_parameters") if isinstance(state, dict) else None
     if (
         not isinstance(hp, dict)
@@ -207,4 +226,8 @@ def export_state(state: Any, out_dir: str | Path, ckpt: str | Path) -> Path:
     record = hp.get("vae") if hp["kind"] == "prior" else None
     extra_files = {VAE_RECORD: json.dumps(record, indent=2) + "\n"} if record else None
     model.save_pretrained(out, extra_files=extra_files)
+    if onnx:
+        from vqprior.onnx_export import export_onnx
+
+        export_onnx(model, out)
     return out
