@@ -48,7 +48,8 @@ def other_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def codes_dir(vae_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("codes")
-    encode_codes(vae_dir, tiny("vae.yaml")["data"], out)
+    files = encode_codes(vae_dir, tiny("vae.yaml")["data"], out)
+    assert files == {s: out / f"{s}.safetensors" for s in ("train", "val", "test")}
     return out
 
 
@@ -71,6 +72,7 @@ def test_encode_stores_codes_of_every_split_with_the_vae_hash(
         ds = getattr(splits, split)
         assert meta["vae_hash"] == content_hash(vae_dir / "model")
         assert meta["num_codes"] == "16" and meta["grid"] == "4x4"
+        assert "level" not in meta  # one level: implicit
         x = torch.stack([ds[i][0] for i in range(len(ds))])
         assert torch.equal(codes, vae.encode(x))
         assert torch.equal(labels, torch.stack([ds[i][1] for i in range(len(ds))]))

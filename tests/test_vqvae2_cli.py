@@ -45,7 +45,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     summary = last_json(vae)
     for key in ("codes_used_top", "codes_used_bottom", "perplexity_top", "perplexity_bottom"):
         assert f"val/{key}" in summary["metrics"], key
-    assert last_json(invoke("encode", "--vae", str(dirs["vae"]), "--out", str(dirs["codes"])))
+    files = last_json(invoke("encode", "--vae", str(dirs["vae"]), "--out", str(dirs["codes"])))
+    assert set(files) == {f"{d}{s}" for d in ("", "top/") for s in ("train", "val", "test")}
     for level in ("top", "bottom"):
         prior = invoke("train-prior", "--config", "configs/tiny/prior_codes.yaml",
                        "--vae", str(dirs["vae"]), "--codes", str(dirs["codes"]),
@@ -122,3 +123,22 @@ def test_level_errors_are_one_line(runs: dict[str, Path], tmp_path: Path) -> Non
         assert result.exit_code == 2, result.output
         lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
         assert len(lines) == 1 and needle in lines[0], result.output
+
+
+def test_pipeline_prepare_step_encodes_both_levels(runs: dict[str, Path], tmp_path: Path) -> None:
+    """The prepare step (run once before the ranks of a DDP stage) writes a two-level prior's
+    run dir as train-prior would: vae.json and every level's codes in <out>/codes, which the
+    stage then finds valid (the codes of --codes, encoded by `vqprior encode`, are the same)."""
+    from vqprior.pipeline.run import _prepare
+    from vqprior.train.config import DeviceOptions
+
+    cfg = yaml.safe_load(Path("configs/tiny/prior_codes.yaml").read_text())
+    cfg = {**cfg, "vae": str(runs["vae"]), "data": {**cfg["data"], "level": "bottom"}}
+    out = tmp_path / "prior"
+    call = {"kind": "train-prior", "cfg": cfg, "out": str(out), "codes_dir": None}
+    _prepare(call, DeviceOptions(accelerator="cpu", devices="1", progress=False))
+    assert json.loads((out / "vae.json").read_text())["level"] == "bottom"
+    for sub in ("top", ""):
+        mine = safetensors.torch.load_file(out / "codes" / sub / "train.safetensors")
+        encoded = safetensors.torch.load_file(runs["codes"] / sub / "train.safetensors")
+        assert torch.equal(mine["codes"], encoded["codes"])

@@ -9,18 +9,15 @@ from typing import Any
 import pytest
 import torch
 
+from vqprior.artifacts import load_codes
 from vqprior.config import ConfigError
 from vqprior.data import DataConfig, load_image_splits
 from vqprior.io import CheckpointError
 from vqprior.models.hierarchy import VQVAE2, level_quantizers, reconstruct
 from vqprior.models.levels import upsample_codes
 from vqprior.models.vqvae import VQVAE, VQVAEConfig
-from vqprior.train.hierarchy import (
-    check_level,
-    encode_level_splits,
-    level_codes,
-    level_record,
-)
+from vqprior.train.codes import encode_splits, level_codes, stored_codes
+from vqprior.train.hierarchy import level_index, level_record, level_records
 from vqprior.train.hierarchy_prior import BottomPriorModule, level_datamodule
 
 TINY = dict(
@@ -46,10 +43,14 @@ def test_levels_records_and_checks() -> None:
     assert level_record(record(), model, "top")["grid"] == [2, 2]
     assert level_record(record(), model, "bottom")["grid"] == [4, 4]
     assert level_record(record(), one, None) == record()
+    assert [r["grid"] for r in level_records(record(), model)] == [[2, 2], [4, 4]]
+    assert level_records(record(), one) == (record(),)
+    assert [level_index(model, "top"), level_index(model, "bottom")] == [0, 1]
+    assert level_index(one, None) == 0
     with pytest.raises(ConfigError, match="data.level=top or data.level=bottom"):
-        check_level(model, None)
+        level_index(model, None)
     with pytest.raises(ConfigError, match="needs a two-level VAE"):
-        check_level(one, "top")
+        level_index(one, "top")
     with pytest.raises(ConfigError, match="level"):
         DataConfig(level="middle")
     assert set(level_quantizers(model)) == {"top", "bottom"}
@@ -61,34 +62,56 @@ def test_levels_records_and_checks() -> None:
 def test_encoded_levels_are_stored_and_found_again(tmp_path: Path) -> None:
     model, splits = vae2(), load_image_splits(DATA)
     level_data = DataConfig(**{**DATA.to_dict(), "level": "bottom"})
-    written = encode_level_splits(model, record(), splits, level_data, tmp_path / "codes")
+    written = encode_splits(model, record(), splits, level_data, tmp_path / "codes")
     for split in ("train", "val", "test"):
         x = torch.stack([getattr(splits, split)[i][0] for i in range(3)])
         top, bottom = model.encode_levels(x)
-        assert torch.equal(written["top"][split][0][:3], top)
-        assert torch.equal(written["bottom"][split][0][:3], bottom)
-        assert (tmp_path / "codes" / "top" / f"{split}.safetensors").is_file()
-        assert (tmp_path / "codes" / f"{split}.safetensors").is_file()  # bottom: as one level
+        assert torch.equal(written[0][split][0][:3], top)
+        assert torch.equal(written[1][split][0][:3], bottom)
+        _, _, meta = load_codes(tmp_path / "codes" / "top" / f"{split}.safetensors")
+        assert (meta["level"], meta["grid"]) == ("top", "2x2")
+        _, _, meta = load_codes(tmp_path / "codes" / f"{split}.safetensors")  # as one level
+        assert (meta["level"], meta["grid"]) == ("bottom", "4x4")
     # stored codes are read back (the data's level does not matter: both levels share them)
     top_data = DataConfig(**{**DATA.to_dict(), "level": "top"})
     found = level_codes(model, record(), splits, top_data, tmp_path, tmp_path / "codes", 8, "cpu")
-    for level in ("top", "bottom"):
-        assert torch.equal(found[level]["train"][0], written[level]["train"][0])
+    for i in range(2):
+        assert torch.equal(found[i]["train"][0], written[i]["train"][0])
     other = {**record(), "vae_hash": "h1"}
     with pytest.raises(CheckpointError, match="different VAE"):
         level_codes(model, other, splits, top_data, tmp_path, tmp_path / "codes", 8, "cpu")
 
 
+@pytest.mark.parametrize("levels", [1, 2])
+def test_one_encode_path_reuses_valid_codes_and_reencodes_stale_ones(
+    tmp_path: Path, levels: int
+) -> None:
+    torch.manual_seed(0)
+    model = VQVAE(VQVAEConfig.from_dict({**TINY, "levels": levels, "downsample": 2})).eval()
+    splits, cache = load_image_splits(DATA), tmp_path / "codes"
+    first = level_codes(model, record(), splits, DATA, tmp_path, None, 8, "cpu")  # encoded now
+    assert [tuple(c["train"][0].shape[1:]) for c in first] == model.level_shapes(8, 8)
+    finest, _, _ = load_codes(cache / "train.safetensors")  # the finest level where one goes
+    assert torch.equal(finest, first[-1]["train"][0])
+    again = stored_codes(model, record(), DATA, cache, strict=False)
+    assert again is not None and torch.equal(again[0]["val"][0], first[0]["val"][0])
+    other = {**record(), "vae_hash": "h1"}  # another VAE: the cache is stale, encoded again
+    assert stored_codes(model, other, DATA, cache, strict=False) is None
+    level_codes(model, other, splits, DATA, tmp_path, None, 8, "cpu")
+    files = [cache / "train.safetensors", *([cache / "top" / "train.safetensors"] * (levels - 1))]
+    assert {load_codes(f)[2]["vae_hash"] for f in files} == {"h1"}
+
+
 def test_bottom_batches_pair_each_bottom_map_with_its_top_map(tmp_path: Path) -> None:
     model, splits = vae2(), load_image_splits(DATA)
-    codes = encode_level_splits(model, record(), splits, DATA, tmp_path / "codes")
-    dm, has_val = level_datamodule(codes, "bottom", 4, 0, 0)
+    codes = encode_splits(model, record(), splits, DATA, tmp_path / "codes")
+    dm, has_val = level_datamodule(codes, 1, 4, 0, 0)
     assert has_val
     bottom, y, top = next(iter(dm.val_dataloader()))
     assert bottom.shape == (4, 4, 4) and top.shape == (4, 2, 2) and y.shape == (4,)
-    assert torch.equal(bottom, codes["bottom"]["val"][0][:4])
-    assert torch.equal(top, codes["top"]["val"][0][:4])
-    top_dm, _ = level_datamodule(codes, "top", 4, 0, 0)
+    assert torch.equal(bottom, codes[1]["val"][0][:4])
+    assert torch.equal(top, codes[0]["val"][0][:4])
+    top_dm, _ = level_datamodule(codes, 0, 4, 0, 0)
     assert next(iter(top_dm.val_dataloader()))[0].shape == (4, 2, 2)
 
 

@@ -117,12 +117,9 @@ def _prepare(call: ddp.Call, device: DeviceOptions) -> None:
         return
     if not (out / codes.VAE_RECORD).is_file():
         common.write_json(out / codes.VAE_RECORD, record)
-    if (
-        call["codes_dir"] is None
-        and codes.stored_codes(out / "codes", record, cfg.data, False) is None
-    ):
-        codes.encode_splits(vae, record, splits, cfg.data, out / "codes", cfg.train.batch_size,
-                            _data_device(device))  # fmt: skip
+    if call["codes_dir"] is None:  # every level's codes in <out>/codes, as train_prior reads them
+        dev = _data_device(device)
+        codes.level_codes(vae, record, splits, cfg.data, out, None, cfg.train.batch_size, dev)
 
 
 def _data_device(device: DeviceOptions) -> str | None:

@@ -1,8 +1,11 @@
-"""train-prior on one level of a two-level VQ-VAE: batches, the bottom prior's module (its
-spatial condition: the top codes' codebook vectors upsampled to the bottom grid) and grids."""
+"""train-prior on one level of a VQ-VAE's codes, for one level as for two: batches, the module
+(level 0: :class:`PriorModule`; level ``i > 0``: :class:`BottomPriorModule`, whose spatial
+condition is the codes of level ``i - 1``'s codebook vectors upsampled to its grid) and the
+image grids."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -10,32 +13,33 @@ import torch
 from torch.utils.data import TensorDataset
 
 from vqprior.data import ImageSplits
-from vqprior.models.hierarchy import VQVAE2
 from vqprior.models.levels import upsample_codes
 from vqprior.models.vqvae import VQVAE
 from vqprior.sampling.noise import sampling_generator
+from vqprior.train.codes import LevelCodes, level_codes
 from vqprior.train.config import DeviceOptions, PriorStageConfig
 from vqprior.train.datamodule import SplitsDataModule, codes_datamodule
-from vqprior.train.hierarchy import LevelCodes, level_codes
+from vqprior.train.hierarchy import level_index
 from vqprior.train.prior import Inputs, PriorModule
 
 
 # ----------------------------------------------------------------------------- train-prior
 def level_datamodule(
-    codes: LevelCodes, level: str, batch_size: int, num_workers: int, seed: int
+    codes: LevelCodes, i: int, batch_size: int, num_workers: int, seed: int
 ) -> tuple[SplitsDataModule, bool]:
-    """Top: batches (top, y); bottom: batches (bottom, y, top). Also whether val is non-empty."""
-    if level == "top":
-        dm = codes_datamodule(codes["top"], batch_size, num_workers, seed)
+    """Batches of level ``i`` (top first): level 0 (codes, y); level ``i > 0`` (codes, y, the
+    codes of level ``i - 1``). Also whether val is non-empty."""
+    if i == 0:
+        dm = codes_datamodule(codes[0], batch_size, num_workers, seed)
     else:
         sets = {
-            split: TensorDataset(codes["bottom"][split][0], codes["bottom"][split][1], top)
-            for split, (top, _) in codes["top"].items()
+            split: TensorDataset(level, labels, codes[i - 1][split][0])
+            for split, (level, labels) in codes[i].items()
         }
         dm = SplitsDataModule(
             sets["train"], sets["val"], sets["test"], batch_size, num_workers, seed
         )
-    return dm, len(codes[level]["val"][0]) > 0
+    return dm, len(codes[i]["val"][0]) > 0
 
 
 class BottomPriorModule(PriorModule):
@@ -105,25 +109,33 @@ def level_prior_parts(
     codes_dir: Path | None,
     device: DeviceOptions,
 ) -> tuple[SplitsDataModule, bool, PriorModule, Any]:
-    """What train-prior needs for a prior on one level: datamodule, whether there is a val
-    split, the module and the image-grid function."""
-    assert isinstance(vae, VQVAE2)
-    level, train = record["level"], cfg.train
+    """What train-prior needs for a prior on one level of the VAE's codes (``record``'s
+    ``level``; a one-level VAE's only level): datamodule, whether there is a val split, the
+    module and the image-grid function. Every level's codes come from :func:`level_codes`."""
+    i, train = level_index(vae, record.get("level")), cfg.train
     dev = "cpu" if device.accelerator == "cpu" else None
     codes = level_codes(vae, record, splits, cfg.data, out, codes_dir, train.batch_size, dev)
-    dm, has_val = level_datamodule(codes, level, train.batch_size, train.num_workers, train.seed)
-    model, train_dict = cfg.model.to_dict(), train.to_dict()
-    if level == "top":
-        module = PriorModule(model, train_dict, record, compile=device.compile)
-        return dm, has_val, module, _top_grid(vae, splits, train.num_sample_images)
-    bottom = BottomPriorModule(
-        model, train_dict, record, compile=device.compile, top_embed=vae.quantizer_top.embed
-    )
-    bottom.fixed_top = codes["top"]["val" if has_val else "train"][0][: train.num_sample_images]
-    return dm, has_val, bottom, _bottom_grid(vae, train.num_sample_images)
+    dm, has_val = level_datamodule(codes, i, train.batch_size, train.num_workers, train.seed)
+    model, train_dict, n = cfg.model.to_dict(), train.to_dict(), train.num_sample_images
+    nrow = grid_nrow(n, cfg.model.num_classes)
+    if i < len(vae.level_names) - 1:  # a level above others: its samples as code maps
+        grid = _top_grid(vae, splits, n, nrow)
+    else:  # the finest level: its samples decoded through the VAE
+        grid = _bottom_grid(vae, n, nrow)
+    if i == 0:
+        return dm, has_val, PriorModule(model, train_dict, record, compile=device.compile), grid
+    above = vae.codebooks[i - 1].embed
+    module = BottomPriorModule(model, train_dict, record, compile=device.compile, top_embed=above)
+    module.fixed_top = codes[i - 1]["val" if has_val else "train"][0][:n]
+    return dm, has_val, module, grid
 
 
-def _top_grid(vae: VQVAE2, splits: ImageSplits, n: int) -> Any:
+def grid_nrow(n: int, num_classes: int) -> int:
+    """Images per row of a grid of ``n`` samples: one column per class when 0 < K <= 16."""
+    return num_classes if 0 < num_classes <= 16 else max(1, int(math.sqrt(n)))
+
+
+def _top_grid(vae: VQVAE, splits: ImageSplits, n: int, nrow: int = 8) -> Any:
     """Top prior samples drawn as code maps: code index k as gray level 2k/(K-1) - 1."""
     k = vae.config.num_codes
 
@@ -131,19 +143,22 @@ def _top_grid(vae: VQVAE2, splits: ImageSplits, n: int) -> Any:
         top = module.sample(n, generator=sampling_generator(module.train_cfg.seed)).float()
         maps = top[:, None] * (2.0 / (k - 1)) - 1.0  # [n, 1, ht, wt]
         size = (splits.height, splits.width)
-        return torch.nn.functional.interpolate(maps, size=size, mode="nearest"), 8
+        return torch.nn.functional.interpolate(maps, size=size, mode="nearest"), nrow
 
     return make
 
 
-def _bottom_grid(vae: VQVAE2, n: int) -> Any:
-    """Bottom prior samples given the top codes of fixed images, decoded through both levels."""
+def _bottom_grid(vae: VQVAE, n: int, nrow: int = 8) -> Any:
+    """Samples of the finest level decoded through the VAE: a one-level prior's alone, a
+    bottom prior's given the top codes of fixed images (``fixed_top``)."""
 
     def make(module: PriorModule) -> tuple[torch.Tensor, int]:
-        assert isinstance(module, BottomPriorModule) and module.fixed_top is not None
-        bottom = module.sample(n, generator=sampling_generator(module.train_cfg.seed))
-        top = module.fixed_top.to(bottom.device)
-        top = top[torch.arange(n, device=bottom.device) % len(top)]
-        return vae.to(bottom.device).eval().decode_levels(top, bottom), 8
+        samples = module.sample(n, generator=sampling_generator(module.train_cfg.seed))
+        above: tuple[torch.Tensor, ...] = ()
+        if isinstance(module, BottomPriorModule):
+            assert module.fixed_top is not None
+            top = module.fixed_top.to(samples.device)
+            above = (top[torch.arange(n, device=samples.device) % len(top)],)
+        return vae.to(samples.device).eval().decode_levels(*above, samples), nrow
 
     return make

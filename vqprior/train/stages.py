@@ -33,15 +33,7 @@ from vqprior.models.vqvae import VQVAE
 from vqprior.sampling.noise import sampling_generator
 from vqprior.train.callbacks import ImageGrids
 from vqprior.train.checkpoints import VAL_METRIC, best_checkpoint
-from vqprior.train.codes import (
-    VAE_RECORD,
-    Codes,
-    check_vae_channels,
-    encode_splits,
-    load_vae,
-    stored_codes,
-    vae_record,
-)
+from vqprior.train.codes import VAE_RECORD, check_vae_channels, load_vae, vae_record
 from vqprior.train.config import (
     DeviceOptions,
     PriorStageConfig,
@@ -51,9 +43,9 @@ from vqprior.train.config import (
     fill_field,
     fill_num_classes,
 )
-from vqprior.train.datamodule import codes_datamodule, image_datamodule
+from vqprior.train.datamodule import image_datamodule
 from vqprior.train.hierarchy import check_vae_data, refuse_level, resolve_level
-from vqprior.train.hierarchy_prior import level_prior_parts
+from vqprior.train.hierarchy_prior import _bottom_grid, grid_nrow, level_prior_parts
 from vqprior.train.inference import export_state
 from vqprior.train.prior import PriorModule
 from vqprior.train.rundir import (
@@ -212,41 +204,19 @@ def resolve_prior_stage(
         vae, export = load_vae(str(raw["vae"]))
         check_vae_channels(vae, splits)
         record = vae_record(vae, export, (splits.channels, splits.height, splits.width))
-        record = resolve_level(model, vae, record, data)  # two-level VAE: data.level's grid
+        record = resolve_level(model, vae, record, data)  # the prior's level: its grid
         fill_field(model, "data", "codes", "vae (set: a prior on codes)")
         fill_field(model, "num_codes", record["num_codes"], "the VAE's codebook size")
         fill_field(model, "height", record["grid"][0], "the VAE's code-map height")
         fill_field(model, "width", record["grid"][1], "the VAE's code-map width")
     else:
-        refuse_level(data)  # data.level: a prior on a two-level VAE's codes only
+        refuse_level(data)  # data.level: a prior on a VAE's codes only
         fill_field(model, "data", "pixels", "vae (null: a prior on pixels)")
         fill_field(model, "in_channels", splits.channels, "the images' channels")
         fill_field(model, "height", splits.height, "the image height")
         fill_field(model, "width", splits.width, "the image width")
     fill_num_classes(model, splits.num_classes)
     return PriorStageConfig.from_dict({**raw, "model": model}), splits, vae, record
-
-
-def _prior_codes(
-    cfg: PriorStageConfig,
-    splits: ImageSplits,
-    vae: VQVAE,
-    record: dict[str, Any],
-    out: Path,
-    codes_dir: Path | None,
-    device: DeviceOptions,
-) -> Codes:
-    """Stored codes when they match the VAE (an explicit ``codes_dir`` must), else encode now."""
-    if codes_dir is not None:
-        found = stored_codes(codes_dir, record, cfg.data, strict=True)
-        assert found is not None
-        return found
-    cache = out / "codes"
-    found = stored_codes(cache, record, cfg.data, strict=False)
-    if found is not None:
-        return found
-    dev = "cpu" if device.accelerator == "cpu" else None
-    return encode_splits(vae, record, splits, cfg.data, cache, cfg.train.batch_size, dev)
 
 
 def train_prior(
@@ -284,23 +254,15 @@ def _fit_prior(
     resume = prepare_run_dir(out, cfg.to_dict())
     _check_vae_unchanged(out, record)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    level = record.get("level") if record is not None else None
-    if level and vae is not None and record is not None:  # one level of a two-level VAE
+    if vae is not None and record is not None:  # a prior on one level of the VAE's codes
         dm, has_val, module, make_grid = level_prior_parts(
             cfg, splits, vae, record, out, codes_dir, device
         )
-    elif vae is not None and record is not None:
-        codes = _prior_codes(cfg, splits, vae, record, out, codes_dir, device)
-        dm = codes_datamodule(codes, cfg.train.batch_size, cfg.train.num_workers, cfg.train.seed)
-        has_val = len(codes["val"][0]) > 0
     else:
         dm = image_datamodule(splits, cfg.train.batch_size, cfg.train.num_workers, cfg.train.seed)
         has_val = len(splits.val) > 0  # type: ignore[arg-type]
-    if not level:
-        module = PriorModule(
-            cfg.model.to_dict(), cfg.train.to_dict(), record, compile=device.compile
-        )
-        make_grid = _sampler(cfg, vae)
+        module = PriorModule(cfg.model.to_dict(), cfg.train.to_dict(), compile=device.compile)
+        make_grid = _sampler(cfg, None)
     grids = ImageGrids(out / IMAGES_DIR, "samples", make_grid, cfg.train.image_every_n_steps)
     trainer = build_trainer(out, cfg.train, device, [grids, *(callbacks or [])], has_val)
     metrics = run_training(trainer, module, dm, resume, out, has_val)
@@ -338,13 +300,11 @@ def _check_vae_unchanged(out: Path, record: dict[str, Any] | None) -> None:
 def _sampler(cfg: PriorStageConfig, vae: VQVAE | None) -> Any:
     """The image-grid function of a prior: EMA samples (decoded through the VAE for codes)."""
     n = cfg.train.num_sample_images
-    k = cfg.model.num_classes
-    nrow = k if 0 < k <= 16 else max(1, int(math.sqrt(n)))
+    nrow = grid_nrow(n, cfg.model.num_classes)
+    if vae is not None:
+        return _bottom_grid(vae, n, nrow)
 
     def make(module: PriorModule) -> tuple[torch.Tensor, int]:
-        samples = module.sample(n, generator=sampling_generator(cfg.train.seed))
-        if vae is None:
-            return samples, nrow
-        return vae.to(samples.device).decode(samples), nrow
+        return module.sample(n, generator=sampling_generator(cfg.train.seed)), nrow
 
     return make
