@@ -3,6 +3,7 @@
 ``import vqprior`` imports neither lightning nor click; the training layer does.
 """
 
+from vqprior._version import __version__ as __version__
 from vqprior.config import Config, ConfigError
 from vqprior.io import CheckpointError, load_pretrained
 from vqprior.models.pixelcnn import PixelCNN, PixelCNNConfig
@@ -18,4 +19,3 @@ __all__ = [
     "VQVAEConfig",
     "load_pretrained",
 ]
-__version__ = "0.1.0"

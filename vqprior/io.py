@@ -450,6 +450,6 @@ def load_pretrained(
 
 
 def _version() -> str:
-    from vqprior import __version__
+    from vqprior._version import __version__
 
     return __version__

@@ -127,7 +127,7 @@ def environment(
     versions, the device and its name, CPU instruction set, the models' dtypes (``dtypes``,
     e.g. ``{"dtype": prior, "vae_dtype": vae}``), the intra-op thread count the
     distributions are computed with and (CUDA) the libraries and determinism settings."""
-    from vqprior import __version__
+    from vqprior._version import __version__
 
     env: dict[str, Any] = {
         "vqprior": __version__,
