@@ -52,12 +52,13 @@ def test_bench_writes_json_and_a_table(tmp_path, capsys) -> None:
     assert row["model"] == "codes-8x8" and row["batch"] == 2 and row["steps"] == 64
     assert row["naive_steps_timed"] == 3 and row["prefix_equal"] is True
     assert row["speedup"] > 0 and row["fast_method"] == "cached"
+    assert row["forward_s"] > 0 and row["passes"] == pytest.approx(row["fast_s"] / row["forward_s"])
     got = [(r["model"], r["precision"], r["mode"]) for r in saved["training"]]
     assert got == [("prior-codes-8x8", "fp32", "eager"), ("prior-codes-8x8", "bf16", "eager")]
     assert all(r["images_per_s"] > 0 for r in saved["training"])
     assert saved["training"][0]["ratio"] == 1.0  # the fp32 row is the baseline
     text = capsys.readouterr().out
-    assert "speedup" in text and "ratio" in text
+    assert "speedup" in text and "ratio" in text and "passes" in text
     assert "extrapolated" in format_table(saved)
 
 

@@ -47,16 +47,18 @@ def format_table(result: dict) -> str:
         f"device: {result['device']}  torch {result['torch']}  threads {result['threads']}",
         "",
         "sampling (reference loop vs fast exact sampler)",
-        f"{'model':<16}{'batch':>6}{'steps':>7}{'timed':>7}{'naive s':>11}{'fast s':>9}{'speedup':>9}  method       equal",
+        f"{'model':<16}{'batch':>6}{'steps':>7}{'timed':>7}{'naive s':>11}{'fast s':>9}{'speedup':>9}{'passes':>8}  method       equal",
     ]
     for r in result["sampling"]:
         lines.append(
             f"{r['model']:<16}{r['batch']:>6}{r['steps']:>7}{r['naive_steps_timed']:>7}"
-            f"{r['naive_s']:>11.2f}{r['fast_s']:>9.2f}{r['speedup']:>8.1f}x  {r['fast_method']:<12} {r['prefix_equal']}"
+            f"{r['naive_s']:>11.2f}{r['fast_s']:>9.2f}{r['speedup']:>8.1f}x"
+            f"{r.get('passes', float('nan')):>8.1f}  {r['fast_method']:<12} {r['prefix_equal']}"
         )
     lines += [
         "",
-        "naive times are extrapolated from the timed prefix of steps (constant cost per step)",
+        "naive times are extrapolated from the timed prefix of steps (constant cost per step);",
+        "passes: the fast sampler's time in full forward passes on the same batch (limit: 1)",
     ]
     if result["training"]:
         lines += ["", *format_training(result["training"])]

@@ -52,6 +52,8 @@ class SamplingRow:
     fast_s: float
     speedup: float
     prefix_equal: bool  # fast sample == reference on the timed prefix
+    forward_s: float  # one full forward pass on ``batch`` examples (median of 5)
+    passes: float  # fast_s / forward_s: the sampler's cost in full forward passes (limit: 1)
 
 
 def _sync(device: torch.device) -> None:
@@ -83,13 +85,24 @@ def bench_sampling(
             lambda: sample_naive(model, batch, None, 1.0, noise, None, timed), device
         )
         fast_t, fast = _timed(lambda: model.sample(batch, generator=gen.manual_seed(1)), device)
+        forward_t = _forward_time(model, fast, device)
     assert isinstance(ref, torch.Tensor) and isinstance(fast, torch.Tensor)
     naive_total = naive_t * steps / timed
     method = "cached" if supports_steps(model.backbone) else "fixed_point"  # what auto picks
     equal = _prefix_equal(model, ref, fast, timed)
     return SamplingRow(
-        name, batch, steps, timed, naive_total, method, fast_t, naive_total / fast_t, equal
-    )
+        name, batch, steps, timed, naive_total, method, fast_t, naive_total / fast_t, equal,
+        forward_t, fast_t / forward_t,
+    )  # fmt: skip
+
+
+def _forward_time(model: PixelCNN, x: object, device: torch.device) -> float:
+    """Median wall-clock of one full forward pass on the samples ``x`` (one warm-up)."""
+    assert isinstance(x, torch.Tensor)
+    x = x if model.config.data == "codes" else x.to(model.param_dtype())
+    model(x)
+    times = sorted(_timed(lambda: model(x), device)[0] for _ in range(5))
+    return times[2]
 
 
 def _prefix_equal(model: PixelCNN, ref: torch.Tensor, fast: torch.Tensor, steps: int) -> bool:
