@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 import urllib.error
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,8 @@ def test_uint8_float_round_trip_all_levels() -> None:
         ({"image_size": 0}, "image_size"),
         ({"val_fraction": 0.6, "test_fraction": 0.5}, "val_fraction"),
         ({"limit": 0}, "limit"),
+        ({"name": "stream"}, "shard directory"),
+        ({"name": "stream", "path": "shards", "limit": 5}, "limit"),
     ],
 )
 def test_config_rejects_bad_fields(changes: dict, field: str) -> None:
@@ -85,6 +89,16 @@ def test_config_rejects_bad_fields(changes: dict, field: str) -> None:
 def test_config_yaml_round_trip() -> None:
     cfg = DataConfig(name="npz", path="a.npz", image_size=16, channels=3, limit=5)
     assert DataConfig.from_yaml(cfg.to_yaml()) == cfg
+
+
+def test_stream_splits_fixed_by_the_shards_and_litdata_imported_lazily(tmp_path: Path) -> None:
+    """data.name=stream (tests/test_streaming.py reads real shards): a missing directory is
+    one DataError line; vqprior.data and vqprior.streaming import no litdata."""
+    with pytest.raises(DataError, match="not found"):
+        load_image_splits(DataConfig(name="stream", path=str(tmp_path / "none")))
+    code = "import sys, vqprior.data, vqprior.streaming; print('litdata' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.strip() == "False", proc.stderr[-2000:]
 
 
 # ---------------------------------------------------------------- digits and splits

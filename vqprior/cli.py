@@ -188,6 +188,9 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*limit_val_batches=1.0.*")
     # an "epoch" is one pass of vqprior's resumable stream sampler; logging is per step anyway
     warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+    # data.name=stream: litdata sizes each worker's part itself; its tensors are read-only views
+    warnings.filterwarnings("ignore", message=r".*IterableDataset. has .__len__. defined.*")
+    warnings.filterwarnings("ignore", message=r".*given buffer is not writable.*")
 
 
 @cli.command("train-vae")
@@ -264,10 +267,18 @@ _inference_device_option = click.option(
     "--out",
     required=True,
     type=click.Path(file_okay=False),
-    help="directory for {train,val,test}.safetensors",
+    help="directory for {train,val,test}.safetensors (or the shards)",
 )
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @_inference_device_option
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["safetensors", "shards"]),
+    default="safetensors",
+    show_default=True,
+    help='shards: litdata streaming shards, written batch by batch (needs "vqprior[stream]")',
+)
 def encode_cmd(
     vae_dir: str,
     config_path: str | None,
@@ -275,14 +286,44 @@ def encode_cmd(
     out: str,
     batch_size: int,
     device: str | None,
+    fmt: str,
 ) -> None:
     """Encode a dataset into code maps with a trained VAE (data defaults to the VAE run's)."""
-    from vqprior.train.codes import encode_codes
-
     if config_path is None and (Path(vae_dir) / "config.yaml").is_file():
         config_path = str(Path(vae_dir) / "config.yaml")
     data = _load_config(config_path, sets).get("data") or {}
+    if fmt == "shards":
+        from vqprior.streaming import encode_shards
+
+        _report(encode_shards(vae_dir, data, out, batch_size, device))
+        return
+    from vqprior.train.codes import encode_codes
+
     _report({k: str(v) for k, v in encode_codes(vae_dir, data, out, batch_size, device).items()})
+
+
+@cli.command("shard")
+@click.argument("images", type=click.Path())
+@click.option(
+    "-o", "--out", required=True, type=click.Path(file_okay=False), help="a new directory"
+)
+@click.option("--val-fraction", type=float, default=None, help="default 0.1 (as data.val_fraction)")
+@click.option(
+    "--test-fraction", type=float, default=None, help="default 0.1 (as data.test_fraction)"
+)
+@click.option("--split-seed", type=int, default=None, help="default 0 (as data.split_seed)")
+@click.option("--image-size", type=int, default=None, help="resize + center-crop to this size")
+@click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="convert to 1 or 3")
+@click.option("--chunk-bytes", default="64MB", show_default=True, help="litdata chunk size")
+@click.option("--num-workers", type=int, default=0, show_default=True, help="decoding processes")
+def shard_cmd(images: str, out: str, channels: str | None, **kw: Any) -> None:
+    """Convert a folder of images or an .npz into litdata shards for data.name: stream.
+
+    OUT gets train/, val/, test/ (the splits data.name: folder or npz would make) and
+    vqprior.json; train with --set data.name=stream --set data.path=OUT."""
+    from vqprior.streaming import write_image_shards
+
+    _report(write_image_shards(images, out, channels=int(channels) if channels else None, **kw))
 
 
 @cli.command("generate")

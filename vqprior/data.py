@@ -1,4 +1,5 @@
-"""Datasets: digits (embedded), torchvision sets, image folders and ``.npz`` files.
+"""Datasets: digits (embedded), torchvision sets, image folders, ``.npz`` files and streaming
+shards (``stream``: litdata's format, larger than memory, see :mod:`vqprior.streaming`).
 
 Every image item is ``(x, y)``: ``x`` float32 ``[c, H, W]`` in [-1, 1] on the 256-level grid
 (8-bit value v -> 2v/255 - 1), ``y`` a long scalar label (-1 when unlabelled). Small sets stay
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 NUM_LEVELS = 256  # 8-bit pixels
 DIGITS_LEVELS = 16  # scikit-learn's digits hold values 0..16
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "folder", "npz")
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "folder", "npz", "stream")
 # name -> (torchvision class, folder under root that holds its files)
 _TORCHVISION = {
     "mnist": ("MNIST", "MNIST/raw"),
@@ -68,8 +69,9 @@ class DataConfig(Config):
     def __post_init__(self) -> None:
         check_choice("name", self.name, DATASETS)
         check_choice("level", self.level, (None, "top", "bottom"))
-        if self.name in ("folder", "npz") and not self.path:
-            raise ConfigError(f"path must be set when name={self.name!r} (a folder or .npz file)")
+        if self.name in ("folder", "npz", "stream") and not self.path:
+            what = "a shard directory" if self.name == "stream" else "a folder or .npz file"
+            raise ConfigError(f"path must be set when name={self.name!r} ({what})")
         if self.image_size is not None:
             check_range("image_size", self.image_size, 1)
         if self.channels is not None:
@@ -83,6 +85,8 @@ class DataConfig(Config):
             )
         if self.limit is not None:
             check_range("limit", self.limit, 1)
+            if self.name == "stream":
+                raise ConfigError("limit does not apply to name='stream': shard fewer images")
 
 
 class ImageSplits(NamedTuple):
@@ -358,7 +362,12 @@ def load_image_splits(cfg: DataConfig) -> ImageSplits:
 
     Sets with an official test split keep it and carve val from train; the rest are split
     by a permutation seeded with ``split_seed``. ``limit`` caps the train split only.
+    ``stream`` keeps the splits its shards were written with (:func:`vqprior.streaming.stream_splits`).
     """
+    if cfg.name == "stream":
+        from vqprior.streaming import stream_splits
+
+        return stream_splits(cfg)
     full: ImageTensorDataset | ImageFileDataset
     test: Dataset[Item] | None
     if cfg.name == "folder":
