@@ -16,7 +16,7 @@ from typing import Any
 import click
 import yaml
 
-from vqprior.cli_common import ExistingPath
+from vqprior.cli_common import ExistingPath, bottom_prior_option, prior_option, vae_option
 from vqprior.config import ConfigError, apply_overrides
 from vqprior.lock import RunLockedError
 from vqprior.uses.cli import register as register_uses
@@ -230,25 +230,9 @@ def train_prior_cmd(
     _report(train_prior(cfg, out, _devices(kw), seed, codes_dir=codes_dir))
 
 
-def _vae_option(required: bool, help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    kind = ExistingPath("VAE run dir", directory=True)
-    return click.option("--vae", "vae_dir", required=required, default=None, type=kind, help=help)
-
-
-_prior_option = click.option(
-    "--prior",
-    "prior_dir",
-    required=True,
-    type=ExistingPath("prior run dir", directory=True),
-    help="train-prior run dir",
-)
-_bottom_prior_option = click.option(
-    "--bottom-prior",
-    "bottom_prior_dir",
-    default=None,
-    type=ExistingPath("bottom prior run dir", directory=True),
-    help="two-level VAE: the bottom prior's run dir (--prior is then the top prior)",
-)
+_vae_option = vae_option
+_prior_option = prior_option("train-prior run dir")
+_bottom_prior_option = bottom_prior_option()
 _inference_device_option = click.option(
     "--device", default=None, help="cpu or cuda (default: cuda when available)"
 )

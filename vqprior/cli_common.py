@@ -3,12 +3,13 @@ commands (:mod:`vqprior.uses.cli`); it imports neither, so both can import it.""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-__all__ = ["ExistingPath"]
+__all__ = ["ExistingPath", "bottom_prior_option", "prior_option", "vae_option"]
 
 
 class ExistingPath(click.Path):
@@ -28,3 +29,30 @@ class ExistingPath(click.Path):
         if not self.directory and path.is_dir():
             raise IsADirectoryError(f"{self.what} {path} is a directory, expected a file")
         return super().convert(value, param, ctx)
+
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def prior_option(help: str) -> Decorator:
+    """``--prior`` (a train-prior run dir or export dir), required."""
+    kind = ExistingPath("prior run dir", directory=True)
+    return click.option("--prior", "prior_dir", required=True, type=kind, help=help)
+
+
+def bottom_prior_option() -> Decorator:
+    """``--bottom-prior``: a two-level VAE's bottom prior (``--prior`` is then the top one)."""
+    kind = ExistingPath("bottom prior run dir", directory=True)
+    return click.option(
+        "--bottom-prior",
+        "bottom_prior_dir",
+        default=None,
+        type=kind,
+        help="two-level VAE: the bottom prior's run dir (--prior is then the top prior)",
+    )
+
+
+def vae_option(required: bool, help: str) -> Decorator:
+    """``--vae``: a train-vae run dir."""
+    kind = ExistingPath("VAE run dir", directory=True)
+    return click.option("--vae", "vae_dir", required=required, default=None, type=kind, help=help)

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from vqprior.cli_common import ExistingPath
+from vqprior.cli_common import bottom_prior_option, prior_option, vae_option
 
 
 def _report(result: dict[str, Any]) -> None:
@@ -20,29 +20,10 @@ def _report(result: dict[str, Any]) -> None:
 
 
 def _options() -> tuple[Any, Any, Any, Any]:
-    prior = click.option(
-        "--prior",
-        "prior_dir",
-        required=True,
-        type=ExistingPath("prior run dir", directory=True),
-        help="train-prior run dir (or exported model dir); a two-level VAE's top prior",
-    )
-    bottom = click.option(
-        "--bottom-prior",
-        "bottom_prior_dir",
-        default=None,
-        type=ExistingPath("bottom prior run dir", directory=True),
-        help="two-level VAE: the bottom prior's run dir (--prior is then the top prior)",
-    )
-    vae = click.option(
-        "--vae",
-        "vae_dir",
-        default=None,
-        type=ExistingPath("VAE run dir", directory=True),
-        help="train-vae run dir (codes prior; default: the one the prior records)",
-    )
+    prior = prior_option("train-prior run dir (or exported model dir); a two-level VAE's top prior")
+    vae = vae_option(False, "train-vae run dir (codes prior; default: the one the prior records)")
     device = click.option("--device", default=None, help="cpu (default) or cuda")
-    return prior, bottom, vae, device
+    return prior, bottom_prior_option(), vae, device
 
 
 def register(group: click.Group) -> None:
