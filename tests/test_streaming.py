@@ -214,7 +214,7 @@ def _check_code_shards(out: Path, files: dict[str, Path], levels: int) -> None:
     names = ("codes",) if levels == 1 else ("top", "bottom")
     for i, name in enumerate(names):
         level = None if levels == 1 else name
-        splits = stream_splits(DataConfig(name="stream", path=str(out), level=level))
+        splits = stream_splits(DataConfig(name="stream", path=str(out), level=level), True)
         assert splits.num_classes == 5 and tuple(splits[3:6]) == (3, 8, 8)
         for split in ("train", "val", "test"):
             codes, labels, _ = load_codes(files[f"top/{split}" if name == "top" else split])
@@ -267,4 +267,52 @@ def test_code_shards_datamodule_checks_the_vae(
     with pytest.raises(ValueError, match="different VAE"):
         shard_codes_datamodule(tmp_path / "codes", {**record, "vae_hash": "x"}, batch_size=16)
     with pytest.raises(ConfigError, match="data.level"):
-        stream_splits(DataConfig(name="stream", path=str(tmp_path / "codes"), level="top"))
+        stream_splits(DataConfig(name="stream", path=str(tmp_path / "codes"), level="top"), True)
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_train_prior_streams_code_shards(
+    source: Path, vaes: dict[int, Path], tmp_path: Path, levels: int
+) -> None:
+    """encode --format shards -> train-prior with data.name=stream: the prior trains on the
+    shards, and its logged val loss is the exported prior's loss on the in-memory codes."""
+    from vqprior.models.levels import upsample_codes
+    from vqprior.models.pixelcnn import PixelCNN
+    from vqprior.train.config import DeviceOptions
+    from vqprior.train.stages import train_prior
+
+    data = {"name": "npz", "path": str(source), **SPLIT}
+    files = encode_codes(vaes[levels], data, tmp_path / "codes", batch_size=50, device="cpu")
+    encode_shards(vaes[levels], data, tmp_path / "shards", batch_size=50, device="cpu")
+    level = "bottom" if levels == 2 else None
+    cfg = {
+        "vae": str(vaes[levels]),
+        "data": {"name": "stream", "path": str(tmp_path / "shards"), "level": level},
+        "model": {"channels": 8, "num_layers": 2, "num_classes": "auto"},
+        "train": {"max_steps": 3, "batch_size": 16, "val_every_n_steps": 3, "ema_decay": 0.0},
+    }
+    cpu = DeviceOptions(accelerator="cpu", devices="1", progress=False, precision="32-true")
+    summary = train_prior(cfg, tmp_path / "prior", cpu)
+    assert summary["global_step"] == 3
+    prior = PixelCNN.from_pretrained(tmp_path / "prior" / "model")
+    assert prior.config.num_classes == 5  # from the shards' meta
+    codes, labels, _ = load_codes(files["val"])
+    spatial = None
+    if levels == 2:
+        vae = VQVAE.from_pretrained(vaes[2])
+        top, _, _ = load_codes(files["top/val"])
+        spatial = upsample_codes(vae.codebooks[0].embed, top, tuple(codes.shape[1:]))
+    with torch.no_grad():
+        lp = prior.log_prob(codes, labels, spatial_cond=spatial)  # per image
+    nats = (-lp / codes[0].numel()).mean().item()
+    assert summary["metrics"]["val/nats_per_code"] == pytest.approx(nats, rel=1e-5)
+
+
+def test_image_data_refuses_code_shards(source: Path, vaes: dict[int, Path], tmp_path: Path) -> None:
+    """Code shards are data for a prior on codes only: train-vae on them is one line."""
+    encode_shards(vaes[1], {"name": "npz", "path": str(source), **SPLIT}, tmp_path / "codes")
+    args = ["train-vae", "--set", "data.name=stream", "--set", f"data.path={tmp_path / 'codes'}"]
+    result = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "vae"), "--accelerator", "cpu"])
+    assert result.exit_code != 0
+    assert "holds code maps" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "vae").exists()

@@ -357,8 +357,9 @@ def _memory_dataset(cfg: DataConfig) -> tuple[ImageTensorDataset, ImageTensorDat
     return full, test, num_classes
 
 
-def load_image_splits(cfg: DataConfig) -> ImageSplits:
+def load_image_splits(cfg: DataConfig, codes: bool = False) -> ImageSplits:
     """Load ``cfg.name`` and split it; see :class:`DataConfig` for the sources and options.
+    Code-map shards are refused unless ``codes`` (a prior on a VAE's codes reads them).
 
     Sets with an official test split keep it and carve val from train; the rest are split
     by a permutation seeded with ``split_seed``. ``limit`` caps the train split only.
@@ -367,7 +368,7 @@ def load_image_splits(cfg: DataConfig) -> ImageSplits:
     if cfg.name == "stream":
         from vqprior.streaming import stream_splits
 
-        return stream_splits(cfg)
+        return stream_splits(cfg, codes)
     full: ImageTensorDataset | ImageFileDataset
     test: Dataset[Item] | None
     if cfg.name == "folder":

@@ -181,7 +181,7 @@ def _level_keys(meta: dict[str, Any], level: str | None, root: Path) -> tuple[st
     return (level, levels[i - 1]) if i else (level,)
 
 
-def stream_splits(cfg: DataConfig) -> ImageSplits:
+def stream_splits(cfg: DataConfig, codes: bool = False) -> ImageSplits:
     """``data.name: stream``: the shard directory ``cfg.path`` as train/val/test datasets.
 
     Images: ``(x, y)`` items through ``image_size`` and ``channels`` as the other sources.
@@ -193,6 +193,11 @@ def stream_splits(cfg: DataConfig) -> ImageSplits:
     dirs = split_dirs(root)
     assert dirs["train"] is not None
     meta = read_meta(root, dirs["train"])
+    if meta["kind"] == "codes" and not codes:
+        raise ConfigError(
+            f"{root} holds code maps (vqprior encode --format shards), not images: "
+            "train a prior on them with vae set to the VAE that encoded them"
+        )
     transform: ImageItem | CodesItem
     if meta["kind"] == "images":
         c, h, w = meta["shape"]

@@ -119,7 +119,7 @@ def shard_codes_datamodule(
     ``(bottom, y, top)``. Also whether val is non-empty."""
     if not isinstance(source, ImageSplits):
         level = record.get("level")
-        source = stream_splits(DataConfig(name="stream", path=str(source), level=level))
+        source = stream_splits(DataConfig(name="stream", path=str(source), level=level), True)
     check_code_shards(source, record)
     dm = SplitsDataModule(source.train, source.val, source.test, batch_size, num_workers, seed)
     return dm, len(source.val) > 0  # type: ignore[arg-type]

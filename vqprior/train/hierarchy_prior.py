@@ -18,7 +18,13 @@ from vqprior.models.vqvae import VQVAE
 from vqprior.sampling.noise import sampling_generator
 from vqprior.train.codes import LevelCodes, level_codes
 from vqprior.train.config import DeviceOptions, PriorStageConfig
-from vqprior.train.datamodule import SplitsDataModule, codes_datamodule
+from vqprior.streaming import is_code_shard_dir, is_code_shards
+from vqprior.train.datamodule import (
+    SplitsDataModule,
+    codes_datamodule,
+    condition_codes,
+    shard_codes_datamodule,
+)
 from vqprior.train.hierarchy import level_index
 from vqprior.train.prior import Inputs, PriorModule
 
@@ -111,12 +117,22 @@ def level_prior_parts(
 ) -> tuple[SplitsDataModule, bool, PriorModule, Any]:
     """What train-prior needs for a prior on one level of the VAE's codes (``record``'s
     ``level``; a one-level VAE's only level): datamodule, whether there is a val split, the
-    module and the image-grid function. Every level's codes come from :func:`level_codes`."""
+    module and the image-grid function. Codes come from :func:`level_codes` (in memory), or
+    stream from code shards (``data.name: stream`` on ``vqprior encode --format shards``, or
+    ``--codes`` naming such a directory)."""
     i, train = level_index(vae, record.get("level")), cfg.train
-    dev = "cpu" if device.accelerator == "cpu" else None
-    codes = level_codes(vae, record, splits, cfg.data, out, codes_dir, train.batch_size, dev)
-    dm, has_val = level_datamodule(codes, i, train.batch_size, train.num_workers, train.seed)
     model, train_dict, n = cfg.model.to_dict(), train.to_dict(), train.num_sample_images
+    shards = splits if is_code_shards(splits) else codes_dir
+    if shards is not None and (shards is splits or is_code_shard_dir(shards)):  # streamed
+        dm, has_val = shard_codes_datamodule(
+            shards, record, train.batch_size, train.num_workers, train.seed
+        )
+        tops = condition_codes(dm, has_val, n) if i else None
+    else:  # every level's codes in memory
+        dev = "cpu" if device.accelerator == "cpu" else None
+        codes = level_codes(vae, record, splits, cfg.data, out, codes_dir, train.batch_size, dev)
+        dm, has_val = level_datamodule(codes, i, train.batch_size, train.num_workers, train.seed)
+        tops = codes[i - 1]["val" if has_val else "train"][0][:n] if i else None
     nrow = grid_nrow(n, cfg.model.num_classes)
     if i < len(vae.level_names) - 1:  # a level above others: its samples as code maps
         grid = _top_grid(vae, splits, n, nrow)
@@ -126,7 +142,7 @@ def level_prior_parts(
         return dm, has_val, PriorModule(model, train_dict, record, compile=device.compile), grid
     above = vae.codebooks[i - 1].embed
     module = BottomPriorModule(model, train_dict, record, compile=device.compile, top_embed=above)
-    module.fixed_top = codes[i - 1]["val" if has_val else "train"][0][:n]
+    module.fixed_top = tops
     return dm, has_val, module, grid
 
 

@@ -73,7 +73,7 @@ def resolve_vae_stage(raw: dict[str, Any]) -> tuple[VAEStageConfig, ImageSplits]
     data = DataConfig.from_dict(raw.get("data"), prefix="data.")
     check_vae_data(data)  # data.level belongs to a prior
     TrainConfig.from_dict(raw.get("train"), prefix="train.")  # fail fast, before loading data
-    splits = load_image_splits(data)
+    splits = load_image_splits(data, codes=raw.get("vae") is not None)
     model = dict(raw.get("model") or {})
     fill_field(model, "in_channels", splits.channels, "the images' channels")
     cfg = VAEStageConfig.from_dict({**raw, "model": model})
@@ -197,7 +197,7 @@ def resolve_prior_stage(
     data = DataConfig.from_dict(raw.get("data"), prefix="data.")
     raw = {**raw, "train": {**PRIOR_TRAIN_DEFAULTS, **(raw.get("train") or {})}}
     TrainConfig.from_dict(raw.get("train"), prefix="train.")
-    splits = load_image_splits(data)
+    splits = load_image_splits(data, codes=raw.get("vae") is not None)
     model = dict(raw.get("model") or {})
     vae, record = None, None
     if raw.get("vae") is not None:
