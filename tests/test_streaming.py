@@ -270,12 +270,13 @@ def test_code_shards_datamodule_checks_the_vae(
         stream_splits(DataConfig(name="stream", path=str(tmp_path / "codes"), level="top"), True)
 
 
-@pytest.mark.parametrize("levels", [1, 2])
+@pytest.mark.parametrize(("levels", "via"), [(1, "stream"), (2, "stream"), (1, "--codes")])
 def test_train_prior_streams_code_shards(
-    source: Path, vaes: dict[int, Path], tmp_path: Path, levels: int
+    source: Path, vaes: dict[int, Path], tmp_path: Path, levels: int, via: str
 ) -> None:
-    """encode --format shards -> train-prior with data.name=stream: the prior trains on the
-    shards, and its logged val loss is the exported prior's loss on the in-memory codes."""
+    """encode --format shards -> train-prior with data.name=stream (or --codes DIR): the prior
+    trains on the shards, and its logged val loss is the exported prior's loss on the
+    in-memory codes."""
     from vqprior.models.levels import upsample_codes
     from vqprior.models.pixelcnn import PixelCNN
     from vqprior.train.config import DeviceOptions
@@ -285,15 +286,18 @@ def test_train_prior_streams_code_shards(
     files = encode_codes(vaes[levels], data, tmp_path / "codes", batch_size=50, device="cpu")
     encode_shards(vaes[levels], data, tmp_path / "shards", batch_size=50, device="cpu")
     level = "bottom" if levels == 2 else None
+    stream = {"name": "stream", "path": str(tmp_path / "shards"), "level": level}
     cfg = {
         "vae": str(vaes[levels]),
-        "data": {"name": "stream", "path": str(tmp_path / "shards"), "level": level},
+        "data": stream if via == "stream" else data,
         "model": {"channels": 8, "num_layers": 2, "num_classes": "auto"},
         "train": {"max_steps": 3, "batch_size": 16, "val_every_n_steps": 3, "ema_decay": 0.0},
     }
     cpu = DeviceOptions(accelerator="cpu", devices="1", progress=False, precision="32-true")
-    summary = train_prior(cfg, tmp_path / "prior", cpu)
+    shards = tmp_path / "shards" if via == "--codes" else None
+    summary = train_prior(cfg, tmp_path / "prior", cpu, codes_dir=shards)
     assert summary["global_step"] == 3
+    assert not (tmp_path / "prior" / "codes").exists()  # nothing encoded in memory
     prior = PixelCNN.from_pretrained(tmp_path / "prior" / "model")
     assert prior.config.num_classes == 5  # from the shards' meta
     codes, labels, _ = load_codes(files["val"])
