@@ -312,11 +312,15 @@ def test_train_prior_streams_code_shards(
     assert summary["metrics"]["val/nats_per_code"] == pytest.approx(nats, rel=1e-5)
 
 
-def test_image_data_refuses_code_shards(source: Path, vaes: dict[int, Path], tmp_path: Path) -> None:
+def test_image_data_refuses_code_shards(
+    source: Path, vaes: dict[int, Path], tmp_path: Path
+) -> None:
     """Code shards are data for a prior on codes only: train-vae on them is one line."""
     encode_shards(vaes[1], {"name": "npz", "path": str(source), **SPLIT}, tmp_path / "codes")
     args = ["train-vae", "--set", "data.name=stream", "--set", f"data.path={tmp_path / 'codes'}"]
-    result = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "vae"), "--accelerator", "cpu"])
+    result = CliRunner().invoke(
+        cli, [*args, "--out", str(tmp_path / "vae"), "--accelerator", "cpu"]
+    )
     assert result.exit_code != 0
     assert "holds code maps" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "vae").exists()

@@ -3,34 +3,29 @@
 The module is :class:`~vqprior.train.prior.PriorModule` (AdamW and the lr schedule from
 ``configure_optimizers``, the warm-up EMA, the stage's loss); a Lightning Trainer fits it with
 gradient clipping and the arm's precision (``bf16-mixed`` autocasts with the likelihood in
-fp32 and channels-last weights), and :class:`BudgetClock` stops it when the budget is spent.
-A cosine schedule is fitted to the budget: after :data:`FIT_AFTER` steps the clock predicts
-the step count the budget allows (from the pace of steps 2 to FIT_AFTER) and sets the schedule's horizon to it. The data and the
-held-out figure: :func:`load_split` and :func:`held_out_bits`.
+fp32 and channels-last weights), and the stage's ``train.max_time_s`` clock
+(:class:`~vqprior.train.callbacks.TimeBudget`, which fits a cosine schedule to the budget)
+stops it when the budget is spent. The data and the held-out figure: :func:`load_split` and
+:func:`held_out_bits`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import time
 import warnings
 from collections.abc import Sequence, Sized
 from typing import Any, NamedTuple, cast
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
-from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from vqprior.data import DataConfig, load_image_splits
 from vqprior.models.pixelcnn import PixelCNN
-from vqprior.train.config import TrainConfig
-from vqprior.train.module import lr_lambda
+from vqprior.train.callbacks import TimeBudget
 from vqprior.train.prior import PriorModule
 
-FIT_AFTER = 20  # steps timed before a cosine schedule's horizon is predicted
 UNBOUNDED = 10**9  # TrainConfig.max_steps until then: the budget, not a step count, ends a run
 LN2 = math.log(2.0)
 
@@ -69,43 +64,6 @@ def load_split(data: str, held_out: int, limit: int | None) -> Split:
     return Split(x[:limit], y[:limit], *held) if limit else Split(x, y, *held)
 
 
-class BudgetClock(Callback):
-    """Stops training once ``seconds`` of wall clock have passed since the first batch; for a
-    cosine ``train`` schedule, sets its horizon after :data:`FIT_AFTER` steps (``horizon``)."""
-
-    def __init__(self, seconds: float, train: TrainConfig) -> None:
-        self.seconds, self.train = seconds, train
-        self.started, self.first, self.elapsed, self.steps = 0.0, 0.0, 0.0, 0
-        self.horizon: int | None = None
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.started = time.perf_counter()
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
-    ) -> None:
-        self.elapsed = time.perf_counter() - self.started
-        self.steps = trainer.global_step
-        if self.steps == 1:  # the first step carries the loop's start-up: not timed
-            self.first = self.elapsed
-        if self.steps == FIT_AFTER and self.train.lr_schedule == "cosine":
-            per_step = max((self.elapsed - self.first) / (self.steps - 1), 1e-9)
-            self.horizon = self.steps + max(1, int((self.seconds - self.elapsed) / per_step))
-            for config in trainer.lr_scheduler_configs:
-                assert isinstance(config.scheduler, LambdaLR)  # configure_adamw's
-                refit(config.scheduler, dataclasses.replace(self.train, max_steps=self.horizon))
-        if self.elapsed >= self.seconds:
-            trainer.should_stop = True
-
-
-def refit(sched: LambdaLR, train: TrainConfig) -> None:
-    """Give ``sched`` the schedule of ``train`` from its current step on (lr set at once)."""
-    factor = lr_lambda(train)
-    sched.lr_lambdas = [factor] * len(sched.optimizer.param_groups)
-    for group, base in zip(sched.optimizer.param_groups, sched.base_lrs, strict=True):
-        group["lr"] = base * factor(sched.last_epoch)
-
-
 def prior_module(shape: Sequence[int], model: dict[str, Any], train: dict[str, Any]) -> PriorModule:
     """A pixel prior for images of ``shape`` (c, H, W) with an arm's model and train fields."""
     c, h, w = (int(n) for n in shape)
@@ -127,13 +85,20 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> Dat
     )
 
 
+class Trained(NamedTuple):
+    steps: int
+    elapsed: float  # seconds from the trainer's construction to the end of the fit
+    horizon: int | None  # a cosine schedule's step count fitted to the budget
+
+
 def fit_for(
     module: PriorModule, split: Split, seconds: float, precision: str, seed: int
-) -> BudgetClock:
-    """Train ``module`` on ``split.train_x/train_y`` for ``seconds``; the clock says how far."""
-    clock = BudgetClock(seconds, module.train_cfg)
+) -> Trained:
+    """Train ``module`` on ``split.train_x/train_y`` for ``seconds`` (the training stage's
+    :class:`~vqprior.train.callbacks.TimeBudget`, cosine horizon included)."""
     if seconds <= 0:
-        return clock
+        return Trained(0, 0.0, None)
+    clock = TimeBudget(dataclasses.replace(module.train_cfg, max_time_s=seconds))
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -154,7 +119,7 @@ def fit_for(
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
         trainer.fit(module, train_dataloaders=loader)
-    return clock
+    return Trained(trainer.global_step, clock.elapsed(), clock.horizon)
 
 
 @torch.no_grad()

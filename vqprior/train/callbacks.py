@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from vqprior.artifacts import save_image_grid
 from vqprior.io import atomic_torch_save
 from vqprior.train.errors import NonFiniteLossError
+from vqprior.train.module import lr_lambda
 
 logger = logging.getLogger(__name__)
 
@@ -183,3 +185,46 @@ class PlainProgress(Callback):
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         progress_log.info("%s (done)", self.line(trainer, time.monotonic()))
+
+
+FIT_AFTER = 20  # steps timed before a cosine schedule's horizon is fitted to a time budget
+
+
+class TimeBudget(Callback):
+    """``train.max_time_s``: stop once that many seconds have passed since ``started`` (the
+    stage's start, so loading and encoding count), the same step on every rank. A cosine
+    schedule is fitted to the budget: :data:`FIT_AFTER` steps into the run, the pace of the
+    steps after the first predicts the step count left, and the schedule's horizon becomes
+    ``min(max_steps, predicted)`` (rank zero's prediction on every rank)."""
+
+    def __init__(self, train: Any, started: float | None = None) -> None:
+        self.seconds, self.train = float(train.max_time_s), train
+        self.started = time.time() if started is None else started
+        self.first_step, self.first_time = -1, 0.0
+        self.horizon: int | None = None
+
+    def elapsed(self) -> float:
+        return time.time() - self.started
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        step = trainer.global_step
+        if self.first_step < 0:  # the run's (or the resumed run's) first step: start-up, untimed
+            self.first_step, self.first_time = step, self.elapsed()
+        elif step == self.first_step + FIT_AFTER and self.train.lr_schedule == "cosine":
+            pace = (self.elapsed() - self.first_time) / FIT_AFTER
+            left = int((self.seconds - self.elapsed()) / max(pace, 1e-9))
+            horizon = min(self.train.max_steps, step + max(1, left))
+            self.horizon = int(trainer.strategy.broadcast(horizon, src=0))
+            for config in trainer.lr_scheduler_configs:
+                refit_schedule(config.scheduler, replace(self.train, max_steps=self.horizon))
+        stop = self.elapsed() >= self.seconds
+        if trainer.strategy.reduce_boolean_decision(stop, all=False):
+            trainer.should_stop = True
+
+
+def refit_schedule(sched: Any, train: Any) -> None:
+    """Give a ``LambdaLR`` ``sched`` the schedule of ``train`` from its current step on."""
+    factor = lr_lambda(train)
+    sched.lr_lambdas = [factor] * len(sched.optimizer.param_groups)
+    for group, base in zip(sched.optimizer.param_groups, sched.base_lrs, strict=True):
+        group["lr"] = base * factor(sched.last_epoch)

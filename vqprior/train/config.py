@@ -42,6 +42,9 @@ class TrainConfig(Config):
     lr_schedule: str = "constant"  # "constant" | "cosine" (decays to 0 at max_steps)
     warmup_steps: int = 0
     max_steps: int = 10_000
+    max_time_s: float = (
+        0.0  # > 0: stop after this many seconds of the stage (not the run's identity)
+    )
     val_every_n_steps: int = 500
     val_batches: int | None = None  # None: the whole val split each time
     ckpt_every_n_steps: int = 1000
@@ -64,6 +67,7 @@ class TrainConfig(Config):
         check_range("lr", self.lr, 0.0)
         check_range("weight_decay", self.weight_decay, 0.0)
         check_range("grad_clip", self.grad_clip, 0.0)
+        check_range("max_time_s", self.max_time_s, 0.0)
         check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay={self.ema_decay!r} must lie in [0, 1) (0 disables)")

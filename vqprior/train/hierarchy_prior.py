@@ -16,9 +16,9 @@ from vqprior.data import ImageSplits
 from vqprior.models.levels import upsample_codes
 from vqprior.models.vqvae import VQVAE
 from vqprior.sampling.noise import sampling_generator
+from vqprior.streaming import is_code_shard_dir, is_code_shards
 from vqprior.train.codes import LevelCodes, level_codes
 from vqprior.train.config import DeviceOptions, PriorStageConfig
-from vqprior.streaming import is_code_shard_dir, is_code_shards
 from vqprior.train.datamodule import (
     SplitsDataModule,
     codes_datamodule,
@@ -122,8 +122,9 @@ def level_prior_parts(
     ``--codes`` naming such a directory)."""
     i, train = level_index(vae, record.get("level")), cfg.train
     model, train_dict, n = cfg.model.to_dict(), train.to_dict(), train.num_sample_images
-    shards = splits if is_code_shards(splits) else codes_dir
-    if shards is not None and (shards is splits or is_code_shard_dir(shards)):  # streamed
+    shard_dir = codes_dir is not None and is_code_shard_dir(codes_dir)
+    shards = splits if is_code_shards(splits) else codes_dir if shard_dir else None
+    if shards is not None:  # streamed
         dm, has_val = shard_codes_datamodule(
             shards, record, train.batch_size, train.num_workers, train.seed
         )

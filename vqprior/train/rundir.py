@@ -42,6 +42,8 @@ RUN_ENTRIES = frozenset(
 )
 # config keys a finished run may raise on a rerun to train longer (see check_run_dir)
 EXTENDABLE = ("train.max_steps",)
+# config keys of one invocation, not of the run: a rerun may change them freely
+PER_INVOCATION = ("max_time_s",)
 
 
 def _first_difference(old: Any, new: Any, prefix: str = "") -> tuple[str, Any, Any]:
@@ -56,8 +58,12 @@ def _first_difference(old: Any, new: Any, prefix: str = "") -> tuple[str, Any, A
 
 
 def _plain(resolved: dict[str, Any]) -> Any:
-    """``resolved`` as it reads back from YAML (tuples become lists, ...)."""
-    return yaml.safe_load(yaml.safe_dump(resolved, sort_keys=False))
+    """``resolved`` as it reads back from YAML (tuples become lists, ...), without the
+    :data:`PER_INVOCATION` train keys."""
+    plain = yaml.safe_load(yaml.safe_dump(resolved, sort_keys=False))
+    if isinstance(plain, dict) and isinstance(plain.get("train"), dict):
+        plain["train"] = {k: v for k, v in plain["train"].items() if k not in PER_INVOCATION}
+    return plain
 
 
 def _extended(old: Any, new: Any) -> bool:
@@ -82,7 +88,7 @@ def check_run_dir(out: Path, resolved: dict[str, Any]) -> bool:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: pass a directory for the run")
     if cfg_file.is_file():
-        old = _read_run_config(cfg_file)
+        old = _plain(_read_run_config(cfg_file))
         if old == resolved:
             return False
         if _extended(old, resolved):

@@ -139,7 +139,7 @@ def _fit_vae(
     grids = ImageGrids(
         out / IMAGES_DIR, "recon", _reconstructor(fixed), cfg.train.image_every_n_steps
     )
-    trainer = build_trainer(out, cfg.train, device, [grids, *(callbacks or [])], has_val)
+    trainer = build_trainer(out, cfg.train, device, [grids, *(callbacks or [])], has_val, started)
     dm = image_datamodule(splits, cfg.train.batch_size, cfg.train.num_workers, cfg.train.seed)
     metrics = run_training(trainer, module, dm, resume, out, has_val)
     if not trainer.is_global_zero:
@@ -264,7 +264,7 @@ def _fit_prior(
         module = PriorModule(cfg.model.to_dict(), cfg.train.to_dict(), compile=device.compile)
         make_grid = _sampler(cfg, None)
     grids = ImageGrids(out / IMAGES_DIR, "samples", make_grid, cfg.train.image_every_n_steps)
-    trainer = build_trainer(out, cfg.train, device, [grids, *(callbacks or [])], has_val)
+    trainer = build_trainer(out, cfg.train, device, [grids, *(callbacks or [])], has_val, started)
     metrics = run_training(trainer, module, dm, resume, out, has_val)
     if not trainer.is_global_zero:
         return {}

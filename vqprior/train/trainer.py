@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
-from vqprior.train.callbacks import NonFiniteGuard, PlainProgress
+from vqprior.train.callbacks import NonFiniteGuard, PlainProgress, TimeBudget
 from vqprior.train.checkpoints import AtomicCheckpointIO, checkpoint_callbacks
 from vqprior.train.config import DeviceOptions, TrainConfig
 from vqprior.train.rankdump import rank_dump_callbacks
@@ -85,9 +85,12 @@ def build_trainer(
     device: DeviceOptions,
     callbacks: Sequence[Callback],
     has_val: bool,
+    started: float | None = None,
 ) -> L.Trainer:
-    """A Trainer writing checkpoints, CSV logs and the non-finite guard's output under ``out``."""
+    """A Trainer writing checkpoints, CSV logs and the non-finite guard's output under ``out``;
+    with ``train.max_time_s``, a :class:`TimeBudget` counting from ``started`` (``time.time()``)."""
     bar = progress_enabled(device)
+    budget = [TimeBudget(train, started)] if train.max_time_s else []
     return L.Trainer(
         default_root_dir=out,
         max_steps=train.max_steps,
@@ -102,6 +105,7 @@ def build_trainer(
             ResumeState(),
             NonFiniteGuard(out),
             *([] if bar else [PlainProgress(train.batch_size)]),
+            *budget,
             *callbacks,
             *rank_dump_callbacks(),
             *checkpoint_callbacks(out, train, has_val),  # last: they see every other state
