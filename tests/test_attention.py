@@ -205,16 +205,17 @@ def test_block_steps_reproduce_forward_and_are_idempotent() -> None:
     state = block.start_steps(ctx)
     for r in range(h):
         assert torch.equal(block.step_row(state, r, v[:, :, r]), v[:, :, r])
-        row = torch.zeros(n, f, pad + w, dtype=torch.float64)
-        row[:, :, pad:] = hs[:, :, r]
+        row = torch.zeros(n, pad + w, f, dtype=torch.float64)  # [n, pad + W, F]
+        row[:, pad:] = hs[:, :, r].transpose(1, 2)
+        before = torch.randn(n, f, dtype=torch.float64)  # the skips of the blocks before
         for c in range(w):
             wrong = row.clone()
-            wrong[:, :, pad + c] = 7.0
-            block.step_element(state, r, c, wrong)
-            out, skip = block.step_element(state, r, c, row)
-            assert torch.allclose(out[:, :, pad + c], full.h[:, :, r, c], atol=1e-12)
-            assert torch.allclose(skip, full.skip[:, :, r, c], atol=1e-12)
-            assert torch.equal(out[:, :, :pad], torch.zeros(n, f, pad, dtype=torch.float64))
+            wrong[:, pad + c] = 7.0
+            block.step_element(state, r, c, wrong, before)
+            out, skips = block.step_element(state, r, c, row, before)
+            assert torch.allclose(out[:, pad + c], full.h[:, :, r, c], atol=1e-12)
+            assert torch.allclose(skips - before, full.skip[:, :, r, c], atol=1e-12)
+            assert torch.equal(out[:, :pad], torch.zeros(n, pad, f, dtype=torch.float64))
 
 
 def test_block_full_pass_is_causal_in_raster_order() -> None:

@@ -377,5 +377,5 @@ class Conv1x1Head(nn.Module):
         return conv1x1_fp32(self.conv, x)
 
     def step(self, x: Tensor) -> Tensor:
-        """Features [n, F] -> output [n, P] at one element."""
-        return self(x[:, :, None, None])[:, :, 0, 0]
+        """Features [n, F] -> output [n, P] at one element (one matrix product)."""
+        return conv1x1_fp32(self.conv, x)

@@ -76,7 +76,7 @@ class _AttentionSteps:
     keys: Tensor  # [n, heads, H * W, d], written at t = r * W + c
     values: Tensor  # [n, heads, H * W, d]
     bias: Tensor  # [n, H * W, F] positions + class bias + spatial bias, per element
-    h_out: Tensor  # [n, F, pad + W] this block's horizontal output row
+    h_out: Tensor  # [n, pad + W, F] this block's horizontal output row
     width: int
     pad: int
 
@@ -162,7 +162,7 @@ class AttentionBlock(nn.Module):
             keys=torch.zeros(cache, device=ctx.device, dtype=ctx.dtype),
             values=torch.zeros(cache, device=ctx.device, dtype=ctx.dtype),
             bias=self._bias(n, ctx.height, ctx.width, ctx.cond, ctx.spatial, ref),
-            h_out=torch.zeros(n, f, ctx.pad + ctx.width, device=ctx.device, dtype=ctx.dtype),
+            h_out=torch.zeros(n, ctx.pad + ctx.width, f, device=ctx.device, dtype=ctx.dtype),
             width=ctx.width,
             pad=ctx.pad,
         )
@@ -172,11 +172,12 @@ class AttentionBlock(nn.Module):
         return v_in
 
     def step_element(
-        self, state: _AttentionSteps, r: int, c: int, h_row: Tensor
+        self, state: _AttentionSteps, r: int, c: int, h_row: Tensor, skips: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """Attention output at ``t = r * W + c`` over the cache ``[0 .. t]``; writes k, v at t."""
+        """Attention output at ``t = r * W + c`` over the cache ``[0 .. t]``; writes k, v at t.
+        Its output is also its skip, added to ``skips``."""
         t, at = r * state.width + c, state.pad + c
-        x = h_row[:, :, at]  # [n, F]
+        x = h_row[:, at]  # [n, F]
         n, heads = x.shape[0], self.heads
         z = self.norm(x) + state.bias[:, t]
         # plain views here (the step is latency-bound): "(three e d)" -> three, e, d
@@ -187,5 +188,5 @@ class AttentionBlock(nn.Module):
             q, state.keys[:, :, : t + 1], state.values[:, :, : t + 1]
         )  # [n, e, 1, d]: the one query sees every cached element up to t
         o = self.out(att.reshape(n, -1))
-        state.h_out[:, :, at] = x + o
-        return state.h_out, o
+        state.h_out[:, at] = x + o
+        return state.h_out, skips + o

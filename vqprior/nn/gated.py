@@ -37,8 +37,18 @@ def gate(x: Tensor) -> Tensor:
     return torch.tanh(a) * torch.sigmoid(b)
 
 
+def conv1x1(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """A 1x1 ``conv`` (its mask applied) on ``x`` [b, Cin, h, w], or on features at one
+    element [n, Cin] as one matrix product (the samplers' per-element path)."""
+    weight = conv.masked_weight() if isinstance(conv, MaskedConv2d) else conv.weight
+    if x.dim() == 2:
+        return F.linear(x, weight[:, :, 0, 0], conv.bias)
+    return F.conv2d(x, weight, conv.bias)
+
+
 def conv1x1_fp32(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """Apply a 1x1 ``conv`` to ``x`` [b, Cin, h, w] in fp32 (fp64 stays fp64), autocast off.
+    """Apply a 1x1 ``conv`` to ``x`` [b, Cin, h, w] (or [n, Cin]) in fp32 (fp64 stays fp64),
+    autocast off.
 
     For the last layer of a head: its output feeds the likelihood, whose parameters (means,
     log-scales, logits) must not be rounded to bf16 under mixed precision.
@@ -47,7 +57,16 @@ def conv1x1_fp32(conv: nn.Conv2d, x: Tensor) -> Tensor:
     dtype = torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
     bias = None if conv.bias is None else conv.bias.to(dtype)
     with torch.autocast(device_type=x.device.type, enabled=False):
+        if x.dim() == 2:
+            return F.linear(x.to(dtype), weight[:, :, 0, 0].to(dtype), bias)
         return F.conv2d(x.to(dtype), weight.to(dtype), bias)
+
+
+def _bias(conv: nn.Conv2d, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``conv``'s bias [n] (zeros when it has none) in ``dtype``."""
+    if conv.bias is None:
+        return torch.zeros(n, dtype=dtype, device=device)
+    return conv.bias.to(dtype)
 
 
 def _row(b: Bias, r: int) -> Bias:
@@ -59,14 +78,16 @@ def _row(b: Bias, r: int) -> Bias:
 
 @dataclass
 class _GatedSteps:
-    """Caches of one gated layer for one batch (see :meth:`GatedLayer.start_steps`)."""
+    """Caches of one gated layer for one batch (see :meth:`GatedLayer.start_steps`). The
+    per-element weights are transposed ([in, out]) for ``addmm``."""
 
     v_in: Tensor  # [n, Cin, H + kh - 1, W + 2p] vertical input rows, zero padded
-    h_out: Tensor  # [n, F, pad + W] horizontal output of the current row
-    h_bias: Tensor  # [n, 2F, W] vertical link + conditioning for the current row
+    h_out: Tensor  # [n, pad + W, F] horizontal output of the current row
+    h_bias: Tensor  # [W, n, 2F] the current row's vertical link + conditioning + h bias
     w_v: Tensor  # [2F, Cin, kh, k] masked vertical kernel
-    w_h: Tensor  # [2F, Cin * (p + 1)] masked horizontal kernel, flattened
+    w_h: Tensor  # [(p + 1) * Cin, 2F] masked horizontal kernel, columns then channels
     w_res: Tensor | None  # [F, F]; None in the last layer (its residual output is unused)
+    b_res: Tensor | None  # [F]
     w_skip: Tensor  # [F, F]
     bv: Bias  # conditioning bias of the vertical pre-activation
     bh: Bias
@@ -153,14 +174,18 @@ class GatedLayer(nn.Module):
             return torch.zeros(shape, device=ctx.device, dtype=ctx.dtype)
 
         bv, bh = self.biases(ctx.cond, ctx.spatial)
+        if self.h_conv.bias is not None:  # folded into the row's horizontal bias
+            bh = bh + self.h_conv.bias.to(ctx.dtype)[:, None, None]
+        res = self.h_res
         return _GatedSteps(
             v_in=zeros(n, cin, H + kh - 1, W + 2 * p),
-            h_out=zeros(n, f2 // 2, ctx.pad + W),
-            h_bias=zeros(n, f2, W),
+            h_out=zeros(n, ctx.pad + W, f2 // 2),
+            h_bias=zeros(W, n, f2),
             w_v=self.v_conv.masked_weight(),
-            w_h=rearrange(self.h_conv.masked_weight(), "o i 1 k -> o (i k)"),
-            w_res=None if self.h_res is None else self.h_res.masked_weight()[:, :, 0, 0],
-            w_skip=self.h_skip.masked_weight()[:, :, 0, 0],
+            w_h=rearrange(self.h_conv.masked_weight(), "o i 1 k -> (k i) o").contiguous(),
+            w_res=None if res is None else res.masked_weight()[:, :, 0, 0].t().contiguous(),
+            b_res=None if res is None else _bias(res, f2 // 2, ctx.dtype, ctx.device),
+            w_skip=self.h_skip.masked_weight()[:, :, 0, 0].t().contiguous(),
             bv=bv,
             bh=bh,
             pad=ctx.pad,
@@ -172,26 +197,25 @@ class GatedLayer(nn.Module):
         state.v_in[:, :, r + kh - 1, p : p + v_in.shape[-1]] = v_in
         rows = state.v_in[:, :, r : r + kh]  # the kernel's rows, ending at input row r
         v_pre = F.conv2d(rows, state.w_v, self.v_conv.bias) + _row(state.bv, r)  # [n, 2F, 1, W]
-        state.h_bias.copy_((self.v_to_h(v_pre) + _row(state.bh, r))[:, :, 0])
+        h_bias = self.v_to_h(v_pre) + _row(state.bh, r)  # [n, 2F, 1, W]
+        state.h_bias.copy_(h_bias[:, :, 0].permute(2, 0, 1))
         return gate(v_pre)[:, :, 0]
 
     def step_element(
-        self, state: _GatedSteps, r: int, c: int, h_row: Tensor
+        self, state: _GatedSteps, r: int, c: int, h_row: Tensor, skips: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """Horizontal stack at (r, c) from the input row ``h_row`` [n, Cin, pad + W] (column
-        ``pad + c`` current); returns this layer's output row buffer and the skip [n, F]."""
+        """Horizontal stack at (r, c) from the input row ``h_row`` [n, pad + W, Cin] (column
+        ``pad + c`` current); returns this layer's output row buffer and ``skips`` [n, F] plus
+        this layer's skip. Four matrix products and the gate: the op count is the cost here."""
         p, at = self.p, state.pad + c
-        # [n, i, k] -> [n, (i k)]: reshape, not einops, on this per-element path (~15 us a call)
-        window = h_row[:, :, at - p : at + 1].reshape(h_row.shape[0], -1)
-        h_pre = F.linear(window, state.w_h, self.h_conv.bias) + state.h_bias[:, :, c]
-        hg = gate(h_pre)  # [n, F]
-        skip = F.linear(hg, state.w_skip, self.h_skip.bias)
-        if state.w_res is None:
-            return h_row, skip  # the last layer: its residual stream is never read
-        assert self.h_res is not None
-        h_out = F.linear(hg, state.w_res, self.h_res.bias)
-        state.h_out[:, :, at] = h_out if self.first else h_out + h_row[:, :, at]
-        return state.h_out, skip
+        window = h_row[:, at - p : at + 1].reshape(h_row.shape[0], -1)  # a view: [n, (k i)]
+        hg = gate(torch.addmm(state.h_bias[c], window, state.w_h))  # [n, F]
+        skips = torch.addmm(skips, hg, state.w_skip)
+        if state.w_res is None or state.b_res is None:
+            return h_row, skips  # the last layer: its residual stream is never read
+        resid = state.b_res if self.first else h_row[:, at] + state.b_res
+        torch.addmm(resid, hg, state.w_res, out=state.h_out[:, at])
+        return state.h_out, skips
 
 
 def _attention_block(
@@ -206,7 +230,8 @@ def _attention_block(
 @dataclass
 class _StackSteps:
     blocks: list[Any]  # one state per block
-    x_row: Tensor  # [n, Cin, pad + W] network input of the current row (left zero pad)
+    x_row: Tensor  # [n, pad + W, Cin] network input of the current row (left zero pad)
+    skip_bias: Tensor  # [F] the gated layers' skip biases, summed
     row: int  # the row whose vertical stream has been computed (-1: none yet)
     pad: int  # left zero columns of the horizontal row buffers
 
@@ -272,36 +297,40 @@ class GatedStack(nn.Module):
     # ------------------------------------------------------------------ step protocol
     def start_steps(self, ctx: StepContext) -> _StackSteps:
         ctx = ctx._replace(pad=max(ctx.pad, self.pad))
-        cin = self.gated_layers[0].v_conv.in_channels
-        x_row = torch.zeros(ctx.n, cin, ctx.pad + ctx.width, device=ctx.device, dtype=ctx.dtype)
-        return _StackSteps([block.start_steps(ctx) for block in self._blocks()], x_row, -1, ctx.pad)
+        layers = self.gated_layers
+        cin = layers[0].v_conv.in_channels
+        x_row = torch.zeros(ctx.n, ctx.pad + ctx.width, cin, device=ctx.device, dtype=ctx.dtype)
+        f = layers[0].h_skip.out_channels
+        skip_bias = sum(
+            (_bias(layer.h_skip, f, ctx.dtype, ctx.device) for layer in layers),
+            torch.zeros(f, dtype=ctx.dtype, device=ctx.device),
+        )
+        blocks = [block.start_steps(ctx) for block in self._blocks()]
+        return _StackSteps(blocks, x_row, skip_bias, -1, ctx.pad)
 
     def step_write(self, state: _StackSteps, r: int, c: int, inp: Tensor) -> None:
         """Set the network input at (r, c) [n, Cin] (all of it, unwritten groups zero)."""
         if r != state.row:
             self._advance_row(state, r)
-        state.x_row[:, :, state.pad + c] = inp
+        state.x_row[:, state.pad + c] = inp
 
     def step_output(self, state: _StackSteps, r: int, c: int) -> Tensor:
         """Summed skip features at (r, c) [n, F], given every input written so far."""
         if r != state.row:
             self._advance_row(state, r)
-        h, skips = state.x_row, None
+        h, skips = state.x_row, state.skip_bias
         for block, block_state in zip(self._blocks(), state.blocks, strict=True):
-            h, skip = block.step_element(block_state, r, c, h)
-            if skip is not None:
-                skips = skip if skips is None else skips + skip
-        assert skips is not None
-        return skips
+            h, skips = block.step_element(block_state, r, c, h, skips)
+        return skips.expand(h.shape[0], -1)  # [F] only if no block added a skip
 
     def _advance_row(self, state: _StackSteps, r: int) -> None:
         """Start row r: feed the finished input row r - 1 down the vertical stream."""
         if r != state.row + 1:
             raise ValueError(f"steps must visit rows in order: row {r} after row {state.row}")
-        v = state.x_row[:, :, state.pad :].clone()  # input row r - 1 (zeros for r = 0)
-        state.x_row.zero_()
+        v = state.x_row[:, state.pad :].transpose(1, 2)  # input row r - 1 (zeros for r = 0)
         for block, block_state in zip(self._blocks(), state.blocks, strict=True):
-            v = block.step_row(block_state, r, v)
+            v = block.step_row(block_state, r, v)  # the first block copies its input row
+        state.x_row.zero_()
         state.row = r
 
 
@@ -322,5 +351,5 @@ class CausalHead(nn.Module):
         return conv1x1_fp32(self.out, F.relu(self.hidden(F.relu(x))))
 
     def step(self, x: Tensor) -> Tensor:
-        """The head at one element: features [n, F] -> output [n, P]."""
-        return self(x[:, :, None, None])[:, :, 0, 0]
+        """The head at one element: features [n, F] -> output [n, P] (matrix products)."""
+        return conv1x1_fp32(self.out, F.relu(conv1x1(self.hidden, F.relu(x))))

@@ -27,12 +27,14 @@ A block (a gated layer, a causal self-attention block, ...) implements::
     state = block.start_steps(ctx)            # ctx: StepContext (batch, grid, condition)
     v_row = block.step_row(state, r, v_in)    # v_in [n, Cin, W]: vertical input row r
                                               # -> [n, F, W] vertical output row r
-    h_row, skip = block.step_element(state, r, c, h_in)
-        # h_in [n, Cin, pad + W]: the horizontal input row r (``pad = ctx.pad`` zero columns
-        # on the left; column ``pad + c'`` holds element (r, c')); columns left of ``pad + c``
-        # are final, column ``pad + c`` is the current element. Returns the block's own
-        # output row buffer (same layout, column ``pad + c`` updated; a block whose
-        # horizontal output equals its input may return ``h_in``) and skip [n, F] or None.
+    h_row, skips = block.step_element(state, r, c, h_in, skips)
+        # h_in [n, pad + W, Cin]: the horizontal input row r (``pad = ctx.pad`` zero columns
+        # on the left; column ``pad + c'`` holds element (r, c'), its channels contiguous);
+        # columns left of ``pad + c`` are final, column ``pad + c`` is the current element.
+        # Returns the block's own output row buffer (same layout, column ``pad + c`` updated;
+        # a block whose horizontal output equals its input may return ``h_in``) and
+        # ``skips`` [n, F] (the skip features summed over the blocks so far; [F] before the
+        # first) plus its own skip, if it has one.
 
 Rules every block follows (the stack relies on them):
 
@@ -118,8 +120,8 @@ class StepBlock(Protocol):
     def step_row(self, state: Any, r: int, v_in: Tensor) -> Tensor: ...
 
     def step_element(
-        self, state: Any, r: int, c: int, h_in: Tensor
-    ) -> tuple[Tensor, Tensor | None]: ...
+        self, state: Any, r: int, c: int, h_in: Tensor, skips: Tensor
+    ) -> tuple[Tensor, Tensor]: ...
 
 
 @runtime_checkable
