@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from vqprior.train.callbacks import FIT_AFTER
 from vqprior.bench.sweep import format_rows, main, parse_arm, run_arm
+from vqprior.train.callbacks import FIT_AFTER
 from vqprior.train.prior import PriorModule
 
 SPEC: dict[str, Any] = {

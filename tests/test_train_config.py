@@ -190,11 +190,16 @@ def test_a_larger_max_steps_extends_a_run_and_nothing_else_does(tmp_path: Path) 
             check_run_dir(tmp_path, other)
 
 
-def test_priors_default_to_the_lr_chosen_per_second_and_the_vae_keeps_its_own() -> None:
+def test_priors_default_to_the_schedule_chosen_per_second_and_the_vae_keeps_its_own() -> None:
     from vqprior.train.stages import PRIOR_TRAIN_DEFAULTS, resolve_prior_stage, resolve_vae_stage
 
     data = {"name": "digits", "limit": 32}
     cfg = resolve_prior_stage({"data": data, "vae": None})[0]
-    assert cfg.train.lr == PRIOR_TRAIN_DEFAULTS["lr"] == 1e-3
+    assert cfg.train.lr == PRIOR_TRAIN_DEFAULTS["lr"] == 2e-3
+    assert (cfg.train.batch_size, cfg.train.lr_schedule, cfg.train.warmup_steps) == (
+        32,
+        "cosine",
+        50,
+    )
     assert resolve_prior_stage({"data": data, "train": {"lr": 5e-4}})[0].train.lr == 5e-4
     assert resolve_vae_stage({"data": data})[0].train.lr == 3e-4

@@ -24,6 +24,7 @@ import platform
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -77,6 +78,7 @@ class TrainOptions:
     baseline_tree: str | None = None  # another source tree timed in alternating subprocesses
     repeats: int = 3  # alternations against the baseline tree
     threads: int = 0  # worker threads for the baseline comparison (0: this process's)
+    baseline_jobs: Sequence[str] = ("train",)  # what the baseline comparison times
 
 
 def run_bench(
@@ -112,17 +114,18 @@ def run_bench(
             dev, opts.batch, opts.steps, opts.models, opts.precisions, opts.compile
         )
         result["training"] = [asdict(r) for r in train_rows]
-    if opts.baseline_tree:
+    for job in opts.baseline_jobs if opts.baseline_tree else ():
         ab = compare_trees(
-            Path(opts.baseline_tree),
+            Path(opts.baseline_tree or ""),
             opts.models or DEFAULT_TRAIN_MODELS,
-            opts.precisions,
-            opts.batch,
+            opts.precisions if job == "train" else ("fp32",),
+            opts.batch if job == "train" else 16,
             max(opts.steps, 1),
             opts.repeats,
             opts.threads or torch.get_num_threads(),
+            job,
         )
-        result["baseline"] = [asdict(r) for r in ab]
+        cast(list, result["baseline"]).extend(asdict(r) for r in ab)
     return result
 
 
@@ -152,6 +155,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline-tree", default=None, help="source tree to compare against")
     parser.add_argument("--repeats", type=int, default=3, help="baseline-tree alternations")
     parser.add_argument("--threads", type=int, default=0, help="baseline-tree worker threads")
+    parser.add_argument(
+        "--baseline-jobs",
+        default="train",
+        help="baseline-tree: train,sample (sampling: fp32, batch 16, one sample per step)",
+    )
     parser.add_argument("--profile", action="store_true", help="profile one training step")
     parser.add_argument("--out", default="bench.json", help="JSON file to write")
     return parser
@@ -185,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         baseline_tree=args.baseline_tree,
         repeats=args.repeats,
         threads=args.threads,
+        baseline_jobs=_names(args.baseline_jobs, ("train", "sample"), "--baseline-jobs"),
     )
     result = run_bench(
         args.device,

@@ -146,8 +146,11 @@ class PlainProgress(Callback):
     and one at the end. Rank zero only.
     """
 
-    def __init__(self, batch_size: int, every_s: float = 30.0) -> None:
-        self.batch_size, self.every_s = batch_size, every_s
+    def __init__(
+        self, batch_size: int, every_s: float = 30.0, deadline: float | None = None
+    ) -> None:
+        """``deadline``: the ``time.time()`` at which a ``train.max_time_s`` budget ends."""
+        self.batch_size, self.every_s, self.deadline = batch_size, every_s, deadline
         self._start = self._last = 0.0
         self._first_step = 0
 
@@ -161,6 +164,8 @@ class PlainProgress(Callback):
         done, elapsed = step - self._first_step, max(now - self._start, 1e-9)
         speed = done * self.batch_size * trainer.world_size / elapsed
         left = (total - step) * elapsed / done if done else float("nan")
+        if self.deadline is not None and done:
+            left = max(0.0, min(left, self.deadline - time.time()))
         parts = [f"step {step}/{total} ({100 * step // max(total, 1)}%)"]
         if loss is not None:
             parts.append(f"loss {float(loss):.4g}")

@@ -186,7 +186,15 @@ def _fixed_images(splits: ImageSplits, n: int) -> torch.Tensor:
 
 # A prior's own training defaults over TrainConfig's (which the VAE keeps): lr 1e-3 reached
 # lower held-out bits/dim per second than 3e-4 on CIFAR-10 and MNIST (README, Training speed).
-PRIOR_TRAIN_DEFAULTS: dict[str, Any] = {"lr": 1e-3}
+# chosen per second of training against the PixelCNN++ port (docs/benchmarks.md): a prior
+# learns most per second with small batches, a higher lr and a cosine schedule (fitted to
+# train.max_time_s when that is set)
+PRIOR_TRAIN_DEFAULTS: dict[str, Any] = {
+    "lr": 2e-3,
+    "batch_size": 32,
+    "lr_schedule": "cosine",
+    "warmup_steps": 50,
+}
 
 
 def resolve_prior_stage(

@@ -91,6 +91,7 @@ def build_trainer(
     with ``train.max_time_s``, a :class:`TimeBudget` counting from ``started`` (``time.time()``)."""
     bar = progress_enabled(device)
     budget = [TimeBudget(train, started)] if train.max_time_s else []
+    deadline = budget[0].started + train.max_time_s if budget else None
     return L.Trainer(
         default_root_dir=out,
         max_steps=train.max_steps,
@@ -104,7 +105,7 @@ def build_trainer(
         callbacks=[
             ResumeState(),
             NonFiniteGuard(out),
-            *([] if bar else [PlainProgress(train.batch_size)]),
+            *([] if bar else [PlainProgress(train.batch_size, deadline=deadline)]),
             *budget,
             *callbacks,
             *rank_dump_callbacks(),
