@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,6 +115,18 @@ def test_baseline_tree_comparison_runs_alternating_subprocesses() -> None:
     assert row.base_images_per_s > 0 and row.images_per_s > 0 and row.ratio > 0
     with pytest.raises(ValueError, match="no vqprior package"):
         compare_trees(this_tree() / "tests", ["prior-codes-8x8"], ["fp32"], 2, 1, 1, 1)
+
+
+def test_baseline_jobs_time_sampling_too(tmp_path: Path) -> None:
+    """--baseline-jobs train,sample: one row per job, sampling at batch 16 in fp32."""
+    from vqprior.bench import main
+
+    args = ["--models", "", "--train-steps", "0", "--train-models", "prior-codes-8x8"]
+    args += ["--precisions", "fp32", "--baseline-tree", str(this_tree()), "--repeats", "1"]
+    result = main([*args, "--baseline-jobs", "train,sample", "--out", str(tmp_path / "b.json")])
+    jobs = {(r["job"], r["batch"]) for r in result["baseline"]}
+    assert jobs == {("train", 32), ("sample", 16)}
+    assert all(r["ratio"] > 0 for r in result["baseline"])
 
 
 def test_the_baseline_worker_imports_only_what_old_trees_have() -> None:

@@ -37,7 +37,7 @@ import yaml
 
 from vqprior.config import Config, ConfigError, apply_overrides, check_choice, check_range
 from vqprior.data import DataConfig
-from vqprior.train.config import TrainConfig, check_sections
+from vqprior.train.config import PER_INVOCATION, TrainConfig, check_sections
 
 KINDS = ("train-vae", "encode", "train-prior", "generate", "evaluate")
 TRAINING = ("train-vae", "train-prior")
@@ -317,11 +317,13 @@ def stage_key(stage: Stage, deps: dict[str, dict[str, Any]]) -> str:
     """Hash of the stage's kind, config and the keys and output hashes of its dependencies.
 
     A training stage's ``train.max_steps`` is left out: a longer schedule extends the same
-    run (see :func:`max_steps`, which the manifest records beside the key).
+    run (see :func:`max_steps`, which the manifest records beside the key); so is its time
+    budget ``train.max_time_s``, which belongs to one invocation.
     """
     config = stage.config
     if stage.training:
-        train = {k: v for k, v in (config.get("train") or {}).items() if k != "max_steps"}
+        left_out = ("max_steps", *PER_INVOCATION)
+        train = {k: v for k, v in (config.get("train") or {}).items() if k not in left_out}
         config = {**config, "train": train}
     ident = {
         "kind": stage.kind,

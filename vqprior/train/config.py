@@ -75,6 +75,10 @@ class TrainConfig(Config):
             check_range("val_batches", self.val_batches, 1)
 
 
+# train keys of one invocation, not of the run: a rerun may change them freely
+PER_INVOCATION = ("max_time_s",)
+
+
 @dataclass(frozen=True, kw_only=True)
 class VAEStageConfig(Config):
     """A resolved train-vae YAML."""

@@ -18,6 +18,7 @@ from vqprior.card import CARD_NAME, model_card
 from vqprior.config import ConfigError
 from vqprior.io import CONFIG_NAME, atomic_path, atomic_write_text
 from vqprior.ranks import is_rank_zero
+from vqprior.train.config import PER_INVOCATION
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +43,6 @@ RUN_ENTRIES = frozenset(
 )
 # config keys a finished run may raise on a rerun to train longer (see check_run_dir)
 EXTENDABLE = ("train.max_steps",)
-# config keys of one invocation, not of the run: a rerun may change them freely
-PER_INVOCATION = ("max_time_s",)
 
 
 def _first_difference(old: Any, new: Any, prefix: str = "") -> tuple[str, Any, Any]:
