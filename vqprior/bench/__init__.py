@@ -117,7 +117,11 @@ def run_bench(
     for job in opts.baseline_jobs if opts.baseline_tree else ():
         ab = compare_trees(
             Path(opts.baseline_tree or ""),
-            opts.models or DEFAULT_TRAIN_MODELS,
+            [
+                name
+                for name in opts.models or DEFAULT_TRAIN_MODELS
+                if job == "train" or TRAIN_MODELS[name][0] == "prior"  # what samples
+            ],
             opts.precisions if job == "train" else ("fp32",),
             opts.batch if job == "train" else 16,
             max(opts.steps, 1),

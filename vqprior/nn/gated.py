@@ -69,11 +69,12 @@ def _bias(conv: nn.Conv2d, n: int, dtype: torch.dtype, device: torch.device) -> 
     return conv.bias.to(dtype)
 
 
-def _row(b: Bias, r: int) -> Bias:
-    """Row r of a spatial bias [n, C, H, W] -> [n, C, 1, W]; class biases [n, C, 1, 1] stay."""
-    if isinstance(b, Tensor) and b.shape[-2] > 1:
-        return b[:, :, r : r + 1]
-    return b
+def _rows(cond: Bias, bias: Tensor, f2: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A conditioning bias (0, [n, 2F, 1, 1] or [n, 2F, H, W]) plus a layer bias [2F], laid
+    out for the row step: [H | 1, W | 1, n | 1, 2F]."""
+    if isinstance(cond, float):
+        return (bias + cond).view(1, 1, 1, f2).to(device)
+    return rearrange(cond.to(dtype) + bias[:, None, None], "n c h w -> h w n c").contiguous()
 
 
 @dataclass
@@ -81,16 +82,17 @@ class _GatedSteps:
     """Caches of one gated layer for one batch (see :meth:`GatedLayer.start_steps`). The
     per-element weights are transposed ([in, out]) for ``addmm``."""
 
-    v_in: Tensor  # [n, Cin, H + kh - 1, W + 2p] vertical input rows, zero padded
+    v_in: Tensor  # [H + kh - 1, W + 2p, n, Cin] vertical input rows, zero padded
     h_out: Tensor  # [n, pad + W, F] horizontal output of the current row
     h_bias: Tensor  # [W, n, 2F] the current row's vertical link + conditioning + h bias
-    w_v: Tensor  # [2F, Cin, kh, k] masked vertical kernel
+    w_v: Tensor  # [(kh k Cin), 2F] masked vertical kernel, rows, columns, then channels
+    w_link: Tensor  # [2F, 2F] the vertical-to-horizontal 1x1
     w_h: Tensor  # [(p + 1) * Cin, 2F] masked horizontal kernel, columns then channels
     w_res: Tensor | None  # [F, F]; None in the last layer (its residual output is unused)
     b_res: Tensor | None  # [F]
     w_skip: Tensor  # [F, F]
-    bv: Bias  # conditioning bias of the vertical pre-activation
-    bh: Bias
+    bv: Tensor  # [H | 1, W | 1, n | 1, 2F] vertical pre-activation bias per row (+ v bias)
+    bh: Tensor  # the same for the horizontal one (+ the h-conv and link biases)
     pad: int
 
 
@@ -174,14 +176,17 @@ class GatedLayer(nn.Module):
             return torch.zeros(shape, device=ctx.device, dtype=ctx.dtype)
 
         bv, bh = self.biases(ctx.cond, ctx.spatial)
-        if self.h_conv.bias is not None:  # folded into the row's horizontal bias
-            bh = bh + self.h_conv.bias.to(ctx.dtype)[:, None, None]
-        res = self.h_res
+        res, dt, dev = self.h_res, ctx.dtype, ctx.device
+        bv = _rows(bv, _bias(self.v_conv, f2, dt, dev), f2, dt, dev)
+        bh = _rows(
+            bh, _bias(self.h_conv, f2, dt, dev) + _bias(self.v_to_h, f2, dt, dev), f2, dt, dev
+        )
         return _GatedSteps(
-            v_in=zeros(n, cin, H + kh - 1, W + 2 * p),
+            v_in=zeros(H + kh - 1, W + 2 * p, n, cin),
             h_out=zeros(n, ctx.pad + W, f2 // 2),
             h_bias=zeros(W, n, f2),
-            w_v=self.v_conv.masked_weight(),
+            w_v=rearrange(self.v_conv.masked_weight(), "o i kh k -> (kh k i) o").contiguous(),
+            w_link=self.v_to_h.weight[:, :, 0, 0].t().to(dt).contiguous(),
             w_h=rearrange(self.h_conv.masked_weight(), "o i 1 k -> (k i) o").contiguous(),
             w_res=None if res is None else res.masked_weight()[:, :, 0, 0].t().contiguous(),
             b_res=None if res is None else _bias(res, f2 // 2, ctx.dtype, ctx.device),
@@ -192,14 +197,17 @@ class GatedLayer(nn.Module):
         )
 
     def step_row(self, state: _GatedSteps, r: int, v_in: Tensor) -> Tensor:
-        """Vertical input row r [n, Cin, W] -> gated vertical output row r [n, F, W]."""
-        p, kh = self.p, state.w_v.shape[2]
-        state.v_in[:, :, r + kh - 1, p : p + v_in.shape[-1]] = v_in
-        rows = state.v_in[:, :, r : r + kh]  # the kernel's rows, ending at input row r
-        v_pre = F.conv2d(rows, state.w_v, self.v_conv.bias) + _row(state.bv, r)  # [n, 2F, 1, W]
-        h_bias = self.v_to_h(v_pre) + _row(state.bh, r)  # [n, 2F, 1, W]
-        state.h_bias.copy_(h_bias[:, :, 0].permute(2, 0, 1))
-        return gate(v_pre)[:, :, 0]
+        """Vertical input row r [n, Cin, W] -> gated vertical output row r [n, F, W]: the
+        vertical convolution and the link as two matrix products over the row's windows."""
+        p, kh = self.p, self.v_conv.kernel_size[0]
+        n, _, w = v_in.shape
+        state.v_in[r + kh - 1, p : p + w] = v_in.permute(2, 0, 1)
+        win = state.v_in[r : r + kh].unfold(1, 2 * p + 1, 1)  # [kh, W, n, Cin, k]
+        cols = win.permute(1, 2, 0, 4, 3).reshape(w * n, -1)  # [(W n), (kh k Cin)]
+        v_pre = (cols @ state.w_v).view(w, n, -1) + state.bv[r % len(state.bv)]  # [W, n, 2F]
+        h_bias = (v_pre.view(w * n, -1) @ state.w_link).view(w, n, -1)
+        state.h_bias = h_bias + state.bh[r % len(state.bh)]
+        return gate(v_pre.permute(1, 2, 0))  # [n, F, W] (a view of [W, n, F])
 
     def step_element(
         self, state: _GatedSteps, r: int, c: int, h_row: Tensor, skips: Tensor
