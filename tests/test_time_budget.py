@@ -95,3 +95,15 @@ def test_horizon_is_capped_by_max_steps_and_refits_the_lr(
 def test_negative_budget_is_refused() -> None:
     with pytest.raises(ConfigError, match="max_time_s"):
         TrainConfig(max_time_s=-1.0)
+
+
+def test_progress_lines_count_down_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off a terminal, the time left is the budget's when it ends before max_steps would."""
+    now = [100.0]
+    monkeypatch.setattr(callbacks.time, "time", lambda: now[0])
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: now[0])
+    progress = callbacks.PlainProgress(32, deadline=160.0)
+    trainer = SimpleNamespace(global_step=0, max_steps=10_000, callback_metrics={}, world_size=1)
+    progress.on_train_start(trainer, None)  # type: ignore[arg-type]
+    trainer.global_step, now[0] = 10, 110.0  # 10 steps in 10 s: 9,990 s left by steps
+    assert progress.line(trainer, now[0]).endswith("0:00:50 left")  # type: ignore[arg-type]

@@ -69,11 +69,11 @@ def _bias(conv: nn.Conv2d, n: int, dtype: torch.dtype, device: torch.device) -> 
     return conv.bias.to(dtype)
 
 
-def _rows(cond: Bias, bias: Tensor, f2: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+def _rows(cond: Bias, bias: Tensor, f2: int, dtype: torch.dtype) -> Tensor:
     """A conditioning bias (0, [n, 2F, 1, 1] or [n, 2F, H, W]) plus a layer bias [2F], laid
     out for the row step: [H | 1, W | 1, n | 1, 2F]."""
-    if isinstance(cond, float):
-        return (bias + cond).view(1, 1, 1, f2).to(device)
+    if isinstance(cond, float):  # no conditioning: biases() gives 0.0
+        return bias.view(1, 1, 1, f2)
     return rearrange(cond.to(dtype) + bias[:, None, None], "n c h w -> h w n c").contiguous()
 
 
@@ -177,10 +177,8 @@ class GatedLayer(nn.Module):
 
         bv, bh = self.biases(ctx.cond, ctx.spatial)
         res, dt, dev = self.h_res, ctx.dtype, ctx.device
-        bv = _rows(bv, _bias(self.v_conv, f2, dt, dev), f2, dt, dev)
-        bh = _rows(
-            bh, _bias(self.h_conv, f2, dt, dev) + _bias(self.v_to_h, f2, dt, dev), f2, dt, dev
-        )
+        bv = _rows(bv, _bias(self.v_conv, f2, dt, dev), f2, dt)
+        bh = _rows(bh, _bias(self.h_conv, f2, dt, dev) + _bias(self.v_to_h, f2, dt, dev), f2, dt)
         return _GatedSteps(
             v_in=zeros(H + kh - 1, W + 2 * p, n, cin),
             h_out=zeros(n, ctx.pad + W, f2 // 2),
