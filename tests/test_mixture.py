@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from vqprior.nn.grid import from_bins, to_bins
+from vqprior.nn.grid import from_bins, snap_to_grid, to_bins
 from vqprior.nn.mixture import (
     FLOOR_EPS,
     LOG_SCALE_MAX,
@@ -155,6 +155,25 @@ def test_grid_rounds_to_nearest_and_clamps() -> None:
     assert to_bins(x, n).dtype == torch.long
     with pytest.raises(ValueError):
         to_bins(x, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [2, 5, 16, 256])
+def test_snap_to_grid_equals_the_integer_route(dtype: torch.dtype, n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    x = torch.cat(
+        [
+            torch.randn(20000, generator=g, dtype=dtype) * 1.5,
+            torch.linspace(-1.2, 1.2, 9999, dtype=dtype),
+        ]
+    )
+    halfway = (torch.arange(n - 1, dtype=dtype) + 0.5) * (2.0 / (n - 1)) - 1.0  # ties
+    x = torch.cat([x, halfway, from_bins(torch.arange(n), n, dtype)])
+    got = snap_to_grid(x, n)
+    assert got.dtype == dtype
+    assert torch.equal(got, from_bins(to_bins(x, n), n, dtype))
+    with pytest.raises(ValueError):
+        snap_to_grid(x.half(), n)
 
 
 # ----------------------------------------------------------------------------- layout

@@ -112,10 +112,10 @@ def categorical_sample(
     _check_temperature(temperature)
     check_truncation(top_k, top_p)
     _check_rest(logits, u, "u")
-    if logits.dim() > 2 and logits[0, 0].numel() == 1:  # one element (a sampler's step):
-        # the same maths on [b, n], whose reductions run ~6x faster than on [b, n, 1, 1]
-        flat = categorical_sample(logits.flatten(1), u.flatten(), temperature, top_k, top_p)
-        return flat.view(u.shape)
+    if logits.dim() > 2:  # one row per distribution: [R, n] reductions run several times
+        # faster than strided ones on [b, n, *rest], most of all for a sampler's one element
+        rows = logits.movedim(1, -1).reshape(-1, logits.shape[1])
+        return categorical_sample(rows, u.reshape(-1), temperature, top_k, top_p).view(u.shape)
     with torch.autocast(device_type=logits.device.type, enabled=False):
         logits = _upcast(logits)
         if temperature == 0.0:
@@ -125,9 +125,9 @@ def categorical_sample(
         probs = torch.softmax(shifted, dim=1)
         if top_k is not None or top_p is not None:
             probs = torch.where(_keep_mask(logits, probs, top_k, top_p), probs, 0.0)
-        cdf = probs.cumsum(dim=1)  # [b, n, *rest]
+        cdf = probs.cumsum(dim=1)  # [R, n]
         u = _upcast(u).clamp(torch.finfo(cdf.dtype).tiny, 1.0)  # u == 0 must not pick p == 0
-        threshold = u.unsqueeze(1) * cdf[:, -1:]  # [b, 1, *rest]
+        threshold = u.unsqueeze(1) * cdf[:, -1:]  # [R, 1]
         idx = (cdf < threshold).sum(dim=1)
         return idx.clamp(max=logits.shape[1] - 1)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["from_bins", "to_bins"]
+__all__ = ["from_bins", "snap_to_grid", "to_bins"]
 
 
 def _check_num_bins(num_bins: int) -> None:
@@ -49,3 +49,18 @@ def from_bins(idx: Tensor, num_bins: int, dtype: torch.dtype = torch.float32) ->
     # (2 idx - (N - 1)) / (N - 1): the numerator is an exact integer, so the value is correctly
     # rounded (2 idx / (N - 1) - 1 loses ~1e-7 absolute near 0 in float32).
     return ((2 * idx.long() - (num_bins - 1)).to(work) / (num_bins - 1)).to(dtype)
+
+
+def snap_to_grid(x: Tensor, num_bins: int) -> Tensor:
+    """``from_bins(to_bins(x), num_bins, x.dtype)`` for float32/float64 ``x``, in float.
+
+    The bin index is an exact integer in the float (below ``2**24``), so every step is exact or
+    correctly rounded as in the integer route; a sampler's per-element path runs 5 ops instead
+    of 11.
+    """
+    _check_num_bins(num_bins)
+    if x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"snap_to_grid expects float32 or float64, got {x.dtype}")
+    top = float(num_bins - 1)
+    idx = torch.round((x + 1.0) * (top / 2.0)).clamp_(0.0, top)
+    return (2.0 * idx - top) / top

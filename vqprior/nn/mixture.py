@@ -50,7 +50,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vqprior.nn.categorical import categorical_sample, check_truncation
-from vqprior.nn.grid import from_bins, to_bins
+from vqprior.nn.grid import from_bins, snap_to_grid, to_bins
 from vqprior.nn.mixture_argmax import most_probable_bin
 
 __all__ = [
@@ -296,12 +296,6 @@ def mixture_mode(params: Tensor, num_channels: int, num_mixtures: int, num_bins:
         return x
 
 
-def _gather_component(t: Tensor, comp: Tensor) -> Tensor:
-    """Pick component ``comp`` ``[b, h, w]`` from ``t`` ``[b, m, k, h, w]`` -> ``[b, k, h, w]``."""
-    index = comp[:, None, None].expand(-1, 1, t.shape[2], -1, -1)
-    return t.gather(1, index).squeeze(1)
-
-
 def mixture_sample(
     params: Tensor,
     num_channels: int,
@@ -347,21 +341,36 @@ def mixture_sample(
         )
     if temperature == 0.0:
         return mixture_mode(params, num_channels, num_mixtures, num_bins)
+    c, m = num_channels, num_mixtures
+    expected = num_mixture_params(c, m)
+    if params.shape[1] != expected:
+        raise ValueError(
+            f"params must have shape [b, {expected}, h, w] for {c} channels and {m} mixtures, "
+            f"got {tuple(params.shape)}"
+        )
     with torch.autocast(device_type=params.device.type, enabled=False):
-        p = split_mixture_params(params, num_channels, num_mixtures, num_bins)
-        comp = categorical_sample(p.logits, u_comp, temperature, top_k, top_p)  # [b, h, w]
-        mu = _gather_component(p.means, comp)  # [b, c, h, w]
-        log_scale = _gather_component(p.log_scales, comp)  # [b, c, h, w]
-        coeffs = _gather_component(p.coeffs, comp)  # [b, c(c-1)/2, h, w]
-        eps = torch.finfo(mu.dtype).eps
-        u = _upcast(u_val).to(mu.dtype).clamp(eps, 1.0 - eps)
-        noise = torch.log(u) - torch.log1p(-u)  # standard logistic, [b, c, h, w]
+        # one row per pixel, [R, P] (a sampler's step is R = b): the same maths whatever the
+        # image size, in a handful of ops on rows
+        rows = _upcast(params).movedim(1, -1).reshape(-1, expected)
+        n_rows = rows.shape[0]
+        comp = categorical_sample(rows[:, :m], u_comp.reshape(-1), temperature, top_k, top_p)
+        per_comp = rows[:, m:].view(n_rows, -1, m)  # [R, 2C + K, M]: means, log-scales, coeffs
+        picked = per_comp.gather(2, comp.view(n_rows, 1, 1).expand(-1, per_comp.shape[1], 1))
+        mu, log_scale, raw = picked.squeeze(2).split([c, c, c * (c - 1) // 2], 1)
+        log_scale = log_scale.clamp(log_scale_min(num_bins), LOG_SCALE_MAX)
+        coeffs = torch.tanh(raw)
+        eps = torch.finfo(rows.dtype).eps
+        u = _upcast(u_val).to(rows.dtype).movedim(1, -1).reshape(n_rows, c).clamp(eps, 1.0 - eps)
+        # mean + scale * T * standard logistic noise, the conditional terms added per channel
+        value = mu + torch.exp(log_scale) * temperature * (torch.log(u) - torch.log1p(-u))
         out: list[Tensor] = []
-        for c in range(num_channels):
-            value = _conditional_mean(mu, coeffs, out, c)
-            value = value + torch.exp(log_scale[:, c]) * temperature * noise[:, c]
-            out.append(from_bins(to_bins(value, num_bins), num_bins, dtype=mu.dtype))
-        return torch.stack(out, dim=1)
+        for ch in range(c):
+            v = value[:, ch]
+            for c_prev in range(ch):
+                v = v + coeffs[:, _pair_index(ch, c_prev)] * out[c_prev]
+            out.append(snap_to_grid(v, num_bins))
+        b, _, h, w = params.shape
+        return torch.stack(out, dim=1).view(b, h, w, c).movedim(-1, 1)
 
 
 def draw_mixture_noise(
