@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+from lightning.pytorch.callbacks import Callback
 
 from vqprior.config import ConfigError
 from vqprior.train import callbacks
@@ -39,7 +40,7 @@ def test_budget_stops_the_run_and_fits_the_cosine_horizon(
     monkeypatch.setattr(callbacks.TimeBudget, "__init__", spy)
     budget = 4.0
     cfg = _cfg(max_steps=100_000, max_time_s=budget, lr_schedule="cosine", val_every_n_steps=50)
-    summary = train_prior(cfg, tmp_path, CPU)
+    summary = train_prior(cfg, tmp_path, CPU, callbacks=[validations := _Validations()])
     (clock,) = clocks
     steps = summary["global_step"]
     assert callbacks.FIT_AFTER < steps < 100_000  # the budget ended it, not max_steps
@@ -47,9 +48,21 @@ def test_budget_stops_the_run_and_fits_the_cosine_horizon(
     assert clock.horizon is not None and clock.horizon > callbacks.FIT_AFTER
     # the fitted horizon predicts the steps the budget allowed (within the pace's noise)
     assert 0.4 < steps / clock.horizon < 2.5
+    # the stop's validation (Lightning's, inside fit) is the last: the final weights are not
+    # validated twice, and the budget kept time for it
+    assert validations.steps[-1] == steps and validations.steps.count(steps) == 1
+    assert clock.val_s is not None and clock.reserve() == clock.val_s
     # the budget is per invocation: a rerun with another budget resumes the same run
     again = train_prior({**cfg, "train": {**cfg["train"], "max_time_s": 2.0}}, tmp_path, CPU)
     assert again["global_step"] > steps
+
+
+class _Validations(Callback):
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        self.steps.append(trainer.global_step)
 
 
 class _Strategy:
@@ -107,3 +120,72 @@ def test_progress_lines_count_down_the_budget(monkeypatch: pytest.MonkeyPatch) -
     progress.on_train_start(trainer, None)  # type: ignore[arg-type]
     trainer.global_step, now[0] = 10, 110.0  # 10 steps in 10 s: 9,990 s left by steps
     assert progress.line(trainer, now[0]).endswith("0:00:50 left")  # type: ignore[arg-type]
+
+
+def test_the_budget_keeps_time_for_the_last_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before a validation has run the reserve is the val batches at the training pace; after,
+    the measured validation time; the run stops once the time left no longer covers it."""
+    now = [0.0]
+    monkeypatch.setattr(callbacks.time, "time", lambda: now[0])
+    clock = callbacks.TimeBudget(TrainConfig(max_time_s=100.0), started=0.0)
+    loader = list(range(7))  # 7 val batches
+    trainer = SimpleNamespace(
+        global_step=0,
+        strategy=_Strategy(),
+        lr_scheduler_configs=[],
+        should_stop=False,
+        limit_val_batches=1.0,
+        datamodule=SimpleNamespace(val_dataloader=lambda: loader),
+        sanity_checking=False,
+    )
+    clock.on_train_start(trainer, None)  # type: ignore[arg-type]
+    assert clock.val_batches == 7 and clock.reserve() == 0.0
+    for step in range(1, 11):  # 1 s per step after the first
+        trainer.global_step, now[0] = step, 10.0 + step
+        clock.on_train_batch_end(trainer)  # type: ignore[arg-type]
+    assert clock.pace == pytest.approx(1.0) and clock.reserve() == pytest.approx(7.0)
+    clock.on_validation_start(trainer, None)  # type: ignore[arg-type]
+    now[0] += 30.0  # a periodic validation: 30 s, not counted in the pace
+    clock.on_validation_end(trainer, None)  # type: ignore[arg-type]
+    assert clock.reserve() == pytest.approx(30.0)
+    trainer.global_step, now[0] = 11, now[0] + 1.0  # 51 s elapsed + 30 s reserve < 100
+    clock.on_train_batch_end(trainer)  # type: ignore[arg-type]
+    assert clock.pace == pytest.approx(1.0) and not trainer.should_stop
+    trainer.global_step, now[0] = 12, 70.5  # 70.5 + 30 >= 100: stop, the validation still fits
+    clock.on_train_batch_end(trainer)  # type: ignore[arg-type]
+    assert trainer.should_stop
+    trainer.limit_val_batches = 0  # no validation: nothing is reserved
+    clock.on_train_start(trainer, None)  # type: ignore[arg-type]
+    assert clock.val_batches == 0
+
+
+def test_validation_is_capped_to_a_share_of_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A val split that would eat the budget is cut to its first batches before the first
+    validation; ``train.val_batches`` set by the user is left alone."""
+    now = [0.0]
+    monkeypatch.setattr(callbacks.time, "time", lambda: now[0])
+    for user_batches in (None, 500):
+        now[0] = 0.0
+        train = TrainConfig(max_time_s=1000.0, max_steps=10_000, val_batches=user_batches)
+        clock = callbacks.TimeBudget(train, started=0.0)
+        trainer = SimpleNamespace(
+            global_step=0,
+            strategy=_Strategy(),
+            lr_scheduler_configs=[],
+            should_stop=False,
+            limit_val_batches=user_batches or 1.0,
+            datamodule=SimpleNamespace(val_dataloader=lambda: range(1000)),
+            val_check_batch=500,
+            is_global_zero=True,
+            lightning_module=SimpleNamespace(max_val_batches=None),
+        )
+        clock.on_train_start(trainer, None)  # type: ignore[arg-type]
+        for step in range(1, callbacks.FIT_AFTER + 2):  # 1 s per step: ~1,000 steps, 3 vals
+            trainer.global_step, now[0] = step, float(step)
+            clock.on_train_batch_end(trainer)  # type: ignore[arg-type]
+        # 10% of 1,000 s over 3 validations at 1 s per batch: 33 batches
+        if user_batches is None:
+            assert trainer.lightning_module.max_val_batches == clock.val_batches == 33
+        else:  # Lightning's limit_val_batches already holds the user's choice
+            assert trainer.lightning_module.max_val_batches is None
+            assert clock.val_batches == user_batches

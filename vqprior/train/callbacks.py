@@ -192,39 +192,130 @@ class PlainProgress(Callback):
         progress_log.info("%s (done)", self.line(trainer, time.monotonic()))
 
 
+class LastValidation(Callback):
+    """The global step of this launch's last validation (None: none yet), so that a run which
+    already validated its final weights (Lightning validates when a run stops early) is not
+    validated twice."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.step = trainer.global_step
+
+
 FIT_AFTER = 20  # steps timed before a cosine schedule's horizon is fitted to a time budget
+VAL_SHARE = 0.1  # of a time budget, for validations (unless train.val_batches is set)
+MIN_VAL_BATCHES = 4
 
 
 class TimeBudget(Callback):
-    """``train.max_time_s``: stop once that many seconds have passed since ``started`` (the
-    stage's start, so loading and encoding count), the same step on every rank. A cosine
-    schedule is fitted to the budget: :data:`FIT_AFTER` steps into the run, the pace of the
-    steps after the first predicts the step count left, and the schedule's horizon becomes
-    ``min(max_steps, predicted)`` (rank zero's prediction on every rank)."""
+    """``train.max_time_s``: the whole stage's wall-clock budget, counted from ``started`` (the
+    stage's start, so loading and encoding count), the same on every rank.
+
+    Training stops early enough that the validation which follows the stop (Lightning runs one
+    when a run stops early; the export is chosen by it) also fits: the reserve is the last
+    validation's measured time, or before one has run the val batches times a training step's
+    pace. :data:`FIT_AFTER` steps into the run, validation is capped to the first val batches
+    that keep it near :data:`VAL_SHARE` of the budget, and a cosine schedule is fitted: the
+    pace of the steps after the first (plus the periodic validations still due) predicts the
+    step count left, and the schedule's horizon becomes ``min(max_steps, predicted)`` (rank
+    zero's prediction on every rank)."""
 
     def __init__(self, train: Any, started: float | None = None) -> None:
         self.seconds, self.train = float(train.max_time_s), train
         self.started = time.time() if started is None else started
         self.first_step, self.first_time = -1, 0.0
+        self.pace = 0.0  # seconds per training step (validations excluded), once measured
+        self.val_s: float | None = None  # the last validation's duration
+        self.val_batches = 0  # batches one validation runs (0: no validation)
         self.horizon: int | None = None
+        self._val_started, self._val_total = 0.0, 0.0
 
     def elapsed(self) -> float:
         return time.time() - self.started
+
+    def reserve(self) -> float:
+        """Seconds kept for the validation that follows the stop."""
+        return self.val_s if self.val_s is not None else self.val_batches * self.pace
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.val_batches = _val_batches(trainer, self.train)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._val_started = time.time()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.val_s = time.time() - self._val_started
+        self._val_total += self.val_s
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         step = trainer.global_step
         if self.first_step < 0:  # the run's (or the resumed run's) first step: start-up, untimed
             self.first_step, self.first_time = step, self.elapsed()
-        elif step == self.first_step + FIT_AFTER and self.train.lr_schedule == "cosine":
-            pace = (self.elapsed() - self.first_time) / FIT_AFTER
-            left = int((self.seconds - self.elapsed()) / max(pace, 1e-9))
-            horizon = min(self.train.max_steps, step + max(1, left))
-            self.horizon = int(trainer.strategy.broadcast(horizon, src=0))
-            for config in trainer.lr_scheduler_configs:
-                refit_schedule(config.scheduler, replace(self.train, max_steps=self.horizon))
-        stop = self.elapsed() >= self.seconds
+            self._val_total = 0.0
+        elif step > self.first_step:
+            spent = self.elapsed() - self.first_time - self._val_total
+            self.pace = spent / (step - self.first_step)
+        if step == self.first_step + FIT_AFTER:
+            if self.val_s is None and self.val_batches and not self.train.val_batches:
+                self._cap_validation(trainer)
+            if self.train.lr_schedule == "cosine":
+                horizon = min(self.train.max_steps, step + max(1, self._steps_left(trainer)))
+                self.horizon = int(trainer.strategy.broadcast(horizon, src=0))
+                for config in trainer.lr_scheduler_configs:
+                    refit_schedule(config.scheduler, replace(self.train, max_steps=self.horizon))
+        # the reserve counts once validation is planned (capped) or measured
+        planned = step >= self.first_step + FIT_AFTER or self.val_s is not None
+        stop = self.elapsed() + (self.reserve() if planned else 0.0) >= self.seconds
         if trainer.strategy.reduce_boolean_decision(stop, all=False):
             trainer.should_stop = True
+
+    def _cap_validation(self, trainer: L.Trainer) -> None:
+        """Before the first validation: validate on the first val batches only, as many as keep
+        the run's validations (the periodic ones and the last) near :data:`VAL_SHARE` of the
+        budget at the training pace (unless ``train.val_batches`` chose; rank zero's count)."""
+        steps = trainer.global_step + (self.seconds - self.elapsed()) / max(self.pace, 1e-9)
+        interval = _val_interval(trainer)
+        validations = 1 + (int(min(steps, self.train.max_steps)) // interval if interval else 0)
+        cap = int(VAL_SHARE * self.seconds / (validations * max(self.pace, 1e-9)))
+        cap = int(trainer.strategy.broadcast(max(MIN_VAL_BATCHES, cap), src=0))
+        if cap >= self.val_batches:
+            return
+        if trainer.is_global_zero:
+            logger.info(
+                "validating on the first %d of %d val batches to fit train.max_time_s "
+                "(set train.val_batches to choose)",
+                cap,
+                self.val_batches,
+            )
+        trainer.lightning_module.max_val_batches = self.val_batches = cap  # type: ignore[attr-defined]
+
+    def _steps_left(self, trainer: L.Trainer) -> int:
+        """Steps that fit in the time left, each paying its share of the periodic validations."""
+        left = self.seconds - self.elapsed() - self.reserve()
+        interval = _val_interval(trainer)
+        per_val = self.reserve() / interval if interval else 0.0
+        return int(left / max(self.pace + per_val, 1e-9))
+
+
+def _val_interval(trainer: L.Trainer) -> int:
+    """Training steps between periodic validations (0: none)."""
+    interval = getattr(trainer, "val_check_batch", None)
+    return interval if isinstance(interval, int) and interval > 0 else 0
+
+
+def _val_batches(trainer: L.Trainer, train: Any) -> int:
+    """Batches one validation runs: the val loader's length, capped by ``train.val_batches``
+    (0 without validation or when the loader has no length)."""
+    if not trainer.limit_val_batches:
+        return 0
+    try:
+        n = len(trainer.datamodule.val_dataloader())  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):
+        return 0
+    return min(n, train.val_batches) if train.val_batches else n
 
 
 def refit_schedule(sched: Any, train: Any) -> None:

@@ -41,6 +41,7 @@ class StageModule(L.LightningModule):
     """
 
     use_channels_last: bool = False
+    max_val_batches: int | None = None  # validate on the first batches only (a time budget's cap)
 
     def on_fit_start(self) -> None:
         precision = str(self.trainer.precision) if self._trainer is not None else ""
@@ -60,7 +61,9 @@ class StageModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
 
-    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        if self.max_val_batches is not None and batch_idx >= self.max_val_batches:
+            return None  # past the cap (vqprior.train.callbacks.TimeBudget): not evaluated
         with torch.autocast(self.device.type, enabled=False):
             return self._step(batch, "val")
 

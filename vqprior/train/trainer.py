@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
-from vqprior.train.callbacks import NonFiniteGuard, PlainProgress, TimeBudget
+from vqprior.train.callbacks import LastValidation, NonFiniteGuard, PlainProgress, TimeBudget
 from vqprior.train.checkpoints import AtomicCheckpointIO, checkpoint_callbacks
 from vqprior.train.config import DeviceOptions, TrainConfig
 from vqprior.train.rankdump import rank_dump_callbacks
@@ -104,6 +104,7 @@ def build_trainer(
         logger=loggers(out),
         callbacks=[
             ResumeState(),
+            LastValidation(),
             NonFiniteGuard(out),
             *([] if bar else [PlainProgress(train.batch_size, deadline=deadline)]),
             *budget,
@@ -132,8 +133,9 @@ def run_training(
     out: Path,
     has_val: bool,
 ) -> dict[str, float]:
-    """Fit (resuming from ``ckpt``), save a final ``last.ckpt``, validate once more, flatten the
-    CSV logs into ``metrics.csv``; return the final scalar metrics.
+    """Fit (resuming from ``ckpt``), save a final ``last.ckpt``, validate the final weights
+    (unless fit just did), flatten the CSV logs into ``metrics.csv``; return the final scalar
+    metrics.
 
     ``ckpt`` is passed explicitly rather than as Lightning's ``ckpt_path="last"``: rank zero
     has already checked the run dir (prepare_run_dir) and every rank resumes from that file.
@@ -144,7 +146,8 @@ def run_training(
         )
         trainer.save_checkpoint(out / CKPT_DIR / LAST_CKPT, weights_only=False)
         metrics = scalar_metrics(trainer.callback_metrics)
-        if has_val:
+        last = next(c for c in trainer.callbacks if isinstance(c, LastValidation))  # type: ignore[attr-defined]
+        if has_val and last.step != trainer.global_step:
             trainer.validate(module, datamodule=datamodule, verbose=False)
             metrics.update(scalar_metrics(trainer.callback_metrics))
     finally:
