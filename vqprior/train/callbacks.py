@@ -283,8 +283,8 @@ class TimeBudget(Callback):
         cap = int(trainer.strategy.broadcast(max(MIN_VAL_BATCHES, cap), src=0))
         if cap >= self.val_batches:
             return
-        if trainer.is_global_zero:
-            logger.info(
+        if trainer.is_global_zero:  # on the progress logger: the CLI shows it
+            logging.getLogger("vqprior.train.progress").info(
                 "validating on the first %d of %d val batches to fit train.max_time_s "
                 "(set train.val_batches to choose)",
                 cap,
