@@ -290,7 +290,8 @@ class TimeBudget(Callback):
                 cap,
                 self.val_batches,
             )
-        trainer.lightning_module.max_val_batches = self.val_batches = cap  # type: ignore[attr-defined]
+        module: Any = trainer.lightning_module  # a StageModule (vqprior.train.module)
+        module.max_val_batches = self.val_batches = cap
 
     def _steps_left(self, trainer: L.Trainer) -> int:
         """Steps that fit in the time left, each paying its share of the periodic validations."""
