@@ -155,7 +155,7 @@ def export_best(
     trainer: L.Trainer, metrics: dict[str, float], out: Path, save_final: Callable[[], Any]
 ) -> dict[str, Any]:
     """Export the weights with the lowest ``val/loss``: ``best.ckpt``'s when they beat the
-    final weights' (validated once more at the end), else the final weights (``save_final``).
+    final weights' (validated at the end, once), else the final weights (``save_final``).
     Returns what the summary records: which weights, their step and val loss."""
     found, final = best_checkpoint(trainer), metrics.get(VAL_METRIC)
     if found is not None and (final is None or found[1] < final):
