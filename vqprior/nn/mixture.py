@@ -118,17 +118,23 @@ def _infer_channels(num_params: int, num_mixtures: int) -> int:
     return c
 
 
-def split_mixture_params(
-    params: Tensor, num_channels: int, num_mixtures: int, num_bins: int = 256
-) -> MixtureParams:
-    """Split ``[b, P, h, w]`` network output into :class:`MixtureParams` (see module doc)."""
-    c, m = num_channels, num_mixtures
+def _check_params(params: Tensor, c: int, m: int) -> int:
+    """ValueError unless ``params`` is ``[b, P, h, w]`` for C channels and M mixtures; returns P."""
     expected = num_mixture_params(c, m)
     if params.dim() != 4 or params.shape[1] != expected:
         raise ValueError(
             f"params must have shape [b, {expected}, h, w] for {c} channels and {m} mixtures, "
             f"got {tuple(params.shape)}"
         )
+    return expected
+
+
+def split_mixture_params(
+    params: Tensor, num_channels: int, num_mixtures: int, num_bins: int = 256
+) -> MixtureParams:
+    """Split ``[b, P, h, w]`` network output into :class:`MixtureParams` (see module doc)."""
+    c, m = num_channels, num_mixtures
+    expected = _check_params(params, c, m)
     with torch.autocast(device_type=params.device.type, enabled=False):
         p = _upcast(params)
         logits, means, log_scales, raw = torch.split(
@@ -342,12 +348,7 @@ def mixture_sample(
     if temperature == 0.0:
         return mixture_mode(params, num_channels, num_mixtures, num_bins)
     c, m = num_channels, num_mixtures
-    expected = num_mixture_params(c, m)
-    if params.shape[1] != expected:
-        raise ValueError(
-            f"params must have shape [b, {expected}, h, w] for {c} channels and {m} mixtures, "
-            f"got {tuple(params.shape)}"
-        )
+    expected = _check_params(params, c, m)
     with torch.autocast(device_type=params.device.type, enabled=False):
         # one row per pixel, [R, P] (a sampler's step is R = b): the same maths whatever the
         # image size, in a handful of ops on rows
