@@ -248,3 +248,25 @@ def test_position_encoding_and_config_errors() -> None:
     model, _, _ = make(CODES, 2)
     kinds = [type(b).__name__ for b in model.backbone.layers]  # type: ignore[union-attr]
     assert kinds == ["GatedLayer", "GatedLayer", "AttentionBlock", "GatedLayer"]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attend_runs_in_float32_on_cpu_under_bf16_autocast(causal: bool) -> None:
+    """On CPU the attention product runs in float32 (and float64 stays float64) whatever
+    autocast asks for; the other branch (CUDA's: the inputs' own dtype) runs here too and
+    agrees to bf16 rounding."""
+    from vqprior.nn.attention import _attend, attend
+
+    torch.manual_seed(6)
+    q, k, v = (torch.randn(2, 2, 6, 4) for _ in range(3))
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        wide = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=causal)
+        native = _attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=causal, float32=False)
+    assert wide.dtype == torch.float32 and native.dtype == torch.bfloat16
+    assert torch.allclose(wide, exact, atol=3e-2) and torch.allclose(native.float(), exact, atol=3e-2)
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    out64 = attend(q64, k64, v64, is_causal=causal)
+    assert out64.dtype == torch.float64
+    ref = torch.nn.functional.scaled_dot_product_attention(q64, k64, v64, is_causal=causal)
+    assert torch.allclose(out64, ref, atol=1e-12)

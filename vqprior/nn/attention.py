@@ -44,7 +44,25 @@ from torch import Tensor, nn
 from vqprior.config import ConfigError
 from vqprior.nn.step import LayerOut, StepContext
 
-__all__ = ["AttentionBlock", "position_encoding"]
+__all__ = ["AttentionBlock", "attend", "position_encoding"]
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False) -> Tensor:
+    """``scaled_dot_product_attention`` of ``[n, heads, T, d]`` queries, keys and values, in
+    float32 or wider on CPU whatever autocast asks for: there the bf16 kernel's backward is ~2.4x slower
+    than the float32 one (16x16 maps, 4 heads of 16; docs/benchmarks.md). Elsewhere (CUDA's
+    flash kernels) the inputs' own dtype."""
+    return _attend(q, k, v, is_causal=is_causal, float32=q.device.type == "cpu")
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool, float32: bool) -> Tensor:
+    if not float32:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    wide = torch.promote_types(q.dtype, torch.float32)  # float64 stays float64
+    with torch.autocast(q.device.type, enabled=False):
+        return F.scaled_dot_product_attention(
+            q.to(wide), k.to(wide), v.to(wide), is_causal=is_causal
+        )
 
 
 def _sinusoid(pos: Tensor, dim: int) -> Tensor:
@@ -147,7 +165,7 @@ class AttentionBlock(nn.Module):
         b, _, height, width = h.shape
         tokens = rearrange(h, "b f h w -> b (h w) f")
         q, k, val = self._qkv(tokens, self._bias(b, height, width, cond, spatial, h))
-        att = F.scaled_dot_product_attention(q, k, val, is_causal=True)  # [b, e, T, d]
+        att = attend(q, k, val, is_causal=True)  # [b, e, T, d]
         o = self.out(rearrange(att, "b e t d -> b t (e d)"))
         o = rearrange(o, "b (h w) f -> b f h w", h=height, w=width)
         return LayerOut(v, h + o, o)
@@ -184,7 +202,7 @@ class AttentionBlock(nn.Module):
         q, k, v = self.qkv(z).view(n, 3, heads, 1, -1).unbind(1)  # each [n, e, 1, d]
         state.keys[:, :, t : t + 1] = k
         state.values[:, :, t : t + 1] = v
-        att = F.scaled_dot_product_attention(
+        att = attend(
             q, state.keys[:, :, : t + 1], state.values[:, :, : t + 1]
         )  # [n, e, 1, d]: the one query sees every cached element up to t
         o = self.out(att.reshape(n, -1))
