@@ -170,3 +170,22 @@ def test_float32_cached_sampler_matches_the_reference_but_at_near_ties() -> None
         total += a.shape[0]
     print(f"float32: {differ} of {total} samples differ between cached and naive")
     assert total >= 64 and differ <= total // 20, f"{differ} of {total} samples differ"
+
+
+@pytest.mark.parametrize("method", ["cached", "fixed_point", "naive"])
+def test_samples_are_normal_tensors_and_training_goes_on(method: str) -> None:
+    """Walks run under inference mode; what they return is a normal tensor, so it can be scored
+    with gradients, and a training step after sampling (masked-weight caches made while
+    sampling) still trains every weight."""
+    torch.manual_seed(0)
+    model = PixelCNN(
+        PixelCNNConfig(data="pixels", in_channels=1, height=3, width=3, channels=8, num_layers=2)
+    )
+    x = model.sample(2, generator=torch.Generator().manual_seed(1), method=method)
+    assert not x.is_inference()
+    model.train()
+    loss = -model.log_prob(x).mean()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(float(g.abs().sum()) > 0 for g in grads if g is not None)

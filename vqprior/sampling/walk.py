@@ -44,13 +44,23 @@ def num_steps(model: PixelCNN) -> int:
 
 @contextmanager
 def eval_mode(model: PixelCNN) -> Iterator[None]:
+    """Eval mode under ``torch.inference_mode``: a walk is thousands of small ops, and each
+    costs less there than under ``no_grad`` (codes 16x16 sample 1.17x faster). Tensors made
+    inside are inference tensors: what a walk returns leaves through :func:`_out`."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.inference_mode():
             yield
     finally:
         model.train(was_training)
+
+
+def _out(x: Tensor) -> Tensor:
+    """A normal tensor with the values of ``x`` (an inference tensor cannot be saved for
+    backward, so a caller could not score its samples with gradients). Call it outside
+    :func:`eval_mode`: a clone made inside is an inference tensor too."""
+    return x.clone()
 
 
 def autoregress(
@@ -86,7 +96,7 @@ def autoregress(
                 break
             out = model.step_output(state, r, c)
             model.step_write(state, r, c, choose(out, r, c, group), group)
-    return state.x
+    return _out(state.x)
 
 
 def fixed_point(
@@ -101,14 +111,18 @@ def fixed_point(
     until nothing changes. After ``t`` passes the first ``t`` sequential steps are final, so
     ``num_steps + 1`` passes always converge; stopping earlier warns."""
     limit = max_iters or num_steps(model) + 1
+    converged = False
     with eval_mode(model):
         x = empty_values(model, n, next(model.parameters()).device)
         model.validate_input(x, cond, spatial_cond)
         for _ in range(limit):
             x_new = values(model(x, cond, spatial_cond))
-            if torch.equal(x_new, x):
-                return x
+            converged = torch.equal(x_new, x)
+            if converged:
+                break
             x = x_new
+    if converged:
+        return _out(x)
     warnings.warn(
         f"fixed_point sampling stopped after {limit} passes without converging: only the "
         f"first {min(limit, num_steps(model))} of {num_steps(model)} sequential steps are "
@@ -116,4 +130,4 @@ def fixed_point(
         RuntimeWarning,
         stacklevel=2,
     )
-    return x
+    return _out(x)
