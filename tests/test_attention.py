@@ -264,7 +264,9 @@ def test_attend_runs_in_float32_on_cpu_under_bf16_autocast(causal: bool) -> None
         wide = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=causal)
         native = _attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=causal, float32=False)
     assert wide.dtype == torch.float32 and native.dtype == torch.bfloat16
-    assert torch.allclose(wide, exact, atol=3e-2) and torch.allclose(native.float(), exact, atol=3e-2)
+    assert torch.allclose(wide, exact, atol=3e-2) and torch.allclose(
+        native.float(), exact, atol=3e-2
+    )
     q64, k64, v64 = q.double(), k.double(), v.double()
     out64 = attend(q64, k64, v64, is_causal=causal)
     assert out64.dtype == torch.float64

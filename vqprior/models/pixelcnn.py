@@ -26,7 +26,7 @@ from vqprior.models.steps import (
     start_model_steps,
 )
 from vqprior.nn.categorical import categorical_log_prob
-from vqprior.nn.gated import CausalHead, GatedStack, conv1x1_fp32
+from vqprior.nn.gated import CausalHead, GatedStack, HeadStep, conv1x1_fp32, last_1x1_step
 from vqprior.nn.grid import to_bins
 from vqprior.nn.masked import channel_groups
 from vqprior.nn.mixture import mixture_log_prob, num_mixture_params
@@ -376,6 +376,6 @@ class Conv1x1Head(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return conv1x1_fp32(self.conv, x)
 
-    def step(self, x: Tensor) -> Tensor:
+    def start_steps(self, dtype: torch.dtype) -> HeadStep:
         """Features [n, F] -> output [n, P] at one element (one matrix product)."""
-        return conv1x1_fp32(self.conv, x)
+        return last_1x1_step(self.conv, dtype)

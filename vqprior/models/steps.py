@@ -9,7 +9,7 @@ over the values written so far, which is the reference.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import Tensor
@@ -18,6 +18,13 @@ from vqprior.nn.step import StepBackbone, StepContext, supports_steps
 
 if TYPE_CHECKING:
     from vqprior.models.pixelcnn import PixelCNN
+    from vqprior.nn.gated import HeadStep
+
+
+class HeadSteps(Protocol):
+    """A head that evaluates one element (``CausalHead``, ``Conv1x1Head``)."""
+
+    def start_steps(self, dtype: torch.dtype) -> HeadStep: ...
 
 
 @dataclass
@@ -28,6 +35,7 @@ class ModelSteps:
     cond: Tensor | None
     spatial_cond: Tensor | None
     backbone: Any | None  # the backbone's step state; None: a full pass per step
+    head: HeadStep | None = None  # the head at one element (with a backbone state)
 
 
 def empty_values(model: PixelCNN, n: int, device: torch.device) -> Tensor:
@@ -56,6 +64,7 @@ def start_model_steps(
         model.param_dtype(),
     )
     state.backbone = cast(StepBackbone, model.backbone).start_steps(ctx)
+    state.head = cast(HeadSteps, model.head).start_steps(model.param_dtype())
     return state
 
 
@@ -63,8 +72,8 @@ def model_step_output(model: PixelCNN, state: ModelSteps, r: int, c: int) -> Ten
     if state.backbone is None:
         return model(state.x, state.cond, state.spatial_cond)[:, :, r, c]
     feats = cast(StepBackbone, model.backbone).step_output(state.backbone, r, c)
-    step = getattr(model.head, "step", None)
-    return step(feats) if step is not None else model.head(feats[:, :, None, None])[:, :, 0, 0]
+    assert state.head is not None
+    return state.head(feats)
 
 
 def model_step_write(

@@ -34,6 +34,7 @@ from vqprior.nn.mixture import (
     num_mixture_params,
     split_mixture_params,
 )
+from vqprior.nn.precision import full_precision
 from vqprior.nn.quantize import VectorQuantizer
 
 DOWNSAMPLES = (2, 4, 8)
@@ -289,7 +290,7 @@ class VQVAE(nn.Module, PretrainedMixin):
             raise ValueError("decoder bits need recon=mixture (recon=mse has no likelihood)")
         self._check_images(x)
         out = self.decoder_output(*codes)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with full_precision(x.device.type):
             lp = mixture_log_prob(x.float(), out.float(), cfg.num_mixtures, cfg.num_bins)
         return -lp.flatten(1).sum(1)
 
@@ -334,7 +335,7 @@ class VQVAE(nn.Module, PretrainedMixin):
     def recon_loss(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """mse: mean squared error; mixture: NLL in nats per dimension (fp32)."""
         cfg = self.config
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with full_precision(x.device.type):
             if cfg.recon == "mse":
                 return F.mse_loss(out.float(), x.float())
             lp = mixture_log_prob(x.float(), out.float(), cfg.num_mixtures, cfg.num_bins)

@@ -16,12 +16,9 @@ import numbers
 import torch
 from torch import Tensor, nn
 
+from vqprior.nn.precision import full_precision, upcast
+
 __all__ = ["CategoricalHead", "categorical_log_prob", "categorical_sample", "check_truncation"]
-
-
-def _upcast(t: Tensor) -> Tensor:
-    """Return ``t`` as float32, or unchanged if it is already float64."""
-    return t if t.dtype == torch.float64 else t.float()
 
 
 def _check_temperature(temperature: float) -> None:
@@ -61,13 +58,14 @@ def categorical_log_prob(logits: Tensor, target: Tensor) -> Tensor:
         float32 ``[b, *rest]`` (float64 for float64 logits).
     """
     _check_rest(logits, target, "target")
-    with torch.autocast(device_type=logits.device.type, enabled=False):
-        log_p = torch.log_softmax(_upcast(logits), dim=1)
+    with full_precision(logits.device.type):
+        log_p = torch.log_softmax(upcast(logits), dim=1)
         return log_p.gather(1, target.long().unsqueeze(1)).squeeze(1)
 
 
 def _keep_mask(logits: Tensor, probs: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
-    """Classes kept by truncation, bool ``[b, n, *rest]``.
+    """Classes kept by truncation, bool ``[b, n, *rest]`` (``probs``: the tempered
+    probabilities, or any positive multiple of them).
 
     Classes are ranked by logit, ties by index (a stable sort, so rank 0 is the argmax);
     ``top_k`` keeps ranks ``< k``, ``top_p`` the ranks whose mass before them is ``< p`` (the
@@ -116,19 +114,20 @@ def categorical_sample(
         # faster than strided ones on [b, n, *rest], most of all for a sampler's one element
         rows = logits.movedim(1, -1).reshape(-1, logits.shape[1])
         return categorical_sample(rows, u.reshape(-1), temperature, top_k, top_p).view(u.shape)
-    with torch.autocast(device_type=logits.device.type, enabled=False):
-        logits = _upcast(logits)
+    with full_precision(logits.device.type):
+        logits = upcast(logits)
         if temperature == 0.0:
             return logits.argmax(dim=1)
-        # Subtract the max before dividing so tiny temperatures cannot overflow to inf.
-        shifted = (logits - logits.amax(dim=1, keepdim=True)) / temperature
-        probs = torch.softmax(shifted, dim=1)
+        # Subtract the max before dividing so tiny temperatures cannot overflow to inf; the
+        # weights exp(shifted) are left unnormalised (the threshold scales by their total).
+        shifted = logits - logits.amax(dim=1, keepdim=True)
+        weights = torch.exp(shifted if temperature == 1.0 else shifted / temperature)
         if top_k is not None or top_p is not None:
-            probs = torch.where(_keep_mask(logits, probs, top_k, top_p), probs, 0.0)
-        cdf = probs.cumsum(dim=1)  # [R, n]
-        u = _upcast(u).clamp(torch.finfo(cdf.dtype).tiny, 1.0)  # u == 0 must not pick p == 0
+            weights = torch.where(_keep_mask(logits, weights, top_k, top_p), weights, 0.0)
+        cdf = weights.cumsum(dim=1)  # [R, n], nondecreasing
+        u = upcast(u).clamp(torch.finfo(cdf.dtype).tiny, 1.0)  # u == 0 must not pick p == 0
         threshold = u.unsqueeze(1) * cdf[:, -1:]  # [R, 1]
-        idx = (cdf < threshold).sum(dim=1)
+        idx = torch.searchsorted(cdf, threshold).squeeze(1)  # how many cdf values < threshold
         return idx.clamp(max=logits.shape[1] - 1)
 
 

@@ -16,6 +16,7 @@ computing exactly what its ``forward`` computes at one row or one element.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 
 from vqprior.nn.attention import AttentionBlock
 from vqprior.nn.masked import MaskedConv2d, causal_mask, channel_groups
+from vqprior.nn.precision import full_precision
 from vqprior.nn.step import LayerOut, StepBlock, StepContext
 
 Bias = Tensor | float
@@ -37,29 +39,49 @@ def gate(x: Tensor) -> Tensor:
     return torch.tanh(a) * torch.sigmoid(b)
 
 
-def conv1x1(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """A 1x1 ``conv`` (its mask applied) on ``x`` [b, Cin, h, w], or on features at one
-    element [n, Cin] as one matrix product (the samplers' per-element path)."""
-    weight = conv.masked_weight() if isinstance(conv, MaskedConv2d) else conv.weight
-    if x.dim() == 2:
-        return F.linear(x, weight[:, :, 0, 0], conv.bias)
-    return F.conv2d(x, weight, conv.bias)
+def _weight(conv: nn.Conv2d) -> Tensor:
+    return conv.masked_weight() if isinstance(conv, MaskedConv2d) else conv.weight
+
+
+def _wide(*dtypes: torch.dtype) -> torch.dtype:
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def conv1x1_fp32(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """Apply a 1x1 ``conv`` to ``x`` [b, Cin, h, w] (or [n, Cin]) in fp32 (fp64 stays fp64),
-    autocast off.
+    """Apply a 1x1 ``conv`` to ``x`` [b, Cin, h, w] in fp32 (fp64 stays fp64), autocast off.
 
     For the last layer of a head: its output feeds the likelihood, whose parameters (means,
     log-scales, logits) must not be rounded to bf16 under mixed precision.
     """
-    weight = conv.masked_weight() if isinstance(conv, MaskedConv2d) else conv.weight
-    dtype = torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
+    weight = _weight(conv)
+    dtype = _wide(x.dtype, weight.dtype)
     bias = None if conv.bias is None else conv.bias.to(dtype)
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        if x.dim() == 2:
-            return F.linear(x.to(dtype), weight[:, :, 0, 0].to(dtype), bias)
+    with full_precision(x.device.type):
         return F.conv2d(x.to(dtype), weight.to(dtype), bias)
+
+
+def matrix_1x1(conv: nn.Conv2d, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A 1x1 ``conv`` (its mask applied) as ``[Cin, Cout]`` and its bias ``[Cout]`` (zeros when
+    it has none), in ``dtype``: ``x @ w + b`` at one element, for the samplers' steps."""
+    weight = _weight(conv)
+    w = weight[:, :, 0, 0].t().to(dtype).contiguous()
+    return w, _bias(conv, conv.out_channels, dtype, weight.device)
+
+
+HeadStep = Callable[[Tensor], Tensor]
+
+
+def last_1x1_step(conv: nn.Conv2d, dtype: torch.dtype) -> HeadStep:
+    """:func:`conv1x1_fp32` at one element, ``[n, Cin] -> [n, Cout]``, its matrices prepared
+    once (``dtype``: the features' dtype)."""
+    wide = _wide(dtype, conv.weight.dtype)
+    w, b = matrix_1x1(conv, wide)
+
+    def step(x: Tensor) -> Tensor:
+        with full_precision(x.device.type):
+            return torch.addmm(b, x.to(wide), w)
+
+    return step
 
 
 def _bias(conv: nn.Conv2d, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -356,6 +378,10 @@ class CausalHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return conv1x1_fp32(self.out, F.relu(self.hidden(F.relu(x))))
 
-    def step(self, x: Tensor) -> Tensor:
-        """The head at one element: features [n, F] -> output [n, P] (matrix products)."""
-        return conv1x1_fp32(self.out, F.relu(conv1x1(self.hidden, F.relu(x))))
+    def start_steps(self, dtype: torch.dtype) -> HeadStep:
+        """The head at one element, features [n, F] -> output [n, P], as two matrix products
+        with the masks applied and the matrices laid out once per batch (``dtype``: the
+        features')."""
+        w, b = matrix_1x1(self.hidden, dtype)
+        last = last_1x1_step(self.out, dtype)
+        return lambda x: last(torch.relu(torch.addmm(b, torch.relu(x), w)))

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from vqprior.nn.categorical import categorical_sample, check_truncation
 from vqprior.nn.grid import from_bins, snap_to_grid, to_bins
 from vqprior.nn.mixture_argmax import most_probable_bin
+from vqprior.nn.precision import full_precision, upcast
 
 __all__ = [
     "FLOOR_EPS",
@@ -79,11 +80,6 @@ class MixtureParams(NamedTuple):
     means: Tensor  # [b, m, c, h, w] unconditional means mu
     log_scales: Tensor  # [b, m, c, h, w] clamped to [log_scale_min(num_bins), LOG_SCALE_MAX]
     coeffs: Tensor  # [b, m, c(c-1)/2, h, w] after tanh
-
-
-def _upcast(t: Tensor) -> Tensor:
-    """Return ``t`` as float32, or unchanged if it is already float64."""
-    return t if t.dtype == torch.float64 else t.float()
 
 
 def _pair_index(c: int, c_prev: int) -> int:
@@ -135,8 +131,8 @@ def split_mixture_params(
     """Split ``[b, P, h, w]`` network output into :class:`MixtureParams` (see module doc)."""
     c, m = num_channels, num_mixtures
     expected = _check_params(params, c, m)
-    with torch.autocast(device_type=params.device.type, enabled=False):
-        p = _upcast(params)
+    with full_precision(params.device.type):
+        p = upcast(params)
         logits, means, log_scales, raw = torch.split(
             p, [m, c * m, c * m, expected - m - 2 * c * m], 1
         )
@@ -215,7 +211,7 @@ def mixture_log_prob(x: Tensor, params: Tensor, num_mixtures: int, num_bins: int
     """
     _check_x(x, params)
     num_channels = x.shape[1]
-    with torch.autocast(device_type=params.device.type, enabled=False):
+    with full_precision(params.device.type):
         p = split_mixture_params(params, num_channels, num_mixtures, num_bins)
         idx = to_bins(x, num_bins)  # [b, c, h, w]
         xq = from_bins(idx, num_bins, dtype=p.means.dtype)
@@ -278,7 +274,7 @@ def mixture_channel_log_probs(
         raise ValueError(f"x must be [b, >= {channel}, h, w] holding the earlier channels")
     if x is not None and channel:
         _check_x(x, params)
-    with torch.autocast(device_type=params.device.type, enabled=False):
+    with full_precision(params.device.type):
         p = split_mixture_params(params, num_channels, num_mixtures, num_bins)
         log_w, x_prev = _earlier_channels(p, x, channel, num_bins)
         mean = _conditional_mean(p.means, p.coeffs, x_prev, channel)  # [b, m, h, w]
@@ -290,7 +286,7 @@ def mixture_channel_log_probs(
 def mixture_mode(params: Tensor, num_channels: int, num_mixtures: int, num_bins: int) -> Tensor:
     """The greedy mode: channel by channel the most probable bin of ``p(x_c | x_{<c})`` given the
     earlier channels already chosen this way (the ``T = 0`` sample) -> ``[b, c, h, w]`` values."""
-    with torch.autocast(device_type=params.device.type, enabled=False):
+    with full_precision(params.device.type):
         p = split_mixture_params(params.detach(), num_channels, num_mixtures, num_bins)
         b, _, h, w = params.shape
         x = torch.zeros(b, num_channels, h, w, dtype=p.means.dtype, device=params.device)
@@ -349,10 +345,10 @@ def mixture_sample(
         return mixture_mode(params, num_channels, num_mixtures, num_bins)
     c, m = num_channels, num_mixtures
     expected = _check_params(params, c, m)
-    with torch.autocast(device_type=params.device.type, enabled=False):
+    with full_precision(params.device.type):
         # one row per pixel, [R, P] (a sampler's step is R = b): the same maths whatever the
         # image size, in a handful of ops on rows
-        rows = _upcast(params).movedim(1, -1).reshape(-1, expected)
+        rows = upcast(params).movedim(1, -1).reshape(-1, expected)
         n_rows = rows.shape[0]
         comp = categorical_sample(rows[:, :m], u_comp.reshape(-1), temperature, top_k, top_p)
         per_comp = rows[:, m:].view(n_rows, -1, m)  # [R, 2C + K, M]: means, log-scales, coeffs
@@ -361,7 +357,7 @@ def mixture_sample(
         log_scale = log_scale.clamp(log_scale_min(num_bins), LOG_SCALE_MAX)
         coeffs = torch.tanh(raw)
         eps = torch.finfo(rows.dtype).eps
-        u = _upcast(u_val).to(rows.dtype).movedim(1, -1).reshape(n_rows, c).clamp(eps, 1.0 - eps)
+        u = upcast(u_val).to(rows.dtype).movedim(1, -1).reshape(n_rows, c).clamp(eps, 1.0 - eps)
         # mean + scale * T * standard logistic noise, the conditional terms added per channel
         value = mu + torch.exp(log_scale) * temperature * (torch.log(u) - torch.log1p(-u))
         out: list[Tensor] = []

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from vqprior.nn.precision import full_precision
+
 logger = logging.getLogger(__name__)
 
 KINDS = ("ema", "learned")
@@ -49,7 +51,7 @@ def is_distributed() -> bool:
 
 def squared_distances(z: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
     """``||z||^2 - 2 z.e + ||e||^2`` in fp32: z [n, d], embed [k, d] -> [n, k]."""
-    with torch.autocast(device_type=z.device.type, enabled=False):
+    with full_precision(z.device.type):
         z, embed = z.float(), embed.float()
         return (
             z.pow(2).sum(1, keepdim=True)

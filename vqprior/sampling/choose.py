@@ -17,6 +17,7 @@ from torch import Tensor
 from vqprior.nn.categorical import categorical_sample
 from vqprior.nn.grid import from_bins
 from vqprior.nn.mixture import mixture_sample
+from vqprior.nn.precision import full_precision
 from vqprior.sampling.noise import Noise
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ def guided_logits(model: PixelCNN, out: Tensor, scale: float) -> Tensor:
     cfg = model.config
     cats = 1 if cfg.data == "codes" else cfg.in_channels
     work = out if out.dtype == torch.float64 else out.float()
-    with torch.autocast(device_type=out.device.type, enabled=False):
+    with full_precision(out.device.type):
         lp = torch.log_softmax(rearrange(work, "b (c n) h w -> b c n h w", c=cats), dim=2)
         cond, null = lp.chunk(2)
         mixed = (1.0 + scale) * cond - scale * null

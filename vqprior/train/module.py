@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from vqprior.nn.precision import full_precision
 from vqprior.train.config import TrainConfig
 
 
@@ -64,11 +65,11 @@ class StageModule(L.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         if self.max_val_batches is not None and batch_idx >= self.max_val_batches:
             return None  # past the cap (vqprior.train.callbacks.TimeBudget): not evaluated
-        with torch.autocast(self.device.type, enabled=False):
+        with full_precision(self.device.type):
             return self._step(batch, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        with torch.autocast(self.device.type, enabled=False):
+        with full_precision(self.device.type):
             return self._step(batch, "test")
 
 

@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from vqprior.nn.precision import full_precision
+
 MAGIC = b"VQPRIOR\x1a"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: no environment record and no pixel hash
@@ -162,7 +164,7 @@ def coding_settings(threads: int, device: torch.device) -> Iterator[None]:
         enabled=torch.backends.cudnn.enabled, benchmark=False, deterministic=True, allow_tf32=False
     )
     try:
-        with cudnn, torch.autocast(device_type=device.type, enabled=False):
+        with cudnn, full_precision(device.type):
             yield
     finally:
         torch.set_num_threads(threads_before)
