@@ -343,31 +343,68 @@ def mixture_sample(
         )
     if temperature == 0.0:
         return mixture_mode(params, num_channels, num_mixtures, num_bins)
-    c, m = num_channels, num_mixtures
-    expected = _check_params(params, c, m)
+    expected = _check_params(params, num_channels, num_mixtures)
     with full_precision(params.device.type):
         # one row per pixel, [R, P] (a sampler's step is R = b): the same maths whatever the
         # image size, in a handful of ops on rows
         rows = upcast(params).movedim(1, -1).reshape(-1, expected)
-        n_rows = rows.shape[0]
-        comp = categorical_sample(rows[:, :m], u_comp.reshape(-1), temperature, top_k, top_p)
-        per_comp = rows[:, m:].view(n_rows, -1, m)  # [R, 2C + K, M]: means, log-scales, coeffs
-        picked = per_comp.gather(2, comp.view(n_rows, 1, 1).expand(-1, per_comp.shape[1], 1))
-        mu, log_scale, raw = picked.squeeze(2).split([c, c, c * (c - 1) // 2], 1)
-        log_scale = log_scale.clamp(log_scale_min(num_bins), LOG_SCALE_MAX)
-        coeffs = torch.tanh(raw)
-        eps = torch.finfo(rows.dtype).eps
-        u = upcast(u_val).to(rows.dtype).movedim(1, -1).reshape(n_rows, c).clamp(eps, 1.0 - eps)
-        # mean + scale * T * standard logistic noise, the conditional terms added per channel
-        value = mu + torch.exp(log_scale) * temperature * (torch.log(u) - torch.log1p(-u))
-        out: list[Tensor] = []
-        for ch in range(c):
-            v = value[:, ch]
-            for c_prev in range(ch):
-                v = v + coeffs[:, _pair_index(ch, c_prev)] * out[c_prev]
-            out.append(snap_to_grid(v, num_bins))
-        b, _, h, w = params.shape
-        return torch.stack(out, dim=1).view(b, h, w, c).movedim(-1, 1)
+        noise = logistic_noise(u_val.movedim(1, -1).reshape(-1, num_channels), rows.dtype)
+        out = mixture_sample_rows(
+            rows,
+            num_channels,
+            num_mixtures,
+            num_bins,
+            u_comp.reshape(-1),
+            noise,
+            temperature,
+            top_k,
+            top_p,
+        )
+        return out.view(b, h, w, num_channels).movedim(-1, 1)
+
+
+def logistic_noise(u: Tensor, dtype: torch.dtype) -> Tensor:
+    """Standard logistic noise ``log(u) - log1p(-u)`` from uniforms in (0, 1), in ``dtype``
+    (float32 or float64); ``u`` is clamped one ulp inside (0, 1) so the noise stays finite."""
+    eps = torch.finfo(dtype).eps
+    u = upcast(u).to(dtype).clamp(eps, 1.0 - eps)
+    return torch.log(u) - torch.log1p(-u)
+
+
+def mixture_sample_rows(
+    rows: Tensor,
+    num_channels: int,
+    num_mixtures: int,
+    num_bins: int,
+    u_comp: Tensor,
+    noise: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> Tensor:
+    """:func:`mixture_sample` on rows (``temperature > 0``): ``rows`` ``[R, P]`` float32/64
+    parameters, ``u_comp`` ``[R]`` uniforms, ``noise`` ``[R, C]`` standard logistic noise
+    (:func:`logistic_noise`; a sampler computes it once per image) -> ``[R, C]`` on the grid.
+    A sampler's step calls this on one element's ``[n, P]`` directly."""
+    c, m = num_channels, num_mixtures
+    n_rows = rows.shape[0]
+    comp = categorical_sample(rows[:, :m], u_comp, temperature, top_k, top_p)
+    per_comp = rows[:, m:].view(n_rows, -1, m)  # [R, 2C + K, M]: means, log-scales, coeffs
+    picked = per_comp.gather(2, comp.view(n_rows, 1, 1).expand(-1, per_comp.shape[1], 1))
+    mu, log_scale, raw = picked.squeeze(2).split([c, c, c * (c - 1) // 2], 1)
+    scale = log_scale.clamp(log_scale_min(num_bins), LOG_SCALE_MAX).exp_()
+    if temperature != 1.0:
+        scale = scale * temperature
+    # mean + scale * T * standard logistic noise, the conditional terms added per channel
+    value = torch.addcmul(mu, scale, noise)
+    coeffs = torch.tanh(raw) if c > 1 else raw
+    out: list[Tensor] = []
+    for ch in range(c):
+        v = value[:, ch]
+        for c_prev in range(ch):
+            v = torch.addcmul(v, coeffs[:, _pair_index(ch, c_prev)], out[c_prev])
+        out.append(snap_to_grid(v, num_bins))
+    return torch.stack(out, dim=1)
 
 
 def draw_mixture_noise(

@@ -7,7 +7,7 @@ One :class:`Chooser` serves every sampler: called per element by a walk
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -16,8 +16,8 @@ from torch import Tensor
 
 from vqprior.nn.categorical import categorical_sample
 from vqprior.nn.grid import from_bins
-from vqprior.nn.mixture import mixture_sample
-from vqprior.nn.precision import full_precision
+from vqprior.nn.mixture import logistic_noise, mixture_mode, mixture_sample_rows
+from vqprior.nn.precision import full_precision, upcast
 from vqprior.sampling.noise import Noise
 
 if TYPE_CHECKING:
@@ -43,21 +43,58 @@ def values_from_output(
     temperature: float,
     top_k: int | None = None,
     top_p: float | None = None,
+    logistic: Tensor | None = None,
 ) -> Tensor:
     """Map head output [n, P, h, w] and matching noise to values: codes [n, h, w] (long) or
-    pixels [n, C, h, w] on the grid (head dtype)."""
+    pixels [n, C, h, w] on the grid (head dtype). ``logistic`` [n, h, w, C]: the mixture's
+    logistic noise of ``noise.u_val`` when precomputed (:class:`Chooser` does it per image)."""
+    b, p, h, w = out.shape
+    rows = out.movedim(1, -1).reshape(-1, p)
+    noise_rows = Noise(*(None if t is None else _rows(t) for t in noise))
+    lay = None if logistic is None else logistic.reshape(-1, logistic.shape[-1])
+    vals = values_from_rows(model, rows, noise_rows, temperature, top_k, top_p, lay)
+    if model.config.data == "codes":
+        return vals.view(b, h, w)
+    return vals.view(b, h, w, -1).movedim(-1, 1)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """Noise [n, C, h, w] -> [(n h w), C]; [n, h, w] -> [(n h w)]."""
+    return t.reshape(-1) if t.dim() == 3 else t.movedim(1, -1).reshape(-1, t.shape[1])
+
+
+def values_from_rows(
+    model: PixelCNN,
+    rows: Tensor,
+    noise: Noise,
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    logistic: Tensor | None = None,
+) -> Tensor:
+    """The map of :func:`values_from_output` on rows: head output [R, P] and noise rows (``u``
+    [R, C]; ``u_comp`` [R], ``u_val`` [R, C]; ``logistic`` [R, C] or None) -> codes long [R]
+    or pixels [R, C] on the grid (head dtype). A sampler's step calls it with R = n."""
     cfg = model.config
     trunc = truncation(top_k, top_p)
     if cfg.mixture:
         assert noise.u_comp is not None and noise.u_val is not None
-        args = (cfg.in_channels, cfg.num_mixtures, cfg.num_bins, noise.u_comp, noise.u_val)
-        return mixture_sample(out, *args, temperature, **trunc).to(model.head_dtype())
+        args = (cfg.in_channels, cfg.num_mixtures, cfg.num_bins)
+        if temperature == 0.0:
+            return mixture_mode(rows[:, :, None, None], *args)[:, :, 0, 0].to(model.head_dtype())
+        with full_precision(rows.device.type):
+            work = upcast(rows)
+            lay = logistic_noise(noise.u_val, work.dtype) if logistic is None else logistic
+            lay = lay.to(work.dtype)
+            vals = mixture_sample_rows(work, *args, noise.u_comp, lay, temperature, **trunc)
+        return vals.to(model.head_dtype())
     assert noise.u is not None
     if cfg.data == "codes":
-        return categorical_sample(out, noise.u[:, 0], temperature, **trunc)
-    logits = rearrange(out, "b (c n) h w -> b n c h w", c=cfg.in_channels)
-    idx = categorical_sample(logits, noise.u, temperature, **trunc)
-    return from_bins(idx, cfg.num_bins, model.head_dtype())
+        return categorical_sample(rows, noise.u[:, 0], temperature, **trunc)
+    c = cfg.in_channels
+    logits = rows.reshape(rows.shape[0] * c, -1)  # [(R C), N]: channel-major params
+    idx = categorical_sample(logits, noise.u.reshape(-1), temperature, **trunc)
+    return from_bins(idx.view(-1, c), cfg.num_bins, model.head_dtype())
 
 
 def guided_logits(model: PixelCNN, out: Tensor, scale: float) -> Tensor:
@@ -77,7 +114,8 @@ def guided_logits(model: PixelCNN, out: Tensor, scale: float) -> Tensor:
 @dataclass(frozen=True)
 class Chooser:
     """Sampling as a ``choose`` function; ``known``/``mask`` [n, *data_shape] keep known values
-    where ``mask`` is True; ``guidance`` expects a doubled batch (conditional, then null)."""
+    where ``mask`` is True; ``guidance`` expects a doubled batch (conditional, then null).
+    The mixture's logistic noise is computed once per image, for every path."""
 
     model: PixelCNN
     noise: Noise
@@ -87,17 +125,38 @@ class Chooser:
     known: Tensor | None = None
     mask: Tensor | None = None
     guidance: float | None = None
+    logistic: Tensor | None = field(init=False, default=None)  # [n, H, W, C]
+
+    def __post_init__(self) -> None:
+        u_val = self.noise.u_val
+        if u_val is not None and self.temperature > 0.0:
+            lay = logistic_noise(u_val.movedim(1, -1), self.model.head_dtype()).contiguous()
+            object.__setattr__(self, "logistic", lay)
 
     def values(self, out: Tensor, rows: slice = ALL, cols: slice = ALL) -> Tensor:
         """Values for a block of pixels from head output [b, P, h, w] there."""
         if self.guidance is not None:
             out = guided_logits(self.model, out, self.guidance)
         noise = self.noise.region(rows, cols)
-        vals = values_from_output(self.model, out, noise, self.temperature, self.top_k, self.top_p)
-        if self.known is not None and self.mask is not None:
-            vals = torch.where(self.mask[..., rows, cols], self.known[..., rows, cols], vals)
-        return vals if self.guidance is None else torch.cat([vals, vals])
+        lay = None if self.logistic is None else self.logistic[:, rows, cols]
+        vals = values_from_output(
+            self.model, out, noise, self.temperature, self.top_k, self.top_p, lay
+        )
+        return self._finish(vals, (Ellipsis, rows, cols))
 
     def __call__(self, out: Tensor, r: int, c: int, group: int | None) -> Tensor:
-        vals = self.values(out[:, :, None, None], slice(r, r + 1), slice(c, c + 1))
-        return vals[..., 0, 0]
+        """Values at element (r, c) from its head output [n, P], on rows (no reshapes)."""
+        if self.guidance is not None:
+            out = guided_logits(self.model, out[:, :, None, None], self.guidance)[:, :, 0, 0]
+        noise = Noise(*(None if t is None else t[..., r, c] for t in self.noise))
+        lay = None if self.logistic is None else self.logistic[:, r, c]
+        vals = values_from_rows(
+            self.model, out, noise, self.temperature, self.top_k, self.top_p, lay
+        )
+        return self._finish(vals, (Ellipsis, r, c))
+
+    def _finish(self, vals: Tensor, where: tuple[Any, ...]) -> Tensor:
+        """Known values where the mask says so; the doubled batch under guidance."""
+        if self.known is not None and self.mask is not None:
+            vals = torch.where(self.mask[where], self.known[where], vals)
+        return vals if self.guidance is None else torch.cat([vals, vals])
