@@ -106,7 +106,9 @@ class _GatedSteps:
 
     v_in: Tensor  # [H + kh - 1, W + 2p, n, Cin] vertical input rows, zero padded
     h_out: Tensor  # [n, pad + W, F] horizontal output of the current row
-    h_bias: Tensor  # [W, n, 2F] the current row's vertical link + conditioning + h bias
+    h_bias_at: tuple[Tensor, ...]  # the current row's vertical link + conditioning + h bias
+    # at each of its W columns, [n, 2F] (views of one [W, n, 2F]: no indexing per element)
+    h_out_at: tuple[Tensor, ...]  # h_out's pad + W columns [n, F] (views)
     w_v: Tensor  # [(kh k Cin), 2F] masked vertical kernel, rows, columns, then channels
     w_link: Tensor  # [2F, 2F] the vertical-to-horizontal 1x1
     w_h: Tensor  # [(p + 1) * Cin, 2F] masked horizontal kernel, columns then channels
@@ -201,10 +203,12 @@ class GatedLayer(nn.Module):
         res, dt, dev = self.h_res, ctx.dtype, ctx.device
         bv = _rows(bv, _bias(self.v_conv, f2, dt, dev), f2, dt)
         bh = _rows(bh, _bias(self.h_conv, f2, dt, dev) + _bias(self.v_to_h, f2, dt, dev), f2, dt)
+        h_out = zeros(n, ctx.pad + W, f2 // 2)
         return _GatedSteps(
             v_in=zeros(H + kh - 1, W + 2 * p, n, cin),
-            h_out=zeros(n, ctx.pad + W, f2 // 2),
-            h_bias=zeros(W, n, f2),
+            h_out=h_out,
+            h_bias_at=zeros(W, n, f2).unbind(0),
+            h_out_at=h_out.unbind(1),
             w_v=rearrange(self.v_conv.masked_weight(), "o i kh k -> (kh k i) o").contiguous(),
             w_link=self.v_to_h.weight[:, :, 0, 0].t().to(dt).contiguous(),
             w_h=rearrange(self.h_conv.masked_weight(), "o i 1 k -> (k i) o").contiguous(),
@@ -226,7 +230,7 @@ class GatedLayer(nn.Module):
         cols = win.permute(1, 2, 0, 4, 3).reshape(w * n, -1)  # [(W n), (kh k Cin)]
         v_pre = (cols @ state.w_v).view(w, n, -1) + state.bv[r % len(state.bv)]  # [W, n, 2F]
         h_bias = (v_pre.view(w * n, -1) @ state.w_link).view(w, n, -1)
-        state.h_bias = h_bias + state.bh[r % len(state.bh)]
+        state.h_bias_at = (h_bias + state.bh[r % len(state.bh)]).unbind(0)
         return gate(v_pre.permute(1, 2, 0))  # [n, F, W] (a view of [W, n, F])
 
     def step_element(
@@ -237,12 +241,12 @@ class GatedLayer(nn.Module):
         this layer's skip. Four matrix products and the gate: the op count is the cost here."""
         p, at = self.p, state.pad + c
         window = h_row[:, at - p : at + 1].reshape(h_row.shape[0], -1)  # a view: [n, (k i)]
-        hg = gate(torch.addmm(state.h_bias[c], window, state.w_h))  # [n, F]
+        hg = gate(torch.addmm(state.h_bias_at[c], window, state.w_h))  # [n, F]
         skips = torch.addmm(skips, hg, state.w_skip)
         if state.w_res is None or state.b_res is None:
             return h_row, skips  # the last layer: its residual stream is never read
         resid = state.b_res if self.first else h_row[:, at] + state.b_res
-        torch.addmm(resid, hg, state.w_res, out=state.h_out[:, at])
+        torch.addmm(resid, hg, state.w_res, out=state.h_out_at[at])
         return state.h_out, skips
 
 

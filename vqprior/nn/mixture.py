@@ -50,7 +50,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vqprior.nn.categorical import categorical_sample, check_truncation
-from vqprior.nn.grid import from_bins, snap_to_grid, to_bins
+from vqprior.nn.grid import from_bins, to_bins
 from vqprior.nn.mixture_argmax import most_probable_bin
 from vqprior.nn.precision import full_precision, upcast
 
@@ -395,16 +395,25 @@ def mixture_sample_rows(
     scale = log_scale.clamp(log_scale_min(num_bins), LOG_SCALE_MAX).exp_()
     if temperature != 1.0:
         scale = scale * temperature
-    # mean + scale * T * standard logistic noise, the conditional terms added per channel
-    value = torch.addcmul(mu, scale, noise)
+    # Channel by channel in bin units y = (x + 1) k, k = (N - 1) / 2: x_c = mean_c + scale_c T
+    # noise_c + sum_p coeff_cp x_p becomes y_c = (mean_c + scale_c T noise_c + 1) k
+    # + sum_p coeff_cp (bin_p - k), since x_p k = bin_p - k exactly for a grid value x_p; the
+    # bin is round(y_c) clamped to the grid. Few scalar ops: each costs a conversion here.
+    top = float(num_bins - 1)
+    k = top / 2.0
+    y = torch.addcmul(mu, scale, noise).add_(1.0).mul_(k)  # [R, C]
     coeffs = torch.tanh(raw) if c > 1 else raw
-    out: list[Tensor] = []
+    bins: list[Tensor] = []
+    centred: list[Tensor] = []  # bin_p - k
     for ch in range(c):
-        v = value[:, ch]
+        v = y[:, ch]
         for c_prev in range(ch):
-            v = torch.addcmul(v, coeffs[:, _pair_index(ch, c_prev)], out[c_prev])
-        out.append(snap_to_grid(v, num_bins))
-    return torch.stack(out, dim=1)
+            v = torch.addcmul(v, coeffs[:, _pair_index(ch, c_prev)], centred[c_prev])
+        bins.append(torch.round(v).clamp_(0.0, top))
+        if ch < c - 1:
+            centred.append(bins[-1] - k)
+    # (2 bin - (N - 1)) / (N - 1): exact numerator, correctly rounded value (as from_bins)
+    return (torch.stack(bins, dim=1).mul_(2.0).sub_(top)).div_(top)
 
 
 def draw_mixture_noise(
