@@ -161,3 +161,26 @@ def test_stack_steps_equal_the_forward_pass_at_every_element(groups: int) -> Non
                     lo, hi = g * f // groups, (g + 1) * f // groups
                     assert torch.allclose(out[:, lo:hi], full[:, lo:hi, r, c], atol=1e-12)
                 stack.step_write(state, r, c, x[:, :, r, c])
+
+
+def test_head_steps_equal_the_heads_and_keep_the_last_layer_in_float32() -> None:
+    """Each head's one-element function (``start_steps``) equals its full 1x1 pass: exactly
+    in float64, and under bf16 autocast (the branch that turns autocast off) it returns
+    float32 within bf16 rounding of the full pass, for both heads."""
+    from vqprior.models.pixelcnn import Conv1x1Head
+
+    torch.manual_seed(1)
+    heads = [CausalHead(6, 12, 3, channel_groups(12, 3)), Conv1x1Head(6, 10)]
+    for head in heads:
+        feats = torch.randn(4, 6, dtype=torch.float64)
+        head64 = head.double()
+        with torch.no_grad():
+            full = head64(feats[:, :, None, None])[:, :, 0, 0]
+            step = head64.start_steps(torch.float64)(feats)
+        assert step.dtype == torch.float64 and torch.allclose(step, full, atol=1e-12)
+        head32, x = head.float(), feats.float()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            full = head32(x[:, :, None, None])[:, :, 0, 0]
+            step = head32.start_steps(torch.float32)(x)
+        assert step.dtype == torch.float32 and full.dtype == torch.float32
+        assert torch.allclose(step, full, atol=5e-2)

@@ -3,7 +3,8 @@
 ``start_steps`` -> ``step_output`` (head output at one element) -> ``step_write`` (commit its
 values), in raster order. With a backbone that implements the step protocol each step costs a
 few small matmuls; otherwise (or with ``naive=True``) ``step_output`` is a full forward pass
-over the values written so far, which is the reference.
+over the values written so far, which is the reference. The head evaluates one element
+through the function its ``start_steps(dtype)`` returns, its matrices laid out once per batch.
 """
 
 from __future__ import annotations
