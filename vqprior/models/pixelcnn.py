@@ -30,6 +30,7 @@ from vqprior.nn.gated import CausalHead, GatedStack, HeadStep, conv1x1_fp32, las
 from vqprior.nn.grid import to_bins
 from vqprior.nn.masked import channel_groups
 from vqprior.nn.mixture import mixture_log_prob, num_mixture_params
+from vqprior.nn.precision import wide_dtype
 from vqprior.sampling import sample as run_sampler
 
 Reduction = Literal["none", "sum", "mean"]
@@ -249,7 +250,7 @@ class PixelCNN(nn.Module, PretrainedMixin):
     def head_dtype(self) -> torch.dtype:
         """The dtype of the head output, likelihoods and pixel samples: fp32 (fp64 for an
         fp64 model), whatever the weights or autocast use."""
-        return torch.float64 if self.param_dtype() == torch.float64 else torch.float32
+        return wide_dtype(self.param_dtype())
 
     def class_vector(self, cond: Tensor | None) -> Tensor | None:
         return None if self.class_embed is None or cond is None else self.class_embed(cond)

@@ -42,7 +42,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vqprior.config import ConfigError
-from vqprior.nn.precision import full_precision
+from vqprior.nn.precision import full_precision, wide_dtype
 from vqprior.nn.step import LayerOut, StepContext
 
 __all__ = ["AttentionBlock", "attend", "position_encoding"]
@@ -59,7 +59,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False) -> Tenso
 def _attend(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool, float32: bool) -> Tensor:
     if not float32:
         return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
-    wide = torch.promote_types(q.dtype, torch.float32)  # float64 stays float64
+    wide = wide_dtype(q.dtype)  # float64 stays float64
     with full_precision(q.device.type):
         return F.scaled_dot_product_attention(
             q.to(wide), k.to(wide), v.to(wide), is_causal=is_causal

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from vqprior.nn.attention import AttentionBlock
 from vqprior.nn.masked import MaskedConv2d, causal_mask, channel_groups
-from vqprior.nn.precision import full_precision
+from vqprior.nn.precision import full_precision, wide_dtype
 from vqprior.nn.step import LayerOut, StepBlock, StepContext
 
 Bias = Tensor | float
@@ -43,10 +43,6 @@ def _weight(conv: nn.Conv2d) -> Tensor:
     return conv.masked_weight() if isinstance(conv, MaskedConv2d) else conv.weight
 
 
-def _wide(*dtypes: torch.dtype) -> torch.dtype:
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
 def conv1x1_fp32(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """Apply a 1x1 ``conv`` to ``x`` [b, Cin, h, w] in fp32 (fp64 stays fp64), autocast off.
 
@@ -54,7 +50,7 @@ def conv1x1_fp32(conv: nn.Conv2d, x: Tensor) -> Tensor:
     log-scales, logits) must not be rounded to bf16 under mixed precision.
     """
     weight = _weight(conv)
-    dtype = _wide(x.dtype, weight.dtype)
+    dtype = wide_dtype(x.dtype, weight.dtype)
     bias = None if conv.bias is None else conv.bias.to(dtype)
     with full_precision(x.device.type):
         return F.conv2d(x.to(dtype), weight.to(dtype), bias)
@@ -74,7 +70,7 @@ HeadStep = Callable[[Tensor], Tensor]
 def last_1x1_step(conv: nn.Conv2d, dtype: torch.dtype) -> HeadStep:
     """:func:`conv1x1_fp32` at one element, ``[n, Cin] -> [n, Cout]``, its matrices prepared
     once (``dtype``: the features' dtype)."""
-    wide = _wide(dtype, conv.weight.dtype)
+    wide = wide_dtype(dtype, conv.weight.dtype)
     w, b = matrix_1x1(conv, wide)
 
     def step(x: Tensor) -> Tensor:

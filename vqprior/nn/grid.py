@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vqprior.nn.precision import upcast, wide_dtype
+
 __all__ = ["from_bins", "snap_to_grid", "to_bins"]
 
 
@@ -28,7 +30,7 @@ def to_bins(x: Tensor, num_bins: int) -> Tensor:
         long tensor of the same shape with values in [0, N - 1].
     """
     _check_num_bins(num_bins)
-    x = x if x.dtype == torch.float64 else x.float()
+    x = upcast(x)
     idx = torch.round((x + 1.0) * ((num_bins - 1) / 2.0))
     return idx.clamp(0, num_bins - 1).long()
 
@@ -45,7 +47,7 @@ def from_bins(idx: Tensor, num_bins: int, dtype: torch.dtype = torch.float32) ->
         tensor of ``dtype`` and the shape of ``idx``, values in [-1, 1].
     """
     _check_num_bins(num_bins)
-    work = torch.float64 if dtype == torch.float64 else torch.float32
+    work = wide_dtype(dtype)
     # (2 idx - (N - 1)) / (N - 1): the numerator is an exact integer, so the value is correctly
     # rounded (2 idx / (N - 1) - 1 loses ~1e-7 absolute near 0 in float32).
     return ((2 * idx.long() - (num_bins - 1)).to(work) / (num_bins - 1)).to(dtype)

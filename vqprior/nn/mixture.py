@@ -402,7 +402,7 @@ def mixture_sample_rows(
     top = float(num_bins - 1)
     k = top / 2.0
     y = torch.addcmul(mu, scale, noise).add_(1.0).mul_(k)  # [R, C]
-    coeffs = torch.tanh(raw) if c > 1 else raw
+    coeffs = torch.tanh(raw)
     bins: list[Tensor] = []
     centred: list[Tensor] = []  # bin_p - k
     for ch in range(c):

@@ -8,12 +8,17 @@ import contextlib
 import torch
 from torch import Tensor
 
-__all__ = ["full_precision", "upcast"]
+__all__ = ["full_precision", "upcast", "wide_dtype"]
+
+
+def wide_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float64 if any of ``dtypes`` is float64, else float32: where full precision computes."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def upcast(t: Tensor) -> Tensor:
-    """``t`` as float32, or unchanged if it is already float64."""
-    return t if t.dtype == torch.float64 else t.float()
+    """``t`` in :func:`wide_dtype` (float32, or unchanged if it is already float64)."""
+    return t.to(wide_dtype(t.dtype))
 
 
 def full_precision(device_type: str) -> contextlib.AbstractContextManager[object]:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from vqprior.nn.precision import full_precision
+from vqprior.nn.precision import full_precision, upcast
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def squared_distances(z: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
 
 def perplexity_of_counts(counts: torch.Tensor) -> torch.Tensor:
     """exp(entropy) of the distribution ``counts / counts.sum()``; 0 counts contribute 0."""
-    counts = counts if counts.dtype == torch.float64 else counts.float()
+    counts = upcast(counts)
     probs = counts / counts.sum().clamp_min(1e-12)
     entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum()
     return torch.exp(entropy)

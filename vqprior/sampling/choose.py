@@ -103,7 +103,7 @@ def guided_logits(model: PixelCNN, out: Tensor, scale: float) -> Tensor:
     distribution, as logits [n, P, h, w] (the samplers renormalise)."""
     cfg = model.config
     cats = 1 if cfg.data == "codes" else cfg.in_channels
-    work = out if out.dtype == torch.float64 else out.float()
+    work = upcast(out)
     with full_precision(out.device.type):
         lp = torch.log_softmax(rearrange(work, "b (c n) h w -> b c n h w", c=cats), dim=2)
         cond, null = lp.chunk(2)
