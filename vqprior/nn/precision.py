@@ -18,7 +18,8 @@ def wide_dtype(*dtypes: torch.dtype) -> torch.dtype:
 
 def upcast(t: Tensor) -> Tensor:
     """``t`` in :func:`wide_dtype` (float32, or unchanged if it is already float64)."""
-    return t.to(wide_dtype(t.dtype))
+    wide = wide_dtype(t.dtype)
+    return t if t.dtype == wide else t.to(wide)  # no call at all on a sampler's hot path
 
 
 def full_precision(device_type: str) -> contextlib.AbstractContextManager[object]:
