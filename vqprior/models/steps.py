@@ -37,6 +37,7 @@ class ModelSteps:
     spatial_cond: Tensor | None
     backbone: Any | None  # the backbone's step state; None: a full pass per step
     head: HeadStep | None = None  # the head at one element (with a backbone state)
+    dtype: torch.dtype = torch.float32  # the weights' dtype: pixels enter the network in it
 
 
 def empty_values(model: PixelCNN, n: int, device: torch.device) -> Tensor:
@@ -51,7 +52,7 @@ def start_model_steps(
     device = next(model.parameters()).device
     x = empty_values(model, n, device)
     model.validate_input(x, cond, spatial_cond)
-    state = ModelSteps(x, cond, spatial_cond, None)
+    state = ModelSteps(x, cond, spatial_cond, None, dtype=model.param_dtype())
     if naive or not supports_steps(model.backbone):
         return state
     cfg = model.config
@@ -62,10 +63,10 @@ def start_model_steps(
         model.class_vector(cond),
         spatial_cond,
         device,
-        model.param_dtype(),
+        state.dtype,
     )
     state.backbone = cast(StepBackbone, model.backbone).start_steps(ctx)
-    state.head = cast(HeadSteps, model.head).start_steps(model.param_dtype())
+    state.head = cast(HeadSteps, model.head).start_steps(state.dtype)
     return state
 
 
@@ -89,8 +90,6 @@ def model_step_write(
         x[:, group, r, c] = values[:, group] if values.dim() == 2 else values
     if state.backbone is None:
         return
-    if model.embed is not None:
-        inp = model.embed(x[:, r, c])
-    else:
-        inp = x[:, :, r, c].to(model.param_dtype())
+    embed = model.embed
+    inp = embed(x[:, r, c]) if embed is not None else x[:, :, r, c].to(state.dtype)
     cast(StepBackbone, model.backbone).step_write(state.backbone, r, c, inp)

@@ -31,7 +31,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from vqprior.nn.pixelcnnpp_layers import DownShiftedDeconv2d, GatedResnet, concat_elu
+from vqprior.nn.pixelcnnpp_layers import (
+    DownRightShiftedDeconv2d,
+    DownShiftedDeconv2d,
+    GatedResnet,
+    concat_elu,
+)
 
 if TYPE_CHECKING:
     from vqprior.nn.pixelcnnpp import PixelCNNPPBackbone
@@ -145,6 +150,15 @@ class _Block:
         return out
 
 
+def _deconv_matrix(deconv: nn.ConvTranspose2d) -> tuple[Tensor, Tensor]:
+    """A 2x2 stride-2 transposed convolution of one input point as ``addmm(bias, x, weight)``:
+    ``weight [C_in, C_out * 4]`` (columns ``(o, kh, kw)``, the output's ``[n, C_out, 2, 2]``
+    order) and ``bias [C_out * 4]``."""
+    assert deconv.bias is not None and tuple(deconv.kernel_size) == (2, 2)
+    weight = deconv.weight.flatten(1).contiguous()
+    return weight, deconv.bias.repeat_interleave(4)
+
+
 def _aux_part(weight: Tensor, c: int, part: int) -> Tensor:
     """Columns of a 1x1 kernel over ``concat_elu(cat([u, ul]))`` (order ``u, ul, -u, -ul``)
     that act on ``concat_elu(u)`` (part 0) or ``concat_elu(ul)`` (part 1)."""
@@ -208,6 +222,10 @@ class PixelCNNPPSteps:
         self.feats = self._like.new_zeros(n, net.channels, height, width)
         left = net.ul_init_left
         self._left_t = _flat_t(left.weight)
+        # the ul upsampling at one point as a matmul: [n, C] -> [n, C * 2 * 2] (bias per column)
+        self._kids = [
+            _deconv_matrix(cast(DownRightShiftedDeconv2d, d).deconv) for d in net.upsample_ul
+        ]
         self._above = self._like.new_zeros(width, n, net.channels)  # ul init, rows above
         self._above_left = self._above  # the same plus ul_init_left's bias (set per row)
         self.done = 0  # pixel events processed: the raster index of the next one
@@ -317,8 +335,8 @@ class PixelCNNPPSteps:
             p, q = i >> s, j >> s
             out = self._up_point(s, p, q)
             if s > 0:
-                deconv = cast(DownShiftedDeconv2d, self.net.upsample_ul[s - 1]).deconv
-                kids = deconv(out[:, :, None, None])  # [n, C, 2, 2]
+                weight, bias = self._kids[s - 1]
+                kids = torch.addmm(bias, out, weight).view(self.n, -1, 2, 2)  # [n, C, 2, 2]
                 self.up_in[s - 1][1].put(slice(2 * p, 2 * p + 2), slice(2 * q, 2 * q + 2), kids)
             else:
                 self.feats[:, :, i, j] = F.elu(out)

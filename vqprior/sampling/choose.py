@@ -17,7 +17,7 @@ from torch import Tensor
 from vqprior.nn.categorical import categorical_sample
 from vqprior.nn.grid import from_bins
 from vqprior.nn.mixture import logistic_noise, mixture_mode, mixture_sample_rows
-from vqprior.nn.precision import full_precision, upcast
+from vqprior.nn.precision import full_precision, upcast, wide_dtype
 from vqprior.sampling.noise import Noise
 
 if TYPE_CHECKING:
@@ -77,24 +77,25 @@ def values_from_rows(
     or pixels [R, C] on the grid (head dtype). A sampler's step calls it with R = n."""
     cfg = model.config
     trunc = truncation(top_k, top_p)
+    out_dtype = wide_dtype(rows.dtype)  # the head dtype (model.head_dtype(), without its cost)
     if cfg.mixture:
         assert noise.u_comp is not None and noise.u_val is not None
         args = (cfg.in_channels, cfg.num_mixtures, cfg.num_bins)
         if temperature == 0.0:
-            return mixture_mode(rows[:, :, None, None], *args)[:, :, 0, 0].to(model.head_dtype())
+            return mixture_mode(rows[:, :, None, None], *args)[:, :, 0, 0].to(out_dtype)
         with full_precision(rows.device.type):
             work = upcast(rows)
             lay = logistic_noise(noise.u_val, work.dtype) if logistic is None else logistic
             lay = lay.to(work.dtype)
             vals = mixture_sample_rows(work, *args, noise.u_comp, lay, temperature, **trunc)
-        return vals.to(model.head_dtype())
+        return vals.to(out_dtype)
     assert noise.u is not None
     if cfg.data == "codes":
         return categorical_sample(rows, noise.u[:, 0], temperature, **trunc)
     c = cfg.in_channels
     logits = rows.reshape(rows.shape[0] * c, -1)  # [(R C), N]: channel-major params
     idx = categorical_sample(logits, noise.u.reshape(-1), temperature, **trunc)
-    return from_bins(idx.view(-1, c), cfg.num_bins, model.head_dtype())
+    return from_bins(idx.view(-1, c), cfg.num_bins, out_dtype)
 
 
 def guided_logits(model: PixelCNN, out: Tensor, scale: float) -> Tensor:
