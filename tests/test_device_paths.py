@@ -170,3 +170,41 @@ def test_train_prior_on_cuda_bf16(tmp_path: Path) -> None:
     summary = stages.train_prior(_tiny_pixels(max_steps=4), out, gpu)
     assert (out / "model" / "model.safetensors").is_file()
     assert summary["global_step"] == 4
+
+
+def _pixels_prior() -> dict[str, Any]:
+    return dict(data="pixels", in_channels=1, height=8, width=8, channels=8, num_layers=2)
+
+
+@pytest.mark.parametrize(
+    ("device", "precision", "prior", "vae"),
+    [
+        ("cpu", "32-true", True, False),  # fp32 CPU: the priors only (see StageModule)
+        ("cpu", "bf16-mixed", True, True),
+        ("cpu", "64-true", False, False),
+        ("cuda", "32-true", True, True),
+    ],
+)
+def test_training_memory_format_follows_device_precision_and_stage(
+    monkeypatch: pytest.MonkeyPatch, device: str, precision: str, prior: bool, vae: bool
+) -> None:
+    """Which modules train in channels-last, with the device patched for the cuda row; the
+    weights (and the batch) are converted exactly when the rule says so."""
+    from vqprior.train.vae import VQVAEModule
+
+    if device == "cuda":
+        monkeypatch.setattr(_DeviceDtypeModuleMixin, "device", property(lambda self: CUDA))
+    vae_cfg = dict(in_channels=1, hidden_channels=8, res_channels=4, num_res_blocks=1,
+                   num_codes=16, code_dim=4)  # fmt: skip
+    modules = [(PriorModule(_pixels_prior(), {"max_steps": 1}), prior),
+               (VQVAEModule(vae_cfg, {"max_steps": 1}), vae)]  # fmt: skip
+    for module, expected in modules:
+        module._trainer = SimpleNamespace(precision=precision)  # type: ignore[assignment]
+        module.on_fit_start()
+        assert module.use_channels_last is expected, type(module).__name__
+        convs = [p for p in module.parameters() if p.dim() == 4 and p[0].numel() > p.shape[1] > 1]
+        assert convs and all(
+            p.is_contiguous(memory_format=torch.channels_last) is expected for p in convs
+        )
+        batch = module.memory_format(torch.zeros(2, 3, 8, 8))
+        assert batch.is_contiguous(memory_format=torch.channels_last) is expected

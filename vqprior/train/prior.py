@@ -40,6 +40,8 @@ class PriorModule(StageModule):
     ``vae`` (a plain dict, or None for pixels) records which VAE produced the codes.
     """
 
+    fp32_channels_last = True  # on CPU: gated pixel prior 1.17x a step, PixelCNN++ 1.12x
+
     def __init__(
         self,
         model: dict[str, Any],
