@@ -87,12 +87,15 @@ def test_every_training_model_builds_and_the_tiny_config_matches_the_port() -> N
         build_model("nope")
 
 
-def test_bf16_rows_train_in_channels_last() -> None:
-    rows = bench_model(
-        "prior-codes-8x8", [Variant(), Variant(precision="bf16")], 2, torch.device("cpu"), 1
-    )
-    assert [r.channels_last for r in rows] == [False, True]
+def test_rows_train_in_the_memory_format_training_uses() -> None:
+    """bf16 rows in channels-last; fp32 rows as training on CPU: NHWC for priors, NCHW for the
+    VQ-VAE."""
+    variants = [Variant(), Variant(precision="bf16")]
+    rows = bench_model("prior-codes-8x8", variants, 2, torch.device("cpu"), 1)
+    assert [r.channels_last for r in rows] == [True, True]
     assert rows[0].ratio == 1.0 and rows[1].ratio > 0
+    rows = bench_model("vqvae-32x32x3", variants, 2, torch.device("cpu"), 1)
+    assert [r.channels_last for r in rows] == [False, True]
 
 
 def test_profile_charges_time_to_the_right_groups() -> None:

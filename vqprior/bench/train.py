@@ -1,8 +1,8 @@
 """Training throughput for ``vqprior bench``: variants timed round-robin, ratios to a baseline.
 
 Every model is trained (Adam, one optimiser step per batch) in each variant: precision fp32
-or bf16 autocast (the likelihoods stay fp32), eager or ``torch.compile``; bf16 runs in
-channels-last memory. Variants of one model are interleaved step by step in one process and
+or bf16 autocast (the likelihoods stay fp32), eager or ``torch.compile``, in the memory
+format training uses (:func:`~vqprior.nn.precision.trains_channels_last`). Variants of one model are interleaved step by step in one process and
 the median step time is kept, so each ratio to the model's fp32 eager row is measured under
 the same machine load. :mod:`vqprior.bench.ab` compares against another source tree.
 """
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from vqprior.models.pixelcnn import PixelCNN, PixelCNNConfig
 from vqprior.models.vqvae import VQVAE, VQVAEConfig
+from vqprior.nn.precision import trains_channels_last
 
 # name -> (kind, config kwargs); "pixelcnnpp-tiny" is the pixel-cnn-pp port's smallest setting;
 # the gated rows pin 64 x 8 (the earlier default) so that --baseline-tree compares like with like
@@ -108,13 +109,19 @@ def loss_function(model: nn.Module, compiled: bool) -> Callable[[Tensor], Tensor
     return lambda x: forward(x).loss
 
 
+def channels_last(name: str, variant: Variant, device: torch.device) -> bool:
+    """Whether training (and so this variant's row) runs in channels-last memory."""
+    precision = "bf16-mixed" if variant.precision == "bf16" else "32-true"
+    return trains_channels_last(device.type, precision, TRAIN_MODELS[name][0] == "prior")
+
+
 def make_step(
     name: str, variant: Variant, batch: int, device: torch.device, labels: bool = False
 ) -> Callable[[], None]:
     """One closure per variant: a fresh model, its optimiser, and one training step."""
     model = build_model(name).to(device).train()
     x = example_batch(model, batch, device)
-    if variant.precision == "bf16":
+    if channels_last(name, variant, device):
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
     loss_fn = loss_function(model, variant.compiled)
@@ -189,7 +196,7 @@ def bench_model(
             name,
             v.precision,
             "compiled" if v.compiled else "eager",
-            v.precision == "bf16",
+            channels_last(name, v, device),
             batch,
             batch / t,
             medians[0] / t,

@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from vqprior.nn.precision import full_precision
+from vqprior.nn.precision import full_precision, trains_channels_last
 from vqprior.train.config import TrainConfig
 
 
@@ -37,25 +37,17 @@ class StageModule(L.LightningModule):
     """Routes Lightning's train/val/test steps to one ``_step(batch, stage)`` (STYLE.md).
 
     Validation and test run with autocast off, so the figures they log are the fp32 ones
-    whatever the training precision. Training uses channels-last memory where it pays: on
-    CUDA, under bf16 autocast on CPU (oneDNN's bf16 kernels want NHWC), and in fp32 on CPU
-    where a subclass sets ``fp32_channels_last`` (the priors: 1.1-1.2x a step).
+    whatever the training precision. Training uses channels-last memory where it pays
+    (:func:`~vqprior.nn.precision.trains_channels_last`; ``is_prior`` says which stage this is).
     """
 
     use_channels_last: bool = False
-    # fp32 CPU steps in NHWC. The VQ-VAE keeps NCHW: its gain is 4-7%, and oneDNN's NHWC
-    # kernels round a batch of 8 and one of 16 differently, which flips nearest codes and
-    # breaks the equality of 2 DDP ranks with one process on the whole batch
-    fp32_channels_last: bool = False
+    is_prior: bool = False
     max_val_batches: int | None = None  # validate on the first batches only (a time budget's cap)
 
     def on_fit_start(self) -> None:
         precision = str(self.trainer.precision) if self._trainer is not None else ""
-        self.use_channels_last = (
-            self.device.type == "cuda"
-            or precision.startswith("bf16")
-            or (self.fp32_channels_last and precision.startswith("32"))
-        )
+        self.use_channels_last = trains_channels_last(self.device.type, precision, self.is_prior)
         if self.use_channels_last:  # the trained model and its EMA copy
             self.to(memory_format=torch.channels_last)
 
