@@ -289,6 +289,49 @@ def test_upload_pushes_a_run_export_as_it_is(
         hub.upload(tmp_path / "nothing", REPO)
 
 
+def test_push_command_uploads_a_run_dirs_export(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = FakeApi().install(monkeypatch)
+    run = tmp_path / "run"
+    prior = tiny_prior("pixels")
+    prior.save_pretrained(run / "model")
+    args = ["push", str(run), REPO, "--message", "first", "--revision", "dev", "--private"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["model_dir"] == str(run / "model") and report["repo_id"] == REPO
+    assert api.calls[0][1]["private"] is True
+    upload = api.calls[1][1]
+    assert (upload["commit_message"], upload["revision"], upload["create_pr"]) == (
+        "first",
+        "dev",
+        False,
+    )
+    assert sorted(api.files) == [CARD_NAME, "config.json", "model.safetensors"]
+    assert api.files["model.safetensors"] == (run / "model" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("where", "repo", "code", "message"),
+    [
+        ("missing", REPO, 2, "not found"),
+        ("empty", REPO, 2, "no exported model at"),
+        ("export", "not a hub id", 2, "is not a hub id"),
+    ],
+)
+def test_push_command_refuses_bad_input_in_one_line_and_uploads_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, repo: str, code: int, message: str
+) -> None:
+    api = FakeApi().install(monkeypatch)
+    (tmp_path / "empty").mkdir()
+    tiny_vae().save_pretrained(tmp_path / "export")
+    result = CliRunner().invoke(cli, ["push", str(tmp_path / where), repo])
+    assert result.exit_code == code and message in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert api.calls == []
+
+
 # --- the card ---------------------------------------------------------------------------
 
 SUMMARY = {

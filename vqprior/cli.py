@@ -386,6 +386,40 @@ def export_cmd(ckpt: str, out_dir: str | None, out: str | None, onnx: bool) -> N
     _report(result)
 
 
+@cli.command("push")
+@click.argument("path", type=ExistingPath("model dir", directory=True))
+@click.argument("repo_id")
+@click.option("--message", default=None, help="commit message")
+@click.option("--private", is_flag=True, default=None, help="create the repo private")
+@click.option("--revision", default=None, help="branch to push to")
+@click.option("--create-pr", is_flag=True, help="open a pull request instead of committing")
+def push_cmd(
+    path: str,
+    repo_id: str,
+    message: str | None,
+    private: bool | None,
+    revision: str | None,
+    create_pr: bool,
+) -> None:
+    """Upload an exported model (a run dir or its model/ dir) to a Hugging Face Hub repo:
+    PATH REPO_ID. Needs "vqprior[hub]"; the token comes from `hf auth login` or HF_TOKEN."""
+    from vqprior.hub import is_hub_id, upload
+    from vqprior.train.rundir import find_export
+
+    if not is_hub_id(repo_id):
+        raise ValueError(f"{repo_id!r} is not a hub id (user/name)")
+    model_dir = find_export(path, "model")
+    info = upload(
+        model_dir,
+        repo_id,
+        commit_message=message,
+        private=private,
+        revision=revision,
+        create_pr=create_pr,
+    )
+    _report({"model_dir": str(model_dir), "repo_id": repo_id, "commit": str(info)})
+
+
 @cli.command("pipeline")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option(

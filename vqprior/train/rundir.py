@@ -245,6 +245,8 @@ def find_export(path: str | Path, what: str) -> Path:
         return p / MODEL_DIR
     if (p / "config.json").is_file():
         return p
+    if not p.exists():
+        raise FileNotFoundError(f"{what} {p} not found")
     raise FileNotFoundError(
         f"no exported {what} at {p}: pass a run dir (holding model/) or an exported model dir"
     )

@@ -25,11 +25,11 @@ from vqprior.io import CheckpointError, content_hash
 from vqprior.models.levels import LevelModel
 from vqprior.models.pixelcnn import PixelCNN
 from vqprior.models.vqvae import VQVAE
+from vqprior.train.rundir import find_export
 
 logger = logging.getLogger(__name__)
 
 VAE_RECORD = "vae.json"  # the training layer's record of a codes prior's VAE
-MODEL_DIR = "model"
 
 
 class Models(NamedTuple):
@@ -116,20 +116,6 @@ def class_labels(
     if missing is not None:
         raise ValueError(f"this prior is class-conditional ({num_classes} classes): {missing}")
     return None
-
-
-def find_export(path: str | Path, what: str) -> Path:
-    """An exported model dir: ``path`` itself or ``path/model`` (a run dir)."""
-    p = Path(path)
-    if (p / MODEL_DIR / "config.json").is_file():
-        return p / MODEL_DIR
-    if (p / "config.json").is_file():
-        return p
-    if not p.exists():
-        raise FileNotFoundError(f"{what} {p} not found")
-    raise FileNotFoundError(
-        f"no exported {what} at {p}: pass a run dir (holding model/) or an exported model dir"
-    )
 
 
 def _read_record(prior_path: Path) -> dict[str, Any] | None:
