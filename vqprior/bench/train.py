@@ -2,9 +2,10 @@
 
 Every model is trained (Adam, one optimiser step per batch) in each variant: precision fp32
 or bf16 autocast (the likelihoods stay fp32), eager or ``torch.compile``, in the memory
-format training uses (:func:`~vqprior.nn.precision.trains_channels_last`). Variants of one model are interleaved step by step in one process and
-the median step time is kept, so each ratio to the model's fp32 eager row is measured under
-the same machine load. :mod:`vqprior.bench.ab` compares against another source tree.
+format training uses (:func:`~vqprior.nn.precision.trains_channels_last`). Variants of one
+model are interleaved step by step in one process and the median step time is kept, so each
+ratio to the model's fp32 eager row is measured under the same machine load.
+:mod:`vqprior.bench.ab` compares against another source tree (NCHW fp32 in both trees).
 """
 
 from __future__ import annotations
