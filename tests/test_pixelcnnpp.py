@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from model_cases import PP
 from torch import Tensor, nn
 
@@ -13,6 +14,7 @@ from vqprior.nn.pixelcnnpp_layers import (
     DownRightShiftedDeconv2d,
     DownShiftedConv2d,
     DownShiftedDeconv2d,
+    GatedResnet,
     concat_elu,
     down_shift,
     right_shift,
@@ -125,6 +127,41 @@ def test_shifted_deconvs_double_and_read_the_parent_row():
     up_right = DownRightShiftedDeconv2d(2, 3).double()
     dep = _dependency(up_right, x, (6, 8))
     assert torch.equal(dep, _expected((6, 8), (3, 4), lambda y, c: [(y // 2, c // 2)]))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_down_shifted_deconv_equals_the_cropped_transposed_convolution(channels_last):
+    """The (1, 2) convolution + pixel shuffle against ``conv_transpose2d`` itself: values and
+    the gradients of the input, weight and bias; the output keeps the input's memory format."""
+    up = DownShiftedDeconv2d(3, 5).double()
+    x = torch.randn(2, 3, 4, 6, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    y = up(x)
+    ref = F.conv_transpose2d(x, up.deconv.weight, up.deconv.bias, stride=2)[:, :, :8, 1:13]
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-13)
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    g = torch.randn_like(y)
+    wrt = [x, up.deconv.weight, up.deconv.bias]
+    grads = zip(torch.autograd.grad(y, wrt, g), torch.autograd.grad(ref, wrt, g), strict=True)
+    for got, want in grads:
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_gated_resnet_is_the_same_map_in_either_memory_format():
+    block = GatedResnet(4, lambda i, o: DownShiftedConv2d(i, o), aux_channels=4).double().eval()
+    x, aux = (torch.randn(2, 4, 5, 6, dtype=torch.float64) for _ in range(2))
+    c2 = block.conv2(concat_elu(block.conv1(concat_elu(x)) + block.nin_aux(concat_elu(aux))))
+    a, b = c2.chunk(2, dim=1)
+    want = x + a * torch.sigmoid(b)  # the definition
+    cl = torch.channels_last
+    got_cl = block.to(memory_format=cl)(
+        x.contiguous(memory_format=cl), aux.contiguous(memory_format=cl)
+    )
+    torch.testing.assert_close(block(x, aux), want, rtol=0, atol=1e-13)
+    torch.testing.assert_close(got_cl, want, rtol=0, atol=1e-13)
+    assert got_cl.is_contiguous(memory_format=cl)
 
 
 # ---------------------------------------------------------------- the whole backbone
