@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vqprior.nn.gated import CausalHead, GatedStack
+from vqprior.nn.layout import channel_halves
 from vqprior.nn.masked import channel_groups
 from vqprior.nn.step import LayerOut, StepContext
 
@@ -184,3 +185,23 @@ def test_head_steps_equal_the_heads_and_keep_the_last_layer_in_float32() -> None
             step = head32.start_steps(torch.float32)(x)
         assert step.dtype == torch.float32 and full.dtype == torch.float32
         assert torch.allclose(step, full, atol=5e-2)
+
+
+def test_channel_halves_are_dense_in_channels_last_and_views_otherwise() -> None:
+    x = torch.randn(2, 6, 3, 4, dtype=torch.float64)
+    a, b = channel_halves(x)  # NCHW: the chunk views themselves
+    assert a.data_ptr() == x.data_ptr() and torch.equal(b, x[:, 3:])
+    xc = x.contiguous(memory_format=torch.channels_last)
+    a, b = channel_halves(xc)
+    assert torch.equal(a, x[:, :3]) and torch.equal(b, x[:, 3:])
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in (a, b))
+
+
+def test_gated_stack_is_the_same_map_in_either_memory_format() -> None:
+    torch.manual_seed(0)
+    stack = GatedStack(in_channels=3, channels=8, num_layers=3, kernel_size=3).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    want = stack(x)
+    cl = torch.channels_last
+    got = stack.to(memory_format=cl)(x.contiguous(memory_format=cl))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)

@@ -26,6 +26,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vqprior.nn.attention import AttentionBlock
+from vqprior.nn.layout import channel_halves
 from vqprior.nn.masked import MaskedConv2d, causal_mask, channel_groups
 from vqprior.nn.precision import full_precision, wide_dtype
 from vqprior.nn.step import LayerOut, StepBlock, StepContext
@@ -35,7 +36,7 @@ Bias = Tensor | float
 
 def gate(x: Tensor) -> Tensor:
     """tanh(a) * sigmoid(b) for x = [a | b] along channels: [b, 2F, ...] -> [b, F, ...]."""
-    a, b = x.chunk(2, dim=1)
+    a, b = channel_halves(x)
     return torch.tanh(a) * torch.sigmoid(b)
 
 

@@ -1,0 +1,23 @@
+"""Memory-layout rules shared by the layers."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["channel_halves"]
+
+
+def channel_halves(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``x [b, 2F, h, w]`` split in two along channels, each half dense in ``x``'s format.
+
+    A channel half of a channels-last map is strided (each pixel's channels sit together): an
+    elementwise op on it allocates its output in another layout and walks element by element,
+    on CPU ~8x slower for sigmoid and ~2x for tanh in bf16 than on a dense copy, which costs
+    far less. Halves of an NCHW map (dense blocks per example) are returned as views.
+    """
+    a, b = x.chunk(2, dim=1)
+    cl = torch.channels_last
+    if x.dim() == 4 and x.is_contiguous(memory_format=cl) and not x.is_contiguous():
+        return a.contiguous(memory_format=cl), b.contiguous(memory_format=cl)
+    return a, b
