@@ -40,6 +40,11 @@ def gate(x: Tensor) -> Tensor:
     return torch.tanh(a) * torch.sigmoid(b)
 
 
+def _plus(x: Tensor, bias: Bias) -> Tensor:
+    """``x + bias``; no pass over ``x`` for the float 0.0 of an unconditional layer."""
+    return x if isinstance(bias, float) and bias == 0.0 else x + bias
+
+
 def _weight(conv: nn.Conv2d) -> Tensor:
     return conv.masked_weight() if isinstance(conv, MaskedConv2d) else conv.weight
 
@@ -177,8 +182,8 @@ class GatedLayer(nn.Module):
         self, v: Tensor, h: Tensor, cond: Tensor | None = None, spatial: Tensor | None = None
     ) -> LayerOut:
         bv, bh = self.biases(cond, spatial)
-        v_pre = self.v_conv(v) + bv  # [b, 2F, H, W]
-        h_pre = self.h_conv(h) + self.v_to_h(v_pre) + bh
+        v_pre = _plus(self.v_conv(v), bv)  # [b, 2F, H, W]
+        h_pre = _plus(self.h_conv(h) + self.v_to_h(v_pre), bh)
         h_gated = gate(h_pre)
         if self.h_res is None:
             h_out = h
