@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vqprior.nn.gated import CausalHead, GatedStack
-from vqprior.nn.layout import channel_halves
+from vqprior.nn.layout import channel_halves, is_channels_last
 from vqprior.nn.masked import channel_groups
 from vqprior.nn.step import LayerOut, StepContext
 
@@ -195,6 +195,9 @@ def test_channel_halves_are_dense_in_channels_last_and_views_otherwise() -> None
     a, b = channel_halves(xc)
     assert torch.equal(a, x[:, :3]) and torch.equal(b, x[:, 3:])
     assert all(t.is_contiguous(memory_format=torch.channels_last) for t in (a, b))
+    assert is_channels_last(xc) and not is_channels_last(x)
+    one = torch.zeros(2, 1, 3, 4).contiguous(memory_format=torch.channels_last)
+    assert not is_channels_last(one)  # one channel: both layouts at once, the plain one wins
 
 
 def test_gated_stack_is_the_same_map_in_either_memory_format() -> None:

@@ -5,7 +5,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["channel_halves"]
+__all__ = ["channel_halves", "is_channels_last"]
+
+
+def is_channels_last(x: Tensor) -> bool:
+    """Whether ``x [b, c, h, w]`` is laid out channels-last (and not also plain contiguous, as
+    a map with one channel or one pixel is)."""
+    return (
+        x.dim() == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not x.is_contiguous()
+    )
 
 
 def channel_halves(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -17,7 +27,7 @@ def channel_halves(x: Tensor) -> tuple[Tensor, Tensor]:
     far less. Halves of an NCHW map (dense blocks per example) are returned as views.
     """
     a, b = x.chunk(2, dim=1)
-    cl = torch.channels_last
-    if x.dim() == 4 and x.is_contiguous(memory_format=cl) and not x.is_contiguous():
+    if is_channels_last(x):
+        cl = torch.channels_last
         return a.contiguous(memory_format=cl), b.contiguous(memory_format=cl)
     return a, b

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from vqprior.nn.layout import channel_halves
+from vqprior.nn.layout import channel_halves, is_channels_last
 
 ConvFactory = Callable[[int, int], nn.Conv2d]
 
@@ -122,15 +122,12 @@ class DownShiftedDeconv2d(nn.Module):
         self.deconv = nn.ConvTranspose2d(in_ch, out_ch, (2, 3), stride=2)
 
     def forward(self, x: Tensor) -> Tensor:
-        w, bias = self.deconv.weight, self.deconv.bias  # [c_in, c_out, 2, 3], [c_out]
+        w, bias = self.deconv.weight, self.deconv.bias  # [c_in, c_out, 2 (a), 3], [c_out]
         assert bias is not None
-        zero = torch.zeros_like(w[..., :1])
-        taps = torch.stack(  # [a, e, c_in, c_out, t]: column c + t
-            [torch.cat([w[:, :, :, 1:2], zero], 3), w[:, :, :, [2, 0]]], dim=3
-        ).permute(2, 3, 0, 1, 4)
-        kernel = rearrange(taps, "a e i o t -> (a e o) i 1 t")
+        even, odd = F.pad(w[..., 1:2], (0, 1)), w[..., [2, 0]]  # taps on columns c, c + 1
+        kernel = rearrange(torch.stack([even, odd]), "e i o a t -> (a e o) i 1 t")
         z = F.conv2d(F.pad(x, (0, 1)), kernel, bias.repeat(4))  # [b, (a e o), h, w]
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        if is_channels_last(x):
             out = rearrange(z.permute(0, 2, 3, 1), "b h w (a e o) -> b (h a) (w e) o", a=2, e=2)
             return out.permute(0, 3, 1, 2)  # channels-last, as the input
         return rearrange(z, "b (a e o) h w -> b o (h a) (w e)", a=2, e=2)
