@@ -2,7 +2,7 @@
 
 Every model is trained (Adam, one optimiser step per batch) in each variant: precision fp32
 or bf16 autocast (the likelihoods stay fp32), eager or ``torch.compile``, in the memory
-format training uses (:func:`~vqprior.nn.precision.trains_channels_last`). Variants of one
+format training uses (:func:`~vqprior.nn.layout.trains_channels_last`). Variants of one
 model are interleaved step by step in one process and the median step time is kept, so each
 ratio to the model's fp32 eager row is measured under the same machine load.
 :mod:`vqprior.bench.ab` compares against another source tree (NCHW fp32 in both trees).
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from vqprior.models.pixelcnn import PixelCNN, PixelCNNConfig
 from vqprior.models.vqvae import VQVAE, VQVAEConfig
-from vqprior.nn.precision import trains_channels_last
+from vqprior.nn.layout import trains_channels_last
 
 # name -> (kind, config kwargs); "pixelcnnpp-tiny" is the pixel-cnn-pp port's smallest setting;
 # the gated rows pin 64 x 8 (the earlier default) so that --baseline-tree compares like with like

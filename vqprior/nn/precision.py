@@ -8,7 +8,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-__all__ = ["full_precision", "trains_channels_last", "upcast", "wide_dtype"]
+__all__ = ["full_precision", "upcast", "wide_dtype"]
 
 
 def wide_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -29,14 +29,3 @@ def full_precision(device_type: str) -> contextlib.AbstractContextManager[object
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
-
-
-def trains_channels_last(device_type: str, precision: str, prior: bool) -> bool:
-    """Whether training runs in channels-last memory, for Lightning's ``precision`` string
-    (``32-true``, ``bf16-mixed``, ...): on CUDA; under bf16 (oneDNN's bf16 kernels want NHWC);
-    in fp32 on CPU for the priors (1.1-1.2x a step). The VQ-VAE's fp32 CPU training stays NCHW:
-    its gain is 4-7%, and oneDNN's NHWC kernels round a batch of 8 and one of 16 differently,
-    which flips nearest codes and breaks the equality of 2 DDP ranks with one process on the
-    whole batch."""
-    fp32 = precision.startswith("32")
-    return device_type == "cuda" or precision.startswith("bf16") or (prior and fp32)

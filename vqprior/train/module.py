@@ -9,7 +9,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from vqprior.nn.precision import full_precision, trains_channels_last
+from vqprior.nn.layout import trains_channels_last
+from vqprior.nn.precision import full_precision
 from vqprior.train.config import TrainConfig
 
 
@@ -38,7 +39,7 @@ class StageModule(L.LightningModule):
 
     Validation and test run with autocast off, so the figures they log are the fp32 ones
     whatever the training precision. Training uses channels-last memory where it pays
-    (:func:`~vqprior.nn.precision.trains_channels_last`; ``is_prior`` says which stage this is).
+    (:func:`~vqprior.nn.layout.trains_channels_last`; ``is_prior`` says which stage this is).
     """
 
     use_channels_last: bool = False

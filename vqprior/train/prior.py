@@ -40,7 +40,7 @@ class PriorModule(StageModule):
     ``vae`` (a plain dict, or None for pixels) records which VAE produced the codes.
     """
 
-    is_prior = True  # fp32 CPU training in channels-last too (nn.precision.trains_channels_last)
+    is_prior = True  # fp32 CPU training in channels-last too (nn.layout.trains_channels_last)
 
     def __init__(
         self,
