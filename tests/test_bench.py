@@ -63,6 +63,16 @@ def test_bench_writes_json_and_a_table(tmp_path, capsys) -> None:
     assert "extrapolated" in format_table(saved)
 
 
+def test_threads_apply_to_every_row(tmp_path) -> None:
+    before = torch.get_num_threads()
+    try:
+        args = ["--models", "", "--train-steps", "0", "--threads", "1"]
+        result = main([*args, "--out", str(tmp_path / "b.json")])
+        assert result["threads"] == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_training_variants_put_the_fp32_eager_baseline_first() -> None:
     assert variants(["bf16"], True) == [
         Variant(),

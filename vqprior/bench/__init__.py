@@ -158,7 +158,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true", help="add torch.compile variants")
     parser.add_argument("--baseline-tree", default=None, help="source tree to compare against")
     parser.add_argument("--repeats", type=int, default=3, help="baseline-tree alternations")
-    parser.add_argument("--threads", type=int, default=0, help="baseline-tree worker threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads for every row, here and in baseline-tree workers (0: torch's default)",
+    )
     parser.add_argument(
         "--baseline-jobs",
         default="train",
@@ -171,6 +176,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = _parser().parse_args(list(argv) if argv is not None else None)
+    if args.threads > 0:  # every row, not only the baseline-tree workers (passes are per thread)
+        torch.set_num_threads(args.threads)
     try:
         batches = [int(b) for b in args.batch_sizes.split(",") if b]
     except ValueError:
