@@ -682,3 +682,18 @@ def test_mode_search_prunes_exactly(n: int) -> None:
         centre = 1.013 * (n - 1) / 2  # the mode between the two means, > 10 bins from both
         between = (dense.double() - centre).abs() < 3
         assert (between & (seps * (n - 1) / 2 > 10)).any()
+
+
+def test_log_prob_is_the_same_for_a_channels_last_map() -> None:
+    gen = torch.Generator().manual_seed(3)
+    params = torch.randn(2, num_mixture_params(3, 4), 5, 6, generator=gen, dtype=torch.float64)
+    x = torch.randint(0, 256, (2, 3, 5, 6), generator=gen).double() * (2 / 255) - 1
+    want = mixture_log_prob(x, params, 4)
+    cl = torch.channels_last
+    p_cl = params.contiguous(memory_format=cl).requires_grad_(True)
+    got = mixture_log_prob(x.contiguous(memory_format=cl), p_cl, 4)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    (grad,) = torch.autograd.grad(got.sum(), p_cl)
+    p_ref = params.clone().requires_grad_(True)
+    (want_grad,) = torch.autograd.grad(mixture_log_prob(x, p_ref, 4).sum(), p_ref)
+    torch.testing.assert_close(grad, want_grad, rtol=0, atol=1e-12)
