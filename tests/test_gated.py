@@ -198,6 +198,11 @@ def test_channel_halves_are_dense_in_channels_last_and_views_otherwise() -> None
     assert is_channels_last(xc) and not is_channels_last(x)
     one = torch.zeros(2, 1, 3, 4).contiguous(memory_format=torch.channels_last)
     assert not is_channels_last(one)  # one channel: both layouts at once, the plain one wins
+    # off the CPU (meta stands in for a GPU here) the halves stay views
+    xm = torch.empty(2, 6, 3, 4, device="meta").contiguous(memory_format=torch.channels_last)
+    a, b = channel_halves(xm)
+    assert not a.is_contiguous(memory_format=torch.channels_last)
+    assert a.stride() == xm.stride() and b.storage_offset() == 3
 
 
 def test_gated_stack_is_the_same_map_in_either_memory_format() -> None:

@@ -21,13 +21,14 @@ def is_channels_last(x: Tensor) -> bool:
 def channel_halves(x: Tensor) -> tuple[Tensor, Tensor]:
     """``x [b, 2F, h, w]`` split in two along channels, each half dense in ``x``'s format.
 
-    A channel half of a channels-last map is strided (each pixel's channels sit together): an
-    elementwise op on it allocates its output in another layout and walks element by element,
-    on CPU ~8x slower for sigmoid and ~2x for tanh in bf16 than on a dense copy, which costs
-    far less. Halves of an NCHW map (dense blocks per example) are returned as views.
+    A channel half of a channels-last map is strided (each pixel's channels sit together): on
+    CPU an elementwise op on it allocates its output in another layout and walks element by
+    element, ~8x slower for sigmoid and ~2x for tanh in bf16 than on a dense copy, which costs
+    far less. Elsewhere (not measured on GPUs: the copies would only add traffic there), and
+    for NCHW maps, whose halves are dense blocks per example, the halves are views.
     """
     a, b = x.chunk(2, dim=1)
-    if is_channels_last(x):
+    if x.device.type == "cpu" and is_channels_last(x):
         cl = torch.channels_last
         return a.contiguous(memory_format=cl), b.contiguous(memory_format=cl)
     return a, b
