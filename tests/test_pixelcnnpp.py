@@ -149,6 +149,11 @@ def test_down_shifted_deconv_equals_the_cropped_transposed_convolution(channels_
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
+def test_down_shifted_deconv_off_the_cpu_is_the_transposed_convolution() -> None:
+    up = DownShiftedDeconv2d(3, 5).to("meta")  # meta stands in for a GPU
+    assert up(torch.empty(2, 3, 4, 6, device="meta")).shape == (2, 5, 8, 12)
+
+
 def test_gated_resnet_is_the_same_map_in_either_memory_format():
     block = GatedResnet(4, lambda i, o: DownShiftedConv2d(i, o), aux_channels=4).double().eval()
     x, aux = (torch.randn(2, 4, 5, 6, dtype=torch.float64) for _ in range(2))

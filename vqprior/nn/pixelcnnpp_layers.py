@@ -110,9 +110,9 @@ class DownShiftedDeconv2d(nn.Module):
     columns ``x // 2 .. (x + 1) // 2``. ``[b, c_in, h, w] -> [b, c_out, 2h, 2w]``.
 
     The weights are a ``ConvTranspose2d``'s (stride 2, the output cropped by one column), but
-    the map is computed as one ``(1, 2)`` convolution with ``4 c_out`` outputs and a pixel
-    shuffle (oneDNN's bf16 kernel for this transposed convolution is ~10x slower than its fp32
-    one on CPU): output ``(2r + a, 2c + e)`` is input ``(r, c)`` times kernel tap ``(a, 1)`` for
+    on CPU the map is computed as one ``(1, 2)`` convolution with ``4 c_out`` outputs and a
+    pixel shuffle (oneDNN's bf16 kernel for this transposed convolution is ~10x slower than its
+    fp32 one): output ``(2r + a, 2c + e)`` is input ``(r, c)`` times kernel tap ``(a, 1)`` for
     ``e = 0``, and ``(r, c)`` times tap ``(a, 2)`` plus ``(r, c + 1)`` times tap ``(a, 0)`` for
     ``e = 1`` (zero beyond the last column).
     """
@@ -122,6 +122,9 @@ class DownShiftedDeconv2d(nn.Module):
         self.deconv = nn.ConvTranspose2d(in_ch, out_ch, (2, 3), stride=2)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu":  # the transposed convolution itself (the shuffle: CPU-measured)
+            h, width = x.shape[-2:]
+            return self.deconv(x)[:, :, : 2 * h, 1 : 2 * width + 1]
         w, bias = self.deconv.weight, self.deconv.bias  # [c_in, c_out, 2 (a), 3], [c_out]
         assert bias is not None
         even, odd = F.pad(w[..., 1:2], (0, 1)), w[..., [2, 0]]  # taps on columns c, c + 1
