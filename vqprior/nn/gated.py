@@ -175,7 +175,7 @@ class GatedLayer(nn.Module):
             total = total + self.spatial(spatial)
         if isinstance(total, float):
             return 0.0, 0.0
-        bv, bh = total.chunk(2, dim=1)
+        bv, bh = channel_halves(total)
         return bv, bh
 
     def forward(

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from vqprior.nn.layout import channel_halves
 from vqprior.nn.pixelcnnpp_layers import (
     DownRightShiftedDeconv2d,
     DownShiftedDeconv2d,
@@ -122,7 +123,7 @@ class _Block:
         self.c1.put_row(p, c1)
         c2 = F.conv2d(self.c1.celu4[:, :, p : p + 2], m.conv2.weight)
         c2 = c2 + self.bias2[..., None, None]  # [n | 1, 2C, 1, 1]
-        a, b = c2.chunk(2, dim=1)
+        a, b = channel_halves(c2)
         self.out.put_row(p, self.x.raw4[:, :, p + 1 : p + 2, 1:-1] + a * torch.sigmoid(b))
 
     # --------------------------------------------------------------- ul stream: points
