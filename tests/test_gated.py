@@ -198,6 +198,8 @@ def test_channel_halves_are_dense_in_channels_last_and_views_otherwise() -> None
     assert is_channels_last(xc) and not is_channels_last(x)
     one = torch.zeros(2, 1, 3, 4).contiguous(memory_format=torch.channels_last)
     assert not is_channels_last(one)  # one channel: both layouts at once, the plain one wins
+    assert is_channels_last(xc[:, :, 1:, :-1]) and not is_channels_last(x[:, :, 1:, :-1])  # crops
+    assert is_channels_last(xc[:, :3]) and not is_channels_last(x[:, :3])  # channel slices
     # off the CPU (meta stands in for a GPU here) the halves stay views
     xm = torch.empty(2, 6, 3, 4, device="meta").contiguous(memory_format=torch.channels_last)
     a, b = channel_halves(xm)

@@ -74,6 +74,37 @@ def test_concat_elu_matches_definition():
     elu = torch.where(x > 0, x, torch.expm1(x))
     elu_neg = torch.where(-x > 0, -x, torch.expm1(-x))
     torch.testing.assert_close(concat_elu(x), torch.cat([elu, elu_neg], dim=1))
+    points = x[:, :, 0, 0]  # [n, c], the sampler's: the plain form
+    torch.testing.assert_close(concat_elu(points), torch.cat([elu, elu_neg], 1)[:, :, 0, 0])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("pads", [(0, 0, 0, 0), (1, 1, 1, 0), (1, 0, 1, 0), (0, 2, 0, 1)])
+def test_padded_concat_elu_is_the_padded_definition_with_its_gradient(channels_last, pads):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    x[0, 0, 0, :3] = torch.tensor([0.0, -0.0, 1e-30])  # the kinks
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if channels_last and pads == (0, 2, 0, 1):
+        x = F.pad(x, (0, 0, 1, 0))[:, :, :-1]  # a crop of a channels-last map, as down_shift's
+    x.requires_grad_(True)
+    got = concat_elu(x, pads)
+    want = F.pad(
+        torch.where(
+            torch.cat([x, -x], 1) > 0, torch.cat([x, -x], 1), torch.expm1(torch.cat([x, -x], 1))
+        ),
+        pads,
+    )
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-15)
+    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
+    grad = torch.randn_like(want)
+    (g_got,) = torch.autograd.grad(got, x, grad)
+    (g_want,) = torch.autograd.grad(want, x, grad)
+    torch.testing.assert_close(g_got, g_want, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda t: concat_elu(t, pads), (x.detach()[:1, :2].clone().requires_grad_(True),)
+    )
 
 
 def test_shifts_move_by_one_and_fill_zero():
@@ -276,6 +307,11 @@ def test_dropout_keeps_one_minus_p_and_rescales_like_nn_dropout(p):
     y = drop(x)
     kept = y != 0
     assert kept.float().mean().item() == pytest.approx(1 - p, abs=0.005)  # 131k draws
+    if p != 0.3:  # exactly the bytes >= 256 p: redraw them from the same seed
+        from vqprior.nn.pixelcnnpp_layers import random_bytes_like
+
+        torch.manual_seed(0)
+        assert torch.equal(kept, random_bytes_like(x) >= int(256 * p))
     assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
     y.sum().backward()
     assert x.grad is not None

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from vqprior.models.pixelcnn import PixelCNN, PixelCNNConfig
 from vqprior.models.vqvae import VQVAE, VQVAEConfig
 from vqprior.nn.layout import trains_channels_last
+from vqprior.train.host import keep_freed_memory
 
 # name -> (kind, config kwargs); "pixelcnnpp-tiny" is the pixel-cnn-pp port's smallest setting;
 # the gated rows pin 64 x 8 (the earlier default) so that --baseline-tree compares like with like
@@ -119,7 +120,9 @@ def channels_last(name: str, variant: Variant, device: torch.device) -> bool:
 def make_step(
     name: str, variant: Variant, batch: int, device: torch.device, labels: bool = False
 ) -> Callable[[], None]:
-    """One closure per variant: a fresh model, its optimiser, and one training step."""
+    """One closure per variant: a fresh model, its optimiser, and one training step (with
+    freed host memory kept for reuse, as the training commands run)."""
+    keep_freed_memory()
     model = build_model(name).to(device).train()
     x = example_batch(model, batch, device)
     if channels_last(name, variant, device):

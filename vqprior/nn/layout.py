@@ -9,13 +9,12 @@ __all__ = ["channel_halves", "is_channels_last", "trains_channels_last"]
 
 
 def is_channels_last(x: Tensor) -> bool:
-    """Whether ``x [b, c, h, w]`` is laid out channels-last (and not also plain contiguous, as
-    a map with one channel or one pixel is)."""
-    return (
-        x.dim() == 4
-        and x.is_contiguous(memory_format=torch.channels_last)
-        and not x.is_contiguous()
-    )
+    """Whether ``x [b, c, h, w]`` is laid out channels-last: each pixel's channels adjacent, as
+    in a dense channels-last map or a crop of one (``F.pad(x)[..., :-1, :]``), and not also
+    plain contiguous, as a map with one channel or one pixel is. What a new map computed from
+    ``x`` should follow: on CPU an elementwise op whose operands mix the layouts runs ~5x slower.
+    """
+    return x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1 and not x.is_contiguous()
 
 
 def channel_halves(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -17,12 +17,66 @@ from torch import Tensor, nn
 
 from vqprior.nn.layout import channel_halves, is_channels_last
 
-ConvFactory = Callable[[int, int], nn.Conv2d]
+Pads = tuple[int, int, int, int]  # left, right, top, bottom, as F.pad's last two dimensions
+ConvFactory = Callable[[int, int], "ShiftedConv2d"]
 
 
-def concat_elu(x: Tensor) -> Tensor:
-    """ELU of ``[x, -x]`` along channels: ``[b, c, h, w] -> [b, 2c, h, w]``."""
-    return F.elu(torch.cat([x, -x], dim=1))
+def concat_elu(x: Tensor, pads: Pads = (0, 0, 0, 0)) -> Tensor:
+    """ELU of ``[x, -x]`` along channels, zero-padded by ``pads`` (the input of the shifted
+    convolution that reads it): ``[b, c, h, w] -> [b, 2c, h + top + bottom, w + left + right]``.
+
+    A map is written in one pass into its padded output (:class:`_ConcatElu`); points
+    (``[n, c]``, the sampler's) and graphs being compiled (inductor fuses the plain form itself)
+    take the plain ``elu(cat([x, -x]))``.
+    """
+    if x.dim() != 4 or torch.compiler.is_compiling():
+        y = F.elu(torch.cat([x, -x], dim=1))
+        return F.pad(y, pads) if any(pads) else y
+    return _ConcatElu.apply(x, pads)
+
+
+class _ConcatElu(torch.autograd.Function):
+    """``pad(elu(cat([x, -x])))`` with one ``expm1`` per element of ``x`` and no copies.
+
+    With ``m = expm1(-|x|)``: ``elu(x) = max(x, m)`` and ``elu(-x) = max(-x, m)`` (``expm1``
+    lies above its argument, and below 0 for negative ones), written straight into the two
+    channel halves of the padded output. The backward is ELU's, from the output.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, pads: Pads) -> Tensor:
+        left, right, top, bottom = pads
+        n, c, h, w = x.shape
+        cl = is_channels_last(x)
+        size = (n, 2 * c, h + top + bottom, w + left + right)
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        y = torch.empty(size, dtype=x.dtype, device=x.device, memory_format=fmt)
+        # the zero border, through a view with the dense dimension last (CPU bf16 fills of a
+        # channels-last map's strips in NCHW order are ~30x slower): the grid at dims -3, -2
+        grid = y.movedim(1, -1) if cl else y.unsqueeze(-1)
+        grid[..., :top, :, :].zero_(), grid[..., top + h :, :, :].zero_()
+        grid[..., top : top + h, :left, :].zero_(), grid[..., top : top + h, left + w :, :].zero_()
+        inner = y[:, :, top : top + h, left : left + w]
+        neg = torch.neg(x)
+        m = torch.minimum(x, neg).expm1_()
+        torch.maximum(x, m, out=inner[:, :c])
+        torch.maximum(neg, m, out=inner[:, c:])
+        ctx.save_for_backward(y)
+        ctx.pads = pads  # type: ignore[attr-defined]
+        return y
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        (y,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        left, right, top, bottom = ctx.pads  # type: ignore[attr-defined]
+        rows, cols = slice(top, y.shape[2] - bottom), slice(left, y.shape[3] - right)
+        # ELU's gradient from its output, on both halves at once (dense channels), then the
+        # halves' difference: d/dx of [elu(x), elu(-x)]
+        g = torch.ops.aten.elu_backward(
+            grad[:, :, rows, cols], 1.0, 1, 1, True, y[:, :, rows, cols]
+        )
+        c = g.shape[1] // 2
+        return g[:, :c] - g[:, c:], None
 
 
 def random_bytes_like(x: Tensor) -> Tensor:
@@ -54,10 +108,12 @@ class Dropout(nn.Module):
             return x
         level = self.p * 256
         if level == round(level) and not torch.compiler.is_compiling():
-            keep = random_bytes_like(x) >= int(level)
+            # bytes >= level as 0 / 1 without a bool tensor (on CPU a comparison and a cast
+            # from bool are each slower than this whole line): clamp to [level - 1, level]
+            keep = random_bytes_like(x).clamp_(int(level) - 1, int(level)).sub_(int(level) - 1)
         else:
             keep = torch.rand_like(x, dtype=torch.float32) >= self.p
-        return x * (keep * (1.0 / (1.0 - self.p))).to(x.dtype)
+        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
 
 
 def down_shift(x: Tensor) -> Tensor:
@@ -70,7 +126,30 @@ def right_shift(x: Tensor) -> Tensor:
     return F.pad(x, (1, 0, 0, 0))[:, :, :, :-1]
 
 
-class DownShiftedConv2d(nn.Conv2d):
+class ShiftedConv2d(nn.Conv2d):
+    """A convolution over its input zero-padded by ``pads`` (left, right, top, bottom)."""
+
+    def __init__(
+        self, in_ch: int, out_ch: int, kernel: tuple[int, int], stride: int, pads: Pads
+    ) -> None:
+        super().__init__(in_ch, out_ch, kernel, stride=stride)
+        self.pads = pads
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.of_padded(F.pad(x, self.pads))
+
+    def of_padded(self, x: Tensor) -> Tensor:
+        """The convolution of an input already padded by ``pads`` (e.g. by :func:`concat_elu`)."""
+        return super().forward(x)
+
+    def of_concat_elu(self, x: Tensor, dropout: nn.Module | None = None) -> Tensor:
+        """``self(dropout(concat_elu(x)))``, padded in the same pass as the ELU (the
+        dropout's mask also covers the zero padding, where it changes nothing)."""
+        y = concat_elu(x, self.pads)
+        return self.of_padded(y if dropout is None else dropout(y))
+
+
+class DownShiftedConv2d(ShiftedConv2d):
     """Conv whose output ``(i, j)`` reads rows ``i-kh+1..i``, columns ``j-kw//2..j+kw//2``.
 
     ``kernel[1]`` must be odd (centred columns). ``[b, c_in, h, w] -> [b, c_out, h/s, w/s]``.
@@ -81,15 +160,11 @@ class DownShiftedConv2d(nn.Conv2d):
     ) -> None:
         if kernel[1] % 2 != 1:
             raise ValueError(f"DownShiftedConv2d needs an odd kernel width, got {kernel}")
-        super().__init__(in_ch, out_ch, kernel, stride=stride)
         side = (kernel[1] - 1) // 2
-        self.pads = (side, side, kernel[0] - 1, 0)  # left, right, top, bottom
-
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(F.pad(x, self.pads))
+        super().__init__(in_ch, out_ch, kernel, stride, (side, side, kernel[0] - 1, 0))
 
 
-class DownRightShiftedConv2d(nn.Conv2d):
+class DownRightShiftedConv2d(ShiftedConv2d):
     """Conv whose output ``(i, j)`` reads rows ``i-kh+1..i`` and columns ``j-kw+1..j``.
 
     ``[b, c_in, h, w] -> [b, c_out, h/s, w/s]``.
@@ -98,11 +173,7 @@ class DownRightShiftedConv2d(nn.Conv2d):
     def __init__(
         self, in_ch: int, out_ch: int, kernel: tuple[int, int] = (2, 2), stride: int = 1
     ) -> None:
-        super().__init__(in_ch, out_ch, kernel, stride=stride)
-        self.pads = (kernel[1] - 1, 0, kernel[0] - 1, 0)  # left, right, top, bottom
-
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(F.pad(x, self.pads))
+        super().__init__(in_ch, out_ch, kernel, stride, (kernel[1] - 1, 0, kernel[0] - 1, 0))
 
 
 class DownShiftedDeconv2d(nn.Module):
@@ -174,11 +245,11 @@ class GatedResnet(nn.Module):
         self.cond_proj = nn.Linear(cond_dim, 2 * channels, bias=False) if cond_dim else None
 
     def forward(self, x: Tensor, aux: Tensor | None = None, cond: Tensor | None = None) -> Tensor:
-        c1 = self.conv1(concat_elu(x))
+        c1 = self.conv1.of_concat_elu(x)
         if self.nin_aux is not None:
             assert aux is not None, "this block was built with an auxiliary input"
             c1 = c1 + self.nin_aux(concat_elu(aux))
-        c2 = self.conv2(self.dropout(concat_elu(c1)))
+        c2 = self.conv2.of_concat_elu(c1, self.dropout)
         if self.cond_proj is not None:
             assert cond is not None, "this block was built with conditioning"
             c2 = c2 + self.cond_proj(cond)[:, :, None, None]  # [b, 2c] -> [b, 2c, 1, 1]

@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import CSVLogger
 from vqprior.train.callbacks import LastValidation, NonFiniteGuard, PlainProgress, TimeBudget
 from vqprior.train.checkpoints import AtomicCheckpointIO, checkpoint_callbacks
 from vqprior.train.config import DeviceOptions, TrainConfig
+from vqprior.train.host import keep_freed_memory
 from vqprior.train.rankdump import rank_dump_callbacks
 from vqprior.train.resume import ResumeState
 from vqprior.train.rundir import CKPT_DIR, LAST_CKPT, flatten_metrics
@@ -133,13 +134,14 @@ def run_training(
     out: Path,
     has_val: bool,
 ) -> dict[str, float]:
-    """Fit (resuming from ``ckpt``), save a final ``last.ckpt``, validate the final weights
+    """Fit (resuming from ``ckpt``; freed host memory kept for reuse), save a final ``last.ckpt``, validate the final weights
     (unless fit just did), flatten the CSV logs into ``metrics.csv``; return the final scalar
     metrics.
 
     ``ckpt`` is passed explicitly rather than as Lightning's ``ckpt_path="last"``: rank zero
     has already checked the run dir (prepare_run_dir) and every rank resumes from that file.
     """
+    keep_freed_memory()
     try:
         trainer.fit(
             module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True
