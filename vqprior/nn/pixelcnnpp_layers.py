@@ -54,8 +54,15 @@ class _ConcatElu(torch.autograd.Function):
         # the zero border, through a view with the dense dimension last (CPU bf16 fills of a
         # channels-last map's strips in NCHW order are ~30x slower): the grid at dims -3, -2
         grid = y.movedim(1, -1) if cl else y.unsqueeze(-1)
-        grid[..., :top, :, :].zero_(), grid[..., top + h :, :, :].zero_()
-        grid[..., top : top + h, :left, :].zero_(), grid[..., top : top + h, left + w :, :].zero_()
+        rows = slice(top, top + h)
+        for strip, width in (
+            (grid[..., :top, :, :], top),
+            (grid[..., top + h :, :, :], bottom),
+            (grid[..., rows, :left, :], left),
+            (grid[..., rows, left + w :, :], right),
+        ):
+            if width:
+                strip.zero_()
         inner = y[:, :, top : top + h, left : left + w]
         neg = torch.neg(x)
         m = torch.minimum(x, neg).expm1_()
