@@ -78,9 +78,16 @@ def test_concat_elu_matches_definition():
     torch.testing.assert_close(concat_elu(points), torch.cat([elu, elu_neg], 1)[:, :, 0, 0])
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("pads", [(0, 0, 0, 0), (1, 1, 1, 0), (1, 0, 1, 0), (0, 2, 0, 1)])
-def test_padded_concat_elu_is_the_padded_definition_with_its_gradient(channels_last, pads):
+def test_padded_concat_elu_is_the_padded_definition_with_its_gradient(
+    fused, channels_last, pads, monkeypatch
+):
+    from vqprior.nn import pixelcnnpp_layers
+
+    # these maps are small: move the size above which the fused form is taken
+    monkeypatch.setattr(pixelcnnpp_layers, "FUSED_CONCAT_ELU_MIN", -1 if fused else 1 << 30)
     torch.manual_seed(0)
     x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
     x[0, 0, 0, :3] = torch.tensor([0.0, -0.0, 1e-30])  # the kinks
@@ -97,6 +104,7 @@ def test_padded_concat_elu_is_the_padded_definition_with_its_gradient(channels_l
         pads,
     )
     torch.testing.assert_close(got, want, rtol=0, atol=1e-15)
+    assert (type(got.grad_fn).__name__ == "_ConcatEluBackward") == fused
     assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
     grad = torch.randn_like(want)
     (g_got,) = torch.autograd.grad(got, x, grad)
@@ -105,6 +113,17 @@ def test_padded_concat_elu_is_the_padded_definition_with_its_gradient(channels_l
     assert torch.autograd.gradcheck(
         lambda t: concat_elu(t, pads), (x.detach()[:1, :2].clone().requires_grad_(True),)
     )
+
+
+def test_fused_concat_elu_has_no_cpu_only_step(monkeypatch) -> None:
+    from vqprior.nn import pixelcnnpp_layers
+
+    monkeypatch.setattr(pixelcnnpp_layers, "FUSED_CONCAT_ELU_MIN", -1)
+    x = torch.empty(2, 3, 4, 5, device="meta").contiguous(memory_format=torch.channels_last)
+    y = concat_elu(x.requires_grad_(True), (1, 1, 1, 0))  # meta stands in for a GPU
+    assert y.shape == (2, 6, 5, 7) and y.is_contiguous(memory_format=torch.channels_last)
+    (g,) = torch.autograd.grad(y, x, torch.empty_like(y))
+    assert g.shape == x.shape
 
 
 def test_shifts_move_by_one_and_fill_zero():
@@ -185,12 +204,16 @@ def test_down_shifted_deconv_off_the_cpu_is_the_transposed_convolution() -> None
     assert up(torch.empty(2, 3, 4, 6, device="meta")).shape == (2, 5, 8, 12)
 
 
-def test_gated_resnet_is_the_same_map_in_either_memory_format():
+@pytest.mark.parametrize("fused", [False, True])
+def test_gated_resnet_is_the_same_map_in_either_memory_format(fused, monkeypatch):
     block = GatedResnet(4, lambda i, o: DownShiftedConv2d(i, o), aux_channels=4).double().eval()
     x, aux = (torch.randn(2, 4, 5, 6, dtype=torch.float64) for _ in range(2))
     c2 = block.conv2(concat_elu(block.conv1(concat_elu(x)) + block.nin_aux(concat_elu(aux))))
     a, b = c2.chunk(2, dim=1)
     want = x + a * torch.sigmoid(b)  # the definition
+    from vqprior.nn import pixelcnnpp_layers
+
+    monkeypatch.setattr(pixelcnnpp_layers, "FUSED_CONCAT_ELU_MIN", -1 if fused else 1 << 30)
     cl = torch.channels_last
     got_cl = block.to(memory_format=cl)(
         x.contiguous(memory_format=cl), aux.contiguous(memory_format=cl)
@@ -207,7 +230,13 @@ def test_gated_resnet_is_the_same_map_in_either_memory_format():
     ("h", "w", "scales", "nr_resnet"),
     [(8, 8, 3, 1), (4, 6, 2, 2), (8, 8, 1, 1), (6, 6, 1, 2), (4, 8, 3, 1)],
 )
-def test_backbone_is_strictly_causal_without_a_local_blind_spot(h, w, scales, nr_resnet):
+@pytest.mark.parametrize("fused", [False, True])  # concat_elu's two forms (sized by elements)
+def test_backbone_is_strictly_causal_without_a_local_blind_spot(
+    h, w, scales, nr_resnet, fused, monkeypatch
+):
+    from vqprior.nn import pixelcnnpp_layers
+
+    monkeypatch.setattr(pixelcnnpp_layers, "FUSED_CONCAT_ELU_MIN", -1 if fused else 1 << 30)
     model = _backbone(h, w, scales, nr_resnet)
     dep = _dependency(model, _x(h, w), (h, w))
     earlier = _earlier(h, w)

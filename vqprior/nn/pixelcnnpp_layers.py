@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from vqprior.nn.layout import channel_halves, is_channels_last
 
 Pads = tuple[int, int, int, int]  # left, right, top, bottom, as F.pad's last two dimensions
+FUSED_CONCAT_ELU_MIN = 1 << 14  # elements above which concat_elu takes the fused form
 ConvFactory = Callable[[int, int], "ShiftedConv2d"]
 
 
@@ -25,11 +26,12 @@ def concat_elu(x: Tensor, pads: Pads = (0, 0, 0, 0)) -> Tensor:
     """ELU of ``[x, -x]`` along channels, zero-padded by ``pads`` (the input of the shifted
     convolution that reads it): ``[b, c, h, w] -> [b, 2c, h + top + bottom, w + left + right]``.
 
-    A map is written in one pass into its padded output (:class:`_ConcatElu`); points
-    (``[n, c]``, the sampler's) and graphs being compiled (inductor fuses the plain form itself)
+    A map is written in one pass into its padded output (:class:`_ConcatElu`). Small inputs
+    (the sampler's points and rows: the fused form's fixed cost outweighs its savings below
+    ~16k elements on a CPU) and graphs being compiled (inductor fuses the plain form itself)
     take the plain ``elu(cat([x, -x]))``.
     """
-    if x.dim() != 4 or torch.compiler.is_compiling():
+    if x.dim() != 4 or x.numel() <= FUSED_CONCAT_ELU_MIN or torch.compiler.is_compiling():
         y = F.elu(torch.cat([x, -x], dim=1))
         return F.pad(y, pads) if any(pads) else y
     return _ConcatElu.apply(x, pads)
