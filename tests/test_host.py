@@ -45,3 +45,23 @@ def test_kept_memory_is_reused_without_page_faults() -> None:
 def test_a_no_op_off_linux(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(host.sys, "platform", "darwin")
     assert host.keep_freed_memory() is False
+
+
+def test_every_training_stage_keeps_freed_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathlib import Path
+
+    from vqprior.train import trainer as trainer_mod
+
+    calls: list[str] = []
+    monkeypatch.setattr(trainer_mod, "keep_freed_memory", lambda: calls.append("kept") or True)
+
+    class StubTrainer:  # stands in for a Lightning Trainer: records the order of events
+        is_global_zero = False
+
+        def fit(self, *args: object, **kwargs: object) -> None:
+            calls.append("fit")
+            raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        trainer_mod.run_training(StubTrainer(), None, None, None, Path("."), False)  # type: ignore[arg-type]
+    assert calls == ["kept", "fit"]
