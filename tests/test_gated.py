@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vqprior.nn.gated import CausalHead, GatedStack
+from vqprior.nn.gated import CausalHead, GatedStack, conv1x1_fp32
 from vqprior.nn.layout import channel_halves, is_channels_last
 from vqprior.nn.masked import channel_groups
 from vqprior.nn.step import LayerOut, StepContext
@@ -215,3 +215,29 @@ def test_gated_stack_is_the_same_map_in_either_memory_format() -> None:
     cl = torch.channels_last
     got = stack.to(memory_format=cl)(x.contiguous(memory_format=cl))
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "crop"])
+def test_last_1x1_is_the_convolution_with_an_nchw_output(layout: str) -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 5, 1).double()
+    x = torch.randn(3, 6, 4, 7, dtype=torch.float64)
+    if layout != "nchw":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if layout == "crop":
+        x = x[:, :, 1:, :-2]  # a crop of a channels-last map
+    x.requires_grad_(True)
+    got = conv1x1_fp32(conv, x)
+    want = torch.nn.functional.conv2d(x, conv.weight, conv.bias)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
+    assert got.is_contiguous()  # NCHW, as the likelihoods read it
+    grad = torch.randn_like(want)
+    params = (x, conv.weight, conv.bias)
+    for g_got, g_want in zip(
+        torch.autograd.grad(got, params, grad), torch.autograd.grad(want, params, grad), strict=True
+    ):
+        torch.testing.assert_close(g_got, g_want, rtol=0, atol=1e-12)
+    (g_x,) = torch.autograd.grad(conv1x1_fp32(conv, x), (x,), grad)
+    assert is_channels_last(g_x) == (layout != "nchw")  # the input's layout: no mixed layouts
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 under autocast
+        assert conv1x1_fp32(conv.float(), x.detach().float().bfloat16()).dtype == torch.float32
