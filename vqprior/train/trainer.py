@@ -134,9 +134,9 @@ def run_training(
     out: Path,
     has_val: bool,
 ) -> dict[str, float]:
-    """Fit (resuming from ``ckpt``; freed host memory kept for reuse), save a final ``last.ckpt``, validate the final weights
-    (unless fit just did), flatten the CSV logs into ``metrics.csv``; return the final scalar
-    metrics.
+    """Fit (resuming from ``ckpt``; freed host memory kept for reuse), save a final
+    ``last.ckpt``, validate the final weights (unless fit just did), flatten the CSV logs into
+    ``metrics.csv``; return the final scalar metrics.
 
     ``ckpt`` is passed explicitly rather than as Lightning's ``ckpt_path="last"``: rank zero
     has already checked the run dir (prepare_run_dir) and every rank resumes from that file.
