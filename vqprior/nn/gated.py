@@ -78,16 +78,17 @@ class _NCHWConv1x1(torch.autograd.Function):
         b, c, h, w = x.shape
         pixels = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view of a dense map
         ctx.save_for_backward(pixels, weight)
-        return torch.matmul(weight, pixels.transpose(1, 2)).view(b, -1, h, w)
+        # bmm straight into [b, Cout, hw] (matmul folds the batch into rows, then copies)
+        return torch.bmm(weight.expand(b, -1, -1), pixels.transpose(1, 2)).view(b, -1, h, w)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, Tensor]:
         pixels, weight = ctx.saved_tensors  # type: ignore[attr-defined]
         b, hw, c = pixels.shape
         g = grad.reshape(b, -1, hw)  # [b, Cout, hw]
-        grad_x = torch.matmul(g.transpose(1, 2), weight)  # [b, hw, Cin]: channels-last
+        grad_x = torch.bmm(g.transpose(1, 2), weight.expand(b, -1, -1))  # [b, hw, Cin]: CL
         h = grad.shape[2]
-        return grad_x.view(b, h, -1, c).permute(0, 3, 1, 2), torch.matmul(g, pixels).sum(0)
+        return grad_x.view(b, h, -1, c).permute(0, 3, 1, 2), torch.bmm(g, pixels).sum(0)
 
 
 def matrix_1x1(conv: nn.Conv2d, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
