@@ -9,7 +9,7 @@ from torch import Tensor
 
 from vqprior import PixelCNN, PixelCNNConfig
 from vqprior.nn.pixelcnnpp import PixelCNNPPBackbone
-from vqprior.nn.pixelcnnpp_step import PixelCNNPPSteps
+from vqprior.nn.pixelcnnpp_step import RING, PixelCNNPPSteps
 
 
 @pytest.fixture(autouse=True)
@@ -21,8 +21,16 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-# (height, width, num_scales, nr_resnet, cond_dim)
-BACKBONES = [(4, 4, 1, 1, 0), (3, 5, 1, 2, 3), (4, 6, 2, 2, 0), (8, 8, 3, 1, 4), (8, 12, 3, 2, 0)]
+# (height, width, num_scales, nr_resnet, cond_dim); the tall ones wrap the row ring at every scale
+BACKBONES = [
+    (4, 4, 1, 1, 0),
+    (3, 5, 1, 2, 3),
+    (4, 6, 2, 2, 0),
+    (8, 8, 3, 1, 4),
+    (8, 12, 3, 2, 0),
+    (16, 4, 2, 1, 0),
+    (36, 8, 3, 1, 2),
+]
 
 
 def _net(scales: int, nr_resnet: int, cond_dim: int, scale: float = 2.0) -> PixelCNNPPBackbone:
@@ -34,10 +42,10 @@ def _net(scales: int, nr_resnet: int, cond_dim: int, scale: float = 2.0) -> Pixe
     return net
 
 
-def _stepped(net: PixelCNNPPBackbone, x: Tensor, cond: Tensor | None) -> Tensor:
+def _stepped(net: PixelCNNPPBackbone, x: Tensor, cond: Tensor | None, ring: int = RING) -> Tensor:
     """Features at every pixel, each read before that pixel is written (raster order)."""
     n, _, h, w = x.shape
-    state = PixelCNNPPSteps(net, n, h, w, cond)
+    state = PixelCNNPPSteps(net, n, h, w, cond, ring=ring)
     feats = torch.zeros(n, net.channels, h, w, dtype=x.dtype)
     for r in range(h):
         for c in range(w):
@@ -46,17 +54,35 @@ def _stepped(net: PixelCNNPPBackbone, x: Tensor, cond: Tensor | None) -> Tensor:
     return feats
 
 
+@pytest.mark.parametrize("ring", [4, RING])
 @pytest.mark.parametrize(("h", "w", "scales", "nr_resnet", "cond_dim"), BACKBONES)
-def test_stepped_features_equal_the_full_pass(h, w, scales, nr_resnet, cond_dim):
+def test_stepped_features_equal_the_full_pass(h, w, scales, nr_resnet, cond_dim, ring):
     net = _net(scales, nr_resnet, cond_dim).train()  # dropout 0.5 on: the steps run eval maths
     g = torch.Generator().manual_seed(1)
     x = torch.rand(2, 3, h, w, generator=g, dtype=torch.float64) * 2 - 1
     cond = torch.randn(2, cond_dim, generator=g, dtype=torch.float64) if cond_dim else None
-    got = _stepped(net, x, cond)
+    got = _stepped(net, x, cond, ring)
     with torch.no_grad():
         want = net.eval()(x, cond)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert want.abs().amin(dim=(0, 1)).gt(0).any()  # not a degenerate all-zero comparison
+
+
+@pytest.mark.parametrize("ring", [4, RING])
+def test_pixels_written_before_their_features_are_read(ring):
+    """A pixel may be written as soon as the one before it is evaluated (``done``): at the
+    start of a row too, where the input's ring slot of that row is recycled."""
+    net = _net(2, 1, 0).eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(1, 3, 12, 4, generator=g, dtype=torch.float64) * 2 - 1
+    state = PixelCNNPPSteps(net, 1, 12, 4, None, ring=ring)
+    got = torch.zeros(1, net.channels, 12, 4, dtype=torch.float64)
+    for r in range(12):
+        for c in range(4):
+            net.step_write(state, r, c, x[:, :, r, c])
+            got[:, :, r, c] = net.step_output(state, r, c)
+    with torch.no_grad():
+        torch.testing.assert_close(got, net(x), rtol=1e-10, atol=1e-12)
 
 
 def test_features_before_a_write_do_not_see_it_and_reads_are_idempotent():
@@ -76,6 +102,31 @@ def test_features_before_a_write_do_not_see_it_and_reads_are_idempotent():
         torch.testing.assert_close(after, net(x)[:, :, 0, 4], rtol=1e-10, atol=1e-12)
 
 
+def _state_bytes(obj: object, seen: set[int] | None = None) -> int:
+    """Bytes of every tensor reachable from a step state (its maps, blocks, lists)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, Tensor):
+        return obj.untyped_storage().nbytes() if obj.is_leaf else 0
+    if isinstance(obj, (list, tuple)):
+        return sum(_state_bytes(v, seen) for v in obj)
+    if isinstance(obj, dict):
+        return sum(_state_bytes(v, seen) for v in obj.values())
+    if type(obj).__module__ == PixelCNNPPSteps.__module__:
+        return sum(_state_bytes(v, seen) for k, v in vars(obj).items() if k != "net")
+    return 0
+
+
+def test_state_memory_does_not_grow_with_the_height():
+    """Each map keeps a ring of rows: a 256-row image needs the memory of a 64-row one."""
+    net = _net(3, 1, 0).eval()
+    short, tall = (_state_bytes(PixelCNNPPSteps(net, 2, h, 8, None)) for h in (64, 256))
+    assert tall == short > 0
+    assert _state_bytes(PixelCNNPPSteps(net, 2, 64, 16, None)) > 1.5 * short  # it counts
+
+
 def test_bad_step_calls_raise_one_clear_error():
     net = _net(2, 1, 0).eval()
     with pytest.raises(ValueError, match="divisible by 2"):
@@ -88,8 +139,16 @@ def test_bad_step_calls_raise_one_clear_error():
     with pytest.raises(ValueError, match=r"expects \[2, 3\]"):
         net.step_write(state, 0, 0, torch.zeros(2, 1))
     net.step_output(state, 1, 2)
-    with pytest.raises(ValueError, match="raster order"):
+    with pytest.raises(ValueError, match="behind the evaluated frontier"):
         net.step_write(state, 0, 3, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="ahead of the evaluated frontier"):
+        net.step_write(state, 2, 1, torch.zeros(2, 3))
+    net.step_write(state, 1, 3, torch.zeros(2, 3))  # the next pixel: allowed
+    net.step_output(state, 3, 0)
+    with pytest.raises(ValueError, match="row 1 are no longer kept"):
+        net.step_output(state, 1, 0)
+    with pytest.raises(ValueError, match="at least 4 slots"):
+        PixelCNNPPSteps(net, 2, 4, 4, None, ring=3)
 
 
 # ------------------------------------------------------------------------- samplers
@@ -116,6 +175,7 @@ MODELS = {
     "scales2-res1-cond": dict(num_scales=2, nr_resnet=1, num_classes=3, height=4, width=4),
     "scales3-res2": dict(num_scales=3, nr_resnet=2, height=4, width=8),
     "scales3-res1-cond": dict(num_scales=3, nr_resnet=1, num_classes=2, height=4, width=4),
+    "scales2-tall": dict(num_scales=2, nr_resnet=1, height=20, width=4),  # the ring wraps
     "gray-categorical": dict(
         num_scales=2, nr_resnet=1, in_channels=1, head="categorical", height=4, width=4
     ),

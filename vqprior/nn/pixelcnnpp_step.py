@@ -6,7 +6,8 @@ The backbone-level step interface (:mod:`vqprior.nn.step`): after the pixels bef
 
 Every activation map lives in a zero-padded buffer (one row on top, one column each side),
 with its ``concat_elu`` beside it, and is filled in place exactly once, as soon as its inputs
-are final (the receptive fields derived in :mod:`vqprior.nn.pixelcnnpp`):
+are final (the receptive fields derived in :mod:`vqprior.nn.pixelcnnpp`). A buffer keeps a
+ring of a few rows, not the whole height: the memory does not grow with the image's height.
 
 - ``u`` stream (down-shifted): at scale ``s`` (factor ``f = 2**s``) coarse row ``p`` depends
   on input rows ``< p f`` only, so at the start of fine row ``i`` every scale with ``f | i``
@@ -49,15 +50,43 @@ def _flat_t(weight: Tensor) -> Tensor:
     return rearrange(weight, "o i kh kw -> (kh kw i) o").contiguous()
 
 
-class _Map:
-    """A padded map, channels last, ``raw [n, h + 1, w + 2, ch]`` (real ``(i, j)`` at
-    ``[i + 1, j + 1]``; a window is then a cheap gather) and its ``concat_elu`` ``celu``
-    ``[n, h + 1, w + 2, 2 ch]``; ``raw=False`` keeps the latter only. ``raw4``/``celu4`` are
-    the same memory as ``[n, ch, h + 1, w + 2]`` views, for the row convolutions."""
+RING = 8
+"""Row slots of a map's ring. At most four rows of a map are in use at once: at row ``p`` the
+input's rows ``p - 2 .. p`` are read and its row ``p - 3`` is cleared to take a later row; any
+other map holds rows ``p - 1, p`` and the children of a coarse point written into row
+``p + 1``. So 4 slots would do; with 8, half as many rows have their writes mirrored."""
 
-    def __init__(self, n: int, ch: int, h: int, w: int, like: Tensor, raw: bool = True) -> None:
-        self.raw = like.new_zeros(n, h + 1, w + 2, ch) if raw else None
-        self.celu = like.new_zeros(n, h + 1, w + 2, 2 * ch)
+
+class _Map:
+    """A padded map, channels last: ``raw [n, slots, w + 2, ch]`` and its ``concat_elu``
+    ``celu [n, slots, w + 2, 2 ch]`` (``raw=False`` keeps the latter only); real column ``j``
+    is column ``j + 1`` (a window is then a cheap gather), the padding columns stay zero.
+
+    Only a few rows are live at any time, so the rows live in a ring of ``period`` slots
+    (``min(h + 1, ring)``): real row ``p`` (``-1`` the zero padding on top) is slot
+    ``at(p) = (p + 1) % period``. When the ring wraps, slot ``period`` mirrors slot 0, so that
+    rows ``p - 1, p`` are always the two adjacent slots ``pair(p), pair(p) + 1``. Every real
+    position is written before it is read, so a reused slot needs no clearing (the input map,
+    which may be read before it is written, is cleared by :class:`PixelCNNPPSteps`).
+    ``raw4``/``celu4`` are the same memory as ``[n, ch, slots, w + 2]`` views.
+    """
+
+    def __init__(
+        self, n: int, ch: int, h: int, w: int, like: Tensor, raw: bool = True, ring: int = RING
+    ) -> None:
+        self.period = min(h + 1, ring)
+        self.mirror = h + 1 > self.period  # the ring wraps: slot ``period`` mirrors slot 0
+        slots = self.period + self.mirror
+        self.raw = like.new_zeros(n, slots, w + 2, ch) if raw else None
+        self.celu = like.new_zeros(n, slots, w + 2, 2 * ch)
+
+    def at(self, p: int) -> int:
+        """The slot of real row ``p``."""
+        return (p + 1) % self.period
+
+    def pair(self, p: int) -> int:
+        """The first of the two adjacent slots that hold real rows ``p - 1, p``."""
+        return p % self.period
 
     @property
     def raw4(self) -> Tensor:
@@ -68,25 +97,40 @@ class _Map:
     def celu4(self) -> Tensor:
         return rearrange(self.celu, "n h w c -> n c h w")
 
-    def put(self, rows: slice, cols: slice, v: Tensor) -> None:
-        """Write real rows/columns (buffer index + 1) with ``v [n, ch, len(rows), len(cols)]``."""
-        rows, cols = slice(rows.start + 1, rows.stop + 1), slice(cols.start + 1, cols.stop + 1)
+    def put(self, p: int, cols: slice, v: Tensor) -> None:
+        """Write real rows ``p, p + 1, ...`` at real columns ``cols`` with
+        ``v [n, ch, rows, len(cols)]`` (at most two rows)."""
+        s, rows = self.at(p), v.shape[2]
+        at = (slice(s, s + rows), slice(cols.start + 1, cols.stop + 1))  # ends by the mirror
         if self.raw is not None:
-            self.raw4[:, :, rows, cols] = v
-        self.celu4[:, :, rows, cols] = concat_elu(v)
+            self.raw4[:, :, at[0], at[1]] = v
+        self.celu4[:, :, at[0], at[1]] = concat_elu(v)
+        if self.mirror and (s == 0 or s + rows > self.period):
+            self._sync(s == 0, at[1])
 
     def put_row(self, p: int, v: Tensor) -> None:
-        self.put(slice(p, p + 1), slice(0, v.shape[-1]), v)
+        """Write real row ``p`` with ``v [n, ch, 1, w]``."""
+        self.put(p, slice(0, v.shape[-1]), v)
 
     def put_point(self, p: int, q: int, v: Tensor) -> None:
         """Write ``v [n, ch]`` at real ``(p, q)``."""
+        s = self.at(p)
         if self.raw is not None:
-            self.raw[:, p + 1, q + 1] = v
-        self.celu[:, p + 1, q + 1] = concat_elu(v)
+            self.raw[:, s, q + 1] = v
+        self.celu[:, s, q + 1] = concat_elu(v)
+        if s == 0 and self.mirror:
+            self._sync(True, slice(q + 1, q + 2))
+
+    def _sync(self, from_first: bool, cols: slice) -> None:
+        """Copy columns ``cols`` of slot 0 into its mirror (``from_first``) or back."""
+        src, dst = (0, self.period) if from_first else (self.period, 0)
+        for buf in (self.raw, self.celu):
+            if buf is not None:
+                buf[:, dst, cols] = buf[:, src, cols]
 
     def raw_at(self, p: int, q: int) -> Tensor:
         assert self.raw is not None
-        return self.raw[:, p + 1, q + 1]
+        return self.raw[:, self.at(p), q + 1]
 
 
 class _Block:
@@ -114,17 +158,19 @@ class _Block:
     def row(self, p: int, aux: _Map | None) -> None:
         """Output row ``p``; ``aux``: the auxiliary map (its row ``p`` is read)."""
         m = self.m
-        c1 = F.conv2d(self.x.celu4[:, :, p : p + 2], m.conv1.weight, m.conv1.bias)
+        k = self.x.pair(p)
+        c1 = F.conv2d(self.x.celu4[:, :, k : k + 2], m.conv1.weight, m.conv1.bias)
         if m.nin_aux is not None:
             assert aux is not None, "this block was built with an auxiliary input"
-            c1 = c1 + F.conv2d(
-                aux.celu4[:, :, p + 1 : p + 2, 1:-1], m.nin_aux.weight, m.nin_aux.bias
-            )
+            at = aux.at(p)
+            c1 = c1 + F.conv2d(aux.celu4[:, :, at : at + 1, 1:-1], m.nin_aux.weight, m.nin_aux.bias)
         self.c1.put_row(p, c1)
-        c2 = F.conv2d(self.c1.celu4[:, :, p : p + 2], m.conv2.weight)
+        k = self.c1.pair(p)
+        c2 = F.conv2d(self.c1.celu4[:, :, k : k + 2], m.conv2.weight)
         c2 = c2 + self.bias2[..., None, None]  # [n | 1, 2C, 1, 1]
         a, b = channel_halves(c2)
-        self.out.put_row(p, self.x.raw4[:, :, p + 1 : p + 2, 1:-1] + a * torch.sigmoid(b))
+        at = self.x.at(p)
+        self.out.put_row(p, self.x.raw4[:, :, at : at + 1, 1:-1] + a * torch.sigmoid(b))
 
     # --------------------------------------------------------------- ul stream: points
     def prepare_row(self, p: int, u: _Map) -> None:
@@ -132,7 +178,8 @@ class _Block:
         nin = self.m.nin_aux
         assert nin is not None and nin.bias is not None and self.m.conv1.bias is not None
         assert self.nin_u is not None
-        row = F.conv2d(u.celu4[:, :, p + 1 : p + 2, 1:-1], self.nin_u, nin.bias + self.m.conv1.bias)
+        at = u.at(p)
+        row = F.conv2d(u.celu4[:, :, at : at + 1, 1:-1], self.nin_u, nin.bias + self.m.conv1.bias)
         self.base = rearrange(row, "n c 1 w -> w n c").contiguous()
 
     def point(self, p: int, q: int, skip: _Map | None) -> Tensor:
@@ -141,10 +188,12 @@ class _Block:
         c1 = self.base[q]
         if skip is not None:
             assert self.nin_ul_t is not None
-            c1 = torch.addmm(c1, skip.celu[:, p + 1, q + 1], self.nin_ul_t)
-        win = self.x.celu[:, p : p + 2, q : q + 2].reshape(n, -1)
+            c1 = torch.addmm(c1, skip.celu[:, skip.at(p), q + 1], self.nin_ul_t)
+        k = self.x.pair(p)
+        win = self.x.celu[:, k : k + 2, q : q + 2].reshape(n, -1)
         self.c1.put_point(p, q, torch.addmm(c1, win, self.w1t))
-        win = self.c1.celu[:, p : p + 2, q : q + 2].reshape(n, -1)
+        k = self.c1.pair(p)
+        win = self.c1.celu[:, k : k + 2, q : q + 2].reshape(n, -1)
         a, b = torch.addmm(self.bias2, win, self.w2t).chunk(2, dim=1)
         out = torch.addcmul(self.x.raw_at(p, q), a, torch.sigmoid(b))
         self.out.put_point(p, q, out)
@@ -174,11 +223,11 @@ def _blocks(blocks: nn.Module) -> nn.ModuleList:
 class _NewMap:
     """Allocates maps of one scale."""
 
-    def __init__(self, n: int, ch: int, h: int, w: int, like: Tensor) -> None:
-        self.args = (n, ch, h, w, like)
+    def __init__(self, n: int, ch: int, h: int, w: int, like: Tensor, ring: int) -> None:
+        self.args, self.ring = (n, ch, h, w, like), ring
 
     def __call__(self, raw: bool = True) -> _Map:
-        return _Map(*self.args, raw=raw)
+        return _Map(*self.args, raw=raw, ring=self.ring)
 
 
 class _DownStep:
@@ -200,12 +249,19 @@ class PixelCNNPPSteps:
     """Incremental state of a batch of ``n`` images of ``height x width``; ``cond [n, d]``.
 
     :meth:`write` pixels in raster order; :meth:`output` at ``(r, c)`` runs the pending row
-    and pixel events up to ``(r, c)`` and returns the features ``[n, channels]``.
+    and pixel events up to ``(r, c)`` and returns the features ``[n, channels]``. Every map
+    keeps ``ring`` rows (:class:`_Map`), whatever the height.
     """
 
     @torch.no_grad()
     def __init__(
-        self, net: PixelCNNPPBackbone, n: int, height: int, width: int, cond: Tensor | None
+        self,
+        net: PixelCNNPPBackbone,
+        n: int,
+        height: int,
+        width: int,
+        cond: Tensor | None,
+        ring: int = RING,
     ) -> None:
         factor = 2 ** (net.num_scales - 1)
         if n < 1 or height < 1 or width < 1 or height % factor or width % factor:
@@ -213,14 +269,16 @@ class PixelCNNPPSteps:
                 f"start_steps needs n >= 1 and H, W >= 1 divisible by {factor}, "
                 f"got n={n}, H={height}, W={width}"
             )
+        if ring < 4:
+            raise ValueError(f"the row ring needs at least 4 slots, got {ring}")
         net._check_inputs(torch.zeros(n, net.in_channels, factor, factor), cond)
         self.net, self.n, self.height, self.width = net, n, height, width
         self._like = next(net.parameters())
-        self._cond = cond
+        self._cond, self._ring = cond, ring
         self.x = self._maps(0, net.in_channels + 1)()
         assert self.x.raw is not None
-        self.x.raw[:, 1:, 1:-1, -1] = 1.0  # the constant ones channel (zero in the padding)
-        self.feats = self._like.new_zeros(n, net.channels, height, width)
+        self.x.raw[:, 1 : self.x.period, 1:-1, -1] = 1.0  # the ones channel (zero in the padding)
+        self.feats = self._like.new_zeros(n, net.channels, 2, width)  # rows r % 2
         left = net.ul_init_left
         self._left_t = _flat_t(left.weight)
         # the ul upsampling at one point as a matmul: [n, C] -> [n, C * 2 * 2] (bias per column)
@@ -234,7 +292,8 @@ class PixelCNNPPSteps:
 
     def _maps(self, scale: int, ch: int | None = None) -> _NewMap:
         c = self.net.channels if ch is None else ch
-        return _NewMap(self.n, c, self.height >> scale, self.width >> scale, self._like)
+        h, w = self.height >> scale, self.width >> scale
+        return _NewMap(self.n, c, h, w, self._like, self._ring)
 
     def _pair(
         self, mu: nn.Module, mul: nn.Module, x: tuple[_Map, _Map], s: int
@@ -290,22 +349,34 @@ class PixelCNNPPSteps:
                 up.u.row(p, self.du[up.k])
                 up.ul.prepare_row(p, up.u.out)
             if s > 0:
-                last = self.up[s][-1].u.out.raw4
+                last = self.up[s][-1].u.out
                 deconv = cast(DownShiftedDeconv2d, self.net.upsample_u[s - 1])
-                fine = deconv(last[:, :, p + 1 : p + 2, 1:-1])  # [n, C, 2, 2 W_s]
-                self.up_in[s - 1][0].put(slice(2 * p, 2 * p + 2), slice(0, fine.shape[-1]), fine)
+                at = last.at(p)
+                fine = deconv(last.raw4[:, :, at : at + 1, 1:-1])  # [n, C, 2, 2 W_s]
+                self.up_in[s - 1][0].put(2 * p, slice(0, fine.shape[-1]), fine)
 
     def _init_row(self, i: int) -> None:
         """The first ``u`` map's row ``i`` and the ``ul`` init's row-above term (both shifted
         down: zero in row 0)."""
         net, x = self.net, self.x.raw4
         assert net.ul_init_left.bias is not None
+        if self.x.mirror and i >= 2:  # row i - 3 is no longer read: its slot takes a new row
+            self._clear_input_row(i - 3)
         if i > 0:
-            u0 = F.conv2d(x[:, :, i - 1 : i + 1], net.u_init.weight, net.u_init.bias)
+            k, at = self.x.pair(i - 1), self.x.at(i - 1)
+            u0 = F.conv2d(x[:, :, k : k + 2], net.u_init.weight, net.u_init.bias)
             self.du[0].put_row(i, u0)
-            above = F.conv2d(x[:, :, i : i + 1], net.ul_init_above.weight, net.ul_init_above.bias)
+            above = F.conv2d(x[:, :, at : at + 1], net.ul_init_above.weight, net.ul_init_above.bias)
             self._above = rearrange(above, "n c 1 w -> w n c").contiguous()
         self._above_left = self._above + net.ul_init_left.bias
+
+    def _clear_input_row(self, p: int) -> None:
+        """Reset the input's slot of row ``p``: zero pixels, the ones channel in real columns."""
+        assert self.x.raw is not None
+        s = self.x.at(p)
+        for slot in (s, self.x.period) if s == 0 else (s,):
+            self.x.raw[:, slot].zero_()
+            self.x.raw[:, slot, 1:-1, -1] = 1.0
 
     def _down_row(self, step: _DownStep, p: int) -> None:
         if step.blocks is not None:
@@ -313,8 +384,8 @@ class PixelCNNPPSteps:
             step.blocks[1].prepare_row(p, step.blocks[0].out)
             return
         conv = cast(nn.Conv2d, self.net.downsample_u[step.scale - 1])
-        prev = self.du[step.k - 1].raw4
-        row = F.conv2d(prev[:, :, 2 * p : 2 * p + 2], conv.weight, conv.bias, stride=2)
+        prev, k = self.du[step.k - 1], self.du[step.k - 1].pair(2 * p)
+        row = F.conv2d(prev.raw4[:, :, k : k + 2], conv.weight, conv.bias, stride=2)
         self.du[step.k].put_row(p, row)
 
     def _pixel_event(self, i: int, j: int) -> None:
@@ -324,7 +395,8 @@ class PixelCNNPPSteps:
         if j == 0:  # the left term is shifted right: column 0 is zero
             self.dul[0].put_point(i, j, self._above[j])
         else:
-            win = x[:, i : i + 2, j]  # [n, 2, C_in + 1]: the (2, 1) window at (i, j - 1)
+            k = self.x.pair(i)
+            win = x[:, k : k + 2, j]  # [n, 2, C_in + 1]: the (2, 1) window at (i, j - 1)
             self.dul[0].put_point(
                 i, j, torch.addmm(self._above_left[j], win.reshape(self.n, -1), self._left_t)
             )
@@ -338,9 +410,9 @@ class PixelCNNPPSteps:
             if s > 0:
                 weight, bias = self._kids[s - 1]
                 kids = torch.addmm(bias, out, weight).view(self.n, -1, 2, 2)  # [n, C, 2, 2]
-                self.up_in[s - 1][1].put(slice(2 * p, 2 * p + 2), slice(2 * q, 2 * q + 2), kids)
+                self.up_in[s - 1][1].put(2 * p, slice(2 * q, 2 * q + 2), kids)
             else:
-                self.feats[:, :, i, j] = F.elu(out)
+                self.feats[:, :, i % 2, j] = F.elu(out)
 
     def _up_point(self, s: int, p: int, q: int) -> Tensor:
         out: Tensor | None = None
@@ -354,9 +426,9 @@ class PixelCNNPPSteps:
             step.blocks[1].point(p, q, None)
             return
         conv = cast(nn.Conv2d, self.net.downsample_ul[step.scale - 1])
-        prev = self.dul[step.k - 1].raw
+        prev, k = self.dul[step.k - 1].raw, self.dul[step.k - 1].pair(2 * p)
         assert prev is not None and conv.bias is not None
-        win = prev[:, 2 * p : 2 * p + 2, 2 * q : 2 * q + 2].reshape(self.n, -1)
+        win = prev[:, k : k + 2, 2 * q : 2 * q + 2].reshape(self.n, -1)
         if step.w_t is None:
             step.w_t = _flat_t(conv.weight)
         self.dul[step.k].put_point(p, q, torch.addmm(conv.bias, win, step.w_t))
@@ -368,29 +440,34 @@ class PixelCNNPPSteps:
         ``(r, c)`` (unwritten ones count as zero, as in the reference loop)."""
         self._check_position(r, c)
         target = r * self.width + c
+        if r < (self.done - 1) // self.width - 1:
+            raise ValueError(f"the features of row {r} are no longer kept (two rows are)")
         while self.done <= target:
             i, j = divmod(self.done, self.width)
             if j == 0:
                 self._row_event(i)
             self._pixel_event(i, j)
             self.done += 1
-        return self.feats[:, :, r, c]
+        return self.feats[:, :, r % 2, c]
 
     @torch.no_grad()
     def write(self, r: int, c: int, inp: Tensor) -> None:
         """Commit the network input ``inp [n, in_channels]`` of pixel ``(r, c)`` (rewriting
         it is fine until the features after ``(r, c)`` have been evaluated)."""
         self._check_position(r, c)
-        if r * self.width + c < self.done - 1:
+        if not self.done - 1 <= r * self.width + c <= self.done:
+            where = "behind" if r * self.width + c < self.done else "ahead of"
             raise ValueError(
-                f"pixel ({r}, {c}) is behind the evaluated frontier; write in raster order"
+                f"pixel ({r}, {c}) is {where} the evaluated frontier; write in raster order"
             )
         if inp.shape != (self.n, self.net.in_channels):
             raise ValueError(
                 f"step_write expects [{self.n}, {self.net.in_channels}], got {list(inp.shape)}"
             )
         assert self.x.raw is not None
-        self.x.raw[:, r + 1, c + 1, :-1] = inp.to(self.x.raw.dtype)
+        s = self.x.at(r)
+        for slot in (s, self.x.period) if s == 0 and self.x.mirror else (s,):
+            self.x.raw[:, slot, c + 1, :-1] = inp.to(self.x.raw.dtype)
 
     def _check_position(self, r: int, c: int) -> None:
         if not (0 <= r < self.height and 0 <= c < self.width):
