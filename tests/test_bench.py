@@ -123,9 +123,11 @@ def test_profile_charges_time_to_the_right_groups() -> None:
 
 
 def test_baseline_tree_comparison_runs_alternating_subprocesses() -> None:
-    (row,) = compare_trees(this_tree(), ["prior-codes-8x8"], ["fp32"], 2, 1, 1, 1)
-    assert row.model == "prior-codes-8x8" and row.base_precision == "fp32"
-    assert row.base_images_per_s > 0 and row.images_per_s > 0 and row.ratio > 0
+    rows = compare_trees(this_tree(), ["prior-codes-8x8"], ["fp32", "bf16"], 2, 1, 1, 1)
+    assert [(r.precision, r.base_precision) for r in rows] == [("fp32", "fp32"), ("bf16", "bf16")]
+    for row in rows:  # each precision against the baseline in the same precision
+        assert row.model == "prior-codes-8x8"
+        assert row.base_images_per_s > 0 and row.images_per_s > 0 and row.ratio > 0
     with pytest.raises(ValueError, match="no vqprior package"):
         compare_trees(this_tree() / "tests", ["prior-codes-8x8"], ["fp32"], 2, 1, 1, 1)
 

@@ -9,7 +9,7 @@ Training (:mod:`vqprior.bench.train`): images per second of the VQ-VAE, the defa
 the PixelCNN++ port's tiny config, in fp32 and bf16 autocast, eager and (``--compile``)
 compiled, each as a ratio to the model's fp32 eager row timed interleaved with it.
 ``--baseline-tree DIR`` (:mod:`vqprior.bench.ab`) times another source tree in alternating
-subprocesses; ``--profile`` (:mod:`vqprior.bench.profile`) shows where a step's time goes.
+subprocesses, each precision against the same precision there; ``--profile`` (:mod:`vqprior.bench.profile`) shows where a step's time goes.
 
 ``python -m vqprior.bench.sweep`` (:mod:`vqprior.bench.sweep`) is not speed but quality per
 second: the held-out bits/dim each prior setting reaches in a fixed wall-clock budget.

@@ -126,30 +126,31 @@ def compare_trees(
     threads: int,
     job: str = "train",
 ) -> list[ABRow]:
-    """For each model: the baseline in fp32 and the candidate in every precision, alternating."""
+    """For each model and precision: the baseline and the candidate in that precision, all arms
+    alternating, so that each ratio isolates the code (bf16 against bf16)."""
     if not (baseline / "vqprior").is_dir():
         raise ValueError(f"--baseline-tree {baseline} holds no vqprior package")
     rows = []
     for name in models:
-        arms = [(baseline, "fp32")] + [(this_tree(), p) for p in precisions]
+        arms = [(tree, p) for p in precisions for tree in (baseline, this_tree())]
         times: list[list[float]] = [[] for _ in arms]
         for _ in range(repeats):
             for i, (tree, precision) in enumerate(arms):
                 spec = _spec(name, job, precision, batch, steps, threads)
                 times[i].append(run_worker(tree, spec))
                 log.info("%s %s %s: %.3f s", name, tree, precision, times[i][-1])
-        base = statistics.median(times[0])
-        for (_, precision), t in zip(arms[1:], times[1:], strict=True):
-            paired = statistics.median(b / c for b, c in zip(times[0], t, strict=True))
+        for k, precision in enumerate(precisions):
+            base, cand = times[2 * k], times[2 * k + 1]
+            paired = statistics.median(b / c for b, c in zip(base, cand, strict=True))
             rows.append(
                 ABRow(
                     name,
                     job,
                     precision,
-                    "fp32",
+                    precision,
                     batch,
-                    batch / base,
-                    batch / statistics.median(t),
+                    batch / statistics.median(base),
+                    batch / statistics.median(cand),
                     paired,
                 )
             )
@@ -158,7 +159,7 @@ def compare_trees(
 
 def format_ab(rows: Sequence[dict], baseline: str) -> list[str]:
     lines = [
-        f"this tree vs --baseline-tree {baseline} (fp32 eager), alternating subprocesses",
+        f"this tree vs --baseline-tree {baseline} (eager, same precision), alternating subprocesses",
         f"{'model':<22}{'job':<7}{'variant':<9}{'batch':>6}{'base img/s':>12}{'img/s':>9}{'ratio':>8}",
     ]
     for r in rows:
