@@ -7,6 +7,7 @@ on the timed prefix both must agree exactly.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ import torch
 from vqprior.models.pixelcnn import PixelCNN, PixelCNNConfig
 from vqprior.nn.step import supports_steps
 from vqprior.sampling import draw_noise, num_steps, sample_naive, sampling_generator
+
+SAMPLE_REPEATS = 3  # fast samples timed per row (each followed by three full passes)
 
 # gated rows: 64 channels x 8 layers (the default before 4 layers), so rows compare across versions
 SAMPLING_MODELS: dict[str, PixelCNNConfig] = {
@@ -49,10 +52,10 @@ class SamplingRow:
     naive_steps_timed: int
     naive_s: float  # extrapolated to all steps when naive_steps_timed < steps
     fast_method: str
-    fast_s: float
+    fast_s: float  # median of SAMPLE_REPEATS samples
     speedup: float
     prefix_equal: bool  # fast sample == reference on the timed prefix
-    forward_s: float  # one full forward pass on ``batch`` examples (median of 5)
+    forward_s: float  # one full forward pass on ``batch`` examples (median of 9)
     passes: float  # fast_s / forward_s: the sampler's cost in full forward passes (limit: 1)
 
 
@@ -84,8 +87,14 @@ def bench_sampling(
         naive_t, ref = _timed(
             lambda: sample_naive(model, batch, None, 1.0, noise, None, timed), device
         )
-        fast_t, fast = _timed(lambda: model.sample(batch, generator=gen.manual_seed(1)), device)
-        forward_t = _forward_time(model, fast, device)
+        # the passes ratio: samples and full passes alternate, medians of each (one sample
+        # and one pass each read +-15% on a shared CPU)
+        fast_ts, forward_ts = [], []
+        for _ in range(SAMPLE_REPEATS):
+            t, fast = _timed(lambda: model.sample(batch, generator=gen.manual_seed(1)), device)
+            fast_ts.append(t)
+            forward_ts += _forward_times(model, fast, device)
+        fast_t, forward_t = statistics.median(fast_ts), statistics.median(forward_ts)
     assert isinstance(ref, torch.Tensor) and isinstance(fast, torch.Tensor)
     naive_total = naive_t * steps / timed
     method = "cached" if supports_steps(model.backbone) else "fixed_point"  # what auto picks
@@ -96,13 +105,12 @@ def bench_sampling(
     )  # fmt: skip
 
 
-def _forward_time(model: PixelCNN, x: object, device: torch.device) -> float:
-    """Median wall-clock of one full forward pass on the samples ``x`` (one warm-up)."""
+def _forward_times(model: PixelCNN, x: object, device: torch.device) -> list[float]:
+    """Wall-clock of three full forward passes on the samples ``x`` (after one warm-up)."""
     assert isinstance(x, torch.Tensor)
     x = x if model.config.data == "codes" else x.to(model.param_dtype())
     model(x)
-    times = sorted(_timed(lambda: model(x), device)[0] for _ in range(5))
-    return times[2]
+    return [_timed(lambda: model(x), device)[0] for _ in range(3)]
 
 
 def _prefix_equal(model: PixelCNN, ref: torch.Tensor, fast: torch.Tensor, steps: int) -> bool:
