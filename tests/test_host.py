@@ -1,4 +1,4 @@
-"""Freed host memory kept for reuse in training processes (vqprior.train.host)."""
+"""Freed host memory kept for reuse (vqprior.host): every CLI command and training stage."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from vqprior.train import host
+from vqprior import host
 
 _LOOP = """
 import resource, sys, torch
-from vqprior.train.host import keep_freed_memory
+from vqprior.host import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 x = torch.ones(2 << 20)  # 8 MiB
@@ -65,3 +65,15 @@ def test_every_training_stage_keeps_freed_memory(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(RuntimeError, match="stop here"):
         trainer_mod.run_training(StubTrainer(), None, None, None, Path("."), False)  # type: ignore[arg-type]
     assert calls == ["kept", "fit"]
+
+
+def test_every_cli_command_keeps_freed_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's group runs it before any command (score, compress, generate, ...)."""
+    from click.testing import CliRunner
+
+    from vqprior import cli as cli_mod
+
+    calls: list[str] = []
+    monkeypatch.setattr(cli_mod, "keep_freed_memory", lambda: calls.append("kept") or True)
+    result = CliRunner().invoke(cli_mod.cli, ["decompress", "missing.vqz", "out"])
+    assert result.exit_code != 0 and calls == ["kept"]

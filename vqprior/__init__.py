@@ -5,6 +5,7 @@
 
 from vqprior._version import __version__ as __version__
 from vqprior.config import Config, ConfigError
+from vqprior.host import keep_freed_memory
 from vqprior.io import CheckpointError, load_pretrained
 from vqprior.models.pixelcnn import PixelCNN, PixelCNNConfig
 from vqprior.models.vqvae import VQVAE, VQVAEConfig
@@ -17,5 +18,6 @@ __all__ = [
     "PixelCNN",
     "PixelCNNConfig",
     "VQVAEConfig",
+    "keep_freed_memory",
     "load_pretrained",
 ]

@@ -18,6 +18,7 @@ import yaml
 
 from vqprior.cli_common import ExistingPath, bottom_prior_option, prior_option, vae_option
 from vqprior.config import ConfigError, apply_overrides
+from vqprior.host import keep_freed_memory
 from vqprior.lock import RunLockedError
 from vqprior.uses.cli import register as register_uses
 
@@ -159,6 +160,7 @@ def _report(result: dict[str, Any]) -> None:
 @click.option("--debug", is_flag=True, help="show tracebacks and debug logs")
 def cli(debug: bool) -> None:
     """vqprior: VQ-VAE + PixelCNN priors (train-vae -> encode -> train-prior -> generate)."""
+    keep_freed_memory()  # full passes on a CPU: up to 2x (vqprior.host)
     log = logging.getLogger("vqprior")
     if not any(isinstance(h, _EchoHandler) for h in log.handlers):
         handler = _EchoHandler()

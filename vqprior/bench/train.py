@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from vqprior.host import keep_freed_memory
 from vqprior.models.pixelcnn import PixelCNN, PixelCNNConfig
 from vqprior.models.vqvae import VQVAE, VQVAEConfig
 from vqprior.nn.layout import trains_channels_last
-from vqprior.train.host import keep_freed_memory
 
 # name -> (kind, config kwargs); "pixelcnnpp-tiny" is the pixel-cnn-pp port's smallest setting;
 # the gated rows pin 64 x 8 (the earlier default) so that --baseline-tree compares like with like

@@ -14,10 +14,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
+from vqprior.host import keep_freed_memory
 from vqprior.train.callbacks import LastValidation, NonFiniteGuard, PlainProgress, TimeBudget
 from vqprior.train.checkpoints import AtomicCheckpointIO, checkpoint_callbacks
 from vqprior.train.config import DeviceOptions, TrainConfig
-from vqprior.train.host import keep_freed_memory
 from vqprior.train.rankdump import rank_dump_callbacks
 from vqprior.train.resume import ResumeState
 from vqprior.train.rundir import CKPT_DIR, LAST_CKPT, flatten_metrics
