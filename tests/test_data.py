@@ -79,6 +79,8 @@ def test_uint8_float_round_trip_all_levels() -> None:
         ({"limit": 0}, "limit"),
         ({"name": "stream"}, "shard directory"),
         ({"name": "stream", "path": "shards", "limit": 5}, "limit"),
+        ({"augment": "vflip"}, "augment"),
+        ({"name": "stream", "path": "shards", "augment": "hflip"}, "augment"),
     ],
 )
 def test_config_rejects_bad_fields(changes: dict, field: str) -> None:
@@ -153,6 +155,21 @@ def test_digits_limit_resize_and_channels() -> None:
     assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])  # gray -> RGB
     full = load_image_splits(DataConfig())
     assert set(s.train.indices) <= set(full.train.indices)  # type: ignore[attr-defined]
+
+
+def test_hflip_adds_the_mirror_image_of_every_training_image_only() -> None:
+    plain = load_image_splits(DataConfig(limit=40))
+    s = load_image_splits(DataConfig(limit=40, augment="hflip"))
+    assert len(s.train) == 80 and len(s.val) == len(plain.val) and len(s.test) == len(plain.test)
+    x, y = _stack(s.train)
+    x0, y0 = _stack(plain.train)
+    assert torch.equal(x[:40], x0) and torch.equal(y[:40], y0) and torch.equal(y[40:], y0)
+    for i in (0, 17, 39):  # column j of the mirror is column W - 1 - j of the image
+        assert torch.equal(x[40 + i], x0[i][..., torch.arange(x0.shape[-1] - 1, -1, -1)])
+    assert not torch.equal(x[40:], x0)  # digits are not symmetric: a real change
+    assert torch.equal(s.train[-1][0], x[79]) and torch.equal(s.train[-80][0], x[0])
+    with pytest.raises(IndexError):
+        s.train[80]
 
 
 # ---------------------------------------------------------------- npz

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 NUM_LEVELS = 256  # 8-bit pixels
 DIGITS_LEVELS = 16  # scikit-learn's digits hold values 0..16
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "folder", "npz", "stream")
+AUGMENTS = ("none", "hflip")
 # name -> (torchvision class, folder under root that holds its files)
 _TORCHVISION = {
     "mnist": ("MNIST", "MNIST/raw"),
@@ -65,10 +66,14 @@ class DataConfig(Config):
     download: bool = True
     # H5 (two-level VQ-VAE): which code map a prior models, see vqprior.train.hierarchy
     level: str | None = None  # None (one-level VAE) | "top" | "bottom"
+    augment: str = "none"  # "hflip": train on every image and its mirror image (Mirrored)
 
     def __post_init__(self) -> None:
         check_choice("name", self.name, DATASETS)
         check_choice("level", self.level, (None, "top", "bottom"))
+        check_choice("augment", self.augment, AUGMENTS)
+        if self.augment != "none" and self.name == "stream":
+            raise ConfigError("augment does not apply to name='stream': shard the mirror images")
         if self.name in ("folder", "npz", "stream") and not self.path:
             what = "a shard directory" if self.name == "stream" else "a folder or .npz file"
             raise ConfigError(f"path must be set when name={self.name!r} ({what})")
@@ -205,6 +210,26 @@ def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) 
         raise DataError(f"{n} examples leave none for training: lower val_fraction/test_fraction")
     parts = torch.split(perm, [n - n_val - n_test, n_val, n_test])
     return [p.sort().values for p in parts]
+
+
+class Mirrored(Dataset[Item]):
+    """A dataset and its mirror images: item ``i < N`` is ``ds[i]``, item ``N + i`` is
+    ``ds[i]`` flipped left to right (same label). Augmentation as data: the training order
+    (a function of the seed and the step), resuming and DDP sharding treat the mirror images
+    as any others, and a prior on codes is trained on the codes of both."""
+
+    def __init__(self, ds: Dataset[Item]) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return 2 * len(self.ds)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Item:
+        n = len(self.ds)  # type: ignore[arg-type]
+        if not -2 * n <= i < 2 * n:
+            raise IndexError(f"index {i} out of range for {2 * n} items")
+        x, y = self.ds[i % n]
+        return (x.flip(-1) if i % (2 * n) >= n else x), y
 
 
 def _limit(train: Tensor, limit: int | None, seed: int) -> Tensor:
@@ -381,16 +406,18 @@ def load_image_splits(cfg: DataConfig, codes: bool = False) -> ImageSplits:
     height, width = (cfg.image_size,) * 2 if cfg.image_size else full.shape
     channels = full.prepare.channels
     logger.info(
-        "%s: %d train, %d val images [%d, %d, %d]",
+        "%s: %d train%s, %d val images [%d, %d, %d]",
         cfg.name,
         len(train_idx),
+        " (and their mirror images)" if cfg.augment == "hflip" else "",
         len(idx[1]),
         channels,
         height,
         width,
     )
+    train: Dataset[Item] = Subset(full, train_idx.tolist())
     return ImageSplits(
-        train=Subset(full, train_idx.tolist()),
+        train=Mirrored(train) if cfg.augment == "hflip" else train,
         val=Subset(full, idx[1].tolist()),
         test=test if test is not None else Subset(full, idx[2].tolist()),
         channels=channels,
