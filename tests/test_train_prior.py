@@ -296,3 +296,20 @@ def test_two_stage_bits_per_dim_are_recomputed_from_the_models(tmp_path: Path) -
     assert result["bits_per_dim"] == pytest.approx(
         (prior_nats + dec_nats) / (dims * math.log(2)), rel=1e-5
     )
+
+
+def test_a_pixel_prior_without_an_architecture_defaults_to_pixelcnnpp_tiny() -> None:
+    """PIXEL_PRIOR_MODEL_DEFAULTS apply to pixel priors whose config names no architecture and
+    whose image sides are multiples of 4; any architecture field keeps the gated default."""
+    from vqprior.train.stages import PIXEL_PRIOR_MODEL_DEFAULTS, resolve_prior_stage
+
+    data = {"name": "digits", "limit": 20}
+    cfg = resolve_prior_stage({"data": data, "vae": None})[0].model
+    assert {k: getattr(cfg, k) for k in PIXEL_PRIOR_MODEL_DEFAULTS} == PIXEL_PRIOR_MODEL_DEFAULTS
+    cfg = resolve_prior_stage({"data": data, "model": {"channels": 16}, "vae": None})[0].model
+    assert (cfg.backbone, cfg.channels, cfg.nr_resnet) == ("pixelcnnpp", 16, 1)
+    for named in ({"num_layers": 3}, {"backbone": "gated"}, {"head": "categorical"}):
+        cfg = resolve_prior_stage({"data": data, "model": named, "vae": None})[0].model
+        assert (cfg.backbone, cfg.channels) == ("gated", 64), named
+    sides_of_6 = {**data, "image_size": 6}  # 6 is not a multiple of 4: no PixelCNN++ scales
+    assert resolve_prior_stage({"data": sides_of_6, "vae": None})[0].model.backbone == "gated"
