@@ -84,6 +84,11 @@ class _Map:
         """The slot of real row ``p``."""
         return (p + 1) % self.period
 
+    def slots(self, p: int) -> tuple[int, ...]:
+        """Every slot that holds real row ``p``: its own, and the mirror for slot 0."""
+        s = self.at(p)
+        return (s, self.period) if s == 0 and self.mirror else (s,)
+
     def pair(self, p: int) -> int:
         """The first of the two adjacent slots that hold real rows ``p - 1, p``."""
         return p % self.period
@@ -373,8 +378,7 @@ class PixelCNNPPSteps:
     def _clear_input_row(self, p: int) -> None:
         """Reset the input's slot of row ``p``: zero pixels, the ones channel in real columns."""
         assert self.x.raw is not None
-        s = self.x.at(p)
-        for slot in (s, self.x.period) if s == 0 else (s,):
+        for slot in self.x.slots(p):
             self.x.raw[:, slot].zero_()
             self.x.raw[:, slot, 1:-1, -1] = 1.0
 
@@ -465,8 +469,7 @@ class PixelCNNPPSteps:
                 f"step_write expects [{self.n}, {self.net.in_channels}], got {list(inp.shape)}"
             )
         assert self.x.raw is not None
-        s = self.x.at(r)
-        for slot in (s, self.x.period) if s == 0 and self.x.mirror else (s,):
+        for slot in self.x.slots(r):
             self.x.raw[:, slot, c + 1, :-1] = inp.to(self.x.raw.dtype)
 
     def _check_position(self, r: int, c: int) -> None:
