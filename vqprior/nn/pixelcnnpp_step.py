@@ -7,7 +7,7 @@ The backbone-level step interface (:mod:`vqprior.nn.step`): after the pixels bef
 Every activation map lives in a zero-padded buffer (one row on top, one column each side),
 with its ``concat_elu`` beside it, and is filled in place exactly once, as soon as its inputs
 are final (the receptive fields derived in :mod:`vqprior.nn.pixelcnnpp`). A buffer keeps a
-ring of a few rows, not the whole height: the memory does not grow with the image's height.
+few rows, not the whole height: the memory does not grow with the image's height.
 
 - ``u`` stream (down-shifted): at scale ``s`` (factor ``f = 2**s``) coarse row ``p`` depends
   on input rows ``< p f`` only, so at the start of fine row ``i`` every scale with ``f | i``
@@ -16,16 +16,18 @@ ring of a few rows, not the whole height: the memory does not grow with the imag
   ``(p f, q f)`` only, so at pixel ``(i, j)`` every scale with ``f | i, j`` computes its
   position ``(i / f, j / f)``: the down pass fine to coarse, then the up pass coarse to fine,
   each coarse result upsampled into its four children at once. A convolution at one position
-  is a matmul of the flattened input window with the flattened kernel; the terms that depend
-  on the ``u`` stream only (the ``u`` part of each block's auxiliary input, the biases, the
-  class conditioning) are computed per row or once per batch.
+  is a matmul of the input window, read in place (:class:`_Points`), with the flattened
+  kernel; the terms that depend on the ``u`` stream only (the ``u`` part of each block's
+  auxiliary input, the biases, the class conditioning) are computed per row or once per batch.
 
 Dropout is skipped: the state evaluates the network as in eval mode.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +47,9 @@ if TYPE_CHECKING:
 
 
 def _flat_t(weight: Tensor) -> Tensor:
-    """Kernel ``[o, i, kh, kw] -> [kh * kw * i, o]``: rows in the order of a flattened
-    channels-last window ``[n, kh, kw, i]``."""
-    return rearrange(weight, "o i kh kw -> (kh kw i) o").contiguous()
+    """Kernel ``[o, i, kh, kw] -> [kw * kh * i, o]``: rows in the order of a window of
+    :class:`_Points` (columns outermost, then rows, then channels)."""
+    return rearrange(weight, "o i kh kw -> (kw kh i) o").contiguous()
 
 
 RING = 8
@@ -74,7 +76,7 @@ class _Map:
     def __init__(
         self, n: int, ch: int, h: int, w: int, like: Tensor, raw: bool = True, ring: int = RING
     ) -> None:
-        self.period = min(h + 1, ring)
+        self.n, self.period = n, min(h + 1, ring)
         self.mirror = h + 1 > self.period  # the ring wraps: slot ``period`` mirrors slot 0
         slots = self.period + self.mirror
         self.raw = like.new_zeros(n, slots, w + 2, ch) if raw else None
@@ -117,15 +119,6 @@ class _Map:
         """Write real row ``p`` with ``v [n, ch, 1, w]``."""
         self.put(p, slice(0, v.shape[-1]), v)
 
-    def put_point(self, p: int, q: int, v: Tensor) -> None:
-        """Write ``v [n, ch]`` at real ``(p, q)``."""
-        s = self.at(p)
-        if self.raw is not None:
-            self.raw[:, s, q + 1] = v
-        self.celu[:, s, q + 1] = concat_elu(v)
-        if s == 0 and self.mirror:
-            self._sync(True, slice(q + 1, q + 2))
-
     def _sync(self, from_first: bool, cols: slice) -> None:
         """Copy columns ``cols`` of slot 0 into its mirror (``from_first``) or back."""
         src, dst = (0, self.period) if from_first else (self.period, 0)
@@ -133,17 +126,89 @@ class _Map:
             if buf is not None:
                 buf[:, dst, cols] = buf[:, src, cols]
 
-    def raw_at(self, p: int, q: int) -> Tensor:
+
+class _Points:
+    """A ``ul``-stream map, filled point by point along the current row ``p`` of its scale:
+    rows ``p - 1`` and ``p`` side by side, ``raw [n, w + 2, 2, ch]`` and its ``concat_elu``
+    ``celu [n, w + 2, 2, 2 ch]`` (``raw=False`` keeps the latter only; real column ``j`` is
+    ``j + 1``, the padding columns stay zero), and row ``p + 1`` apart, for the children of
+    coarser points. :meth:`advance` moves on a row.
+
+    A window of two columns of both rows is one contiguous run, read in place by a matmul.
+    Every per-point read and write goes through a view made once here: making a view costs
+    about a microsecond, as much as the small op it feeds.
+    """
+
+    def __init__(self, n: int, ch: int, w: int, like: Tensor, raw: bool = True) -> None:
+        self.n, self.ch, self.children = n, ch, False
+        self.signs = like.new_tensor([1.0, -1.0]).view(2, 1)  # concat_elu's halves [x, -x]
+        self.celu = like.new_zeros(n, w + 2, 2, 2 * ch)
+        self.next_celu = like.new_zeros(n, w + 2, 2 * ch)
+        self.windows = self._windows(self.celu)  # by padded column q: columns q, q + 1
+        cur = self.celu[:, 1:-1, 1]  # [n, w, 2 ch]
+        self.points = cur.unbind(1)  # [n, 2 ch] by real column
+        self._dsts = cur.unflatten(-1, (2, ch)).unbind(1)  # [n, 2, ch]: the halves apart
+        self.raw = self.next_raw = None
+        if raw:
+            self.raw = like.new_zeros(n, w + 2, 2, ch)
+            self.next_raw = like.new_zeros(n, w + 2, ch)
+            rcur = self.raw[:, 1:-1, 1]
+            self.raw_points = rcur.unbind(1)  # [n, ch] by real column
+            self._spread = rcur[:, :, None].expand(n, w, 2, ch).unbind(1)  # [n, 2, ch]
+
+    @staticmethod
+    def _windows(buf: Tensor) -> tuple[Tensor, ...]:
+        s = buf.stride()
+        return buf.as_strided((buf.shape[0], buf.shape[1] - 1, 2 * s[1]), (s[0], s[1], 1)).unbind(1)
+
+    @functools.cached_property
+    def raw_windows(self) -> tuple[Tensor, ...]:
+        """Windows of ``raw`` (as :attr:`windows`; a downsample's input needs them)."""
         assert self.raw is not None
-        return self.raw[:, self.at(p), q + 1]
+        return self._windows(self.raw)
+
+    def celu_from(self, q: int, spread: Tensor) -> None:
+        """``concat_elu`` at real column ``q`` of the current row from ``spread [n, 2, ch]``,
+        the value repeated (an ``expand`` view)."""
+        F.elu_(torch.mul(spread, self.signs, out=self._dsts[q]))
+
+    def celu_from_raw(self, q: int) -> None:
+        """``concat_elu`` at real column ``q`` of the current row from ``raw_points[q]``."""
+        self.celu_from(q, self._spread[q])
+
+    def put(self, q: int, v: Tensor, row: int = 0) -> None:
+        """Write ``v [n, ch, cols]`` at real columns ``q ..`` of the current row (``row=0``)
+        or the next one (``row=1``)."""
+        assert self.raw is not None and self.next_raw is not None
+        cols = slice(q + 1, q + 1 + v.shape[-1])
+        val = v.transpose(1, 2)
+        if row:
+            self.children = True
+            self.next_raw[:, cols] = val
+            self.next_celu[:, cols] = F.elu(torch.cat([val, -val], dim=-1))
+        else:
+            self.raw[:, cols, 1] = val
+            self.celu[:, cols, 1] = F.elu(torch.cat([val, -val], dim=-1))
+
+    def advance(self) -> None:
+        """Move on a row: the current row becomes the one above, the next row current."""
+        pairs = [(self.celu, self.next_celu)]
+        if self.raw is not None and self.next_raw is not None:
+            pairs.append((self.raw, self.next_raw))
+        for buf, nxt in pairs:
+            buf[:, :, 0] = buf[:, :, 1]
+            if self.children:
+                buf[:, :, 1] = nxt
 
 
 class _Block:
     """One :class:`GatedResnet` evaluated in place, by rows (``u``) or by points (``ul``)."""
 
-    def __init__(self, module: nn.Module, x: _Map, new: _NewMap, cond: Tensor | None) -> None:
+    def __init__(
+        self, module: nn.Module, x: Any, new: Callable[..., Any], cond: Tensor | None
+    ) -> None:
         assert isinstance(module, GatedResnet)
-        self.m, self.x = module, x
+        self.m, self.x = module, x  # a _Map (u) or _Points (ul); c1, out: the same kind
         self.c1, self.out = new(raw=False), new()
         proj = module.cond_proj
         bias2 = module.conv2.bias
@@ -151,13 +216,19 @@ class _Block:
         # conv2's bias plus the class term, [2C] or [n, 2C]
         self.bias2 = bias2 if proj is None or cond is None else bias2 + proj(cond)
         self.w1t, self.w2t = _flat_t(module.conv1.weight), _flat_t(module.conv2.weight)
-        self.base = torch.empty(0)  # [W, n, C]: the ul block's per-row conv1 terms
+        self.base: tuple[Tensor, ...] = ()  # the ul block's per-row conv1 terms, W x [n, C]
         nin, c = module.nin_aux, module.conv1.out_channels
         two_streams = nin is not None and nin.in_channels == 4 * c  # aux = cat([u, ul])
         self.nin_u = (
             None if nin is None else _aux_part(nin.weight, c, 0) if two_streams else nin.weight
         )
         self.nin_ul_t = _aux_part(nin.weight, c, 1).flatten(1).t() if two_streams else None  # type: ignore[union-attr]
+        # a point's conv1 output (and repeated, for its concat_elu) and conv2 output, halved
+        n = cast(int, x.n)
+        self.h = self.bias2.new_empty(n, c)
+        self.h_spread = self.h[:, None].expand(n, 2, c)
+        self.ab = self.bias2.new_empty(n, 2 * c)
+        self.a, self.b = cast(tuple[Tensor, Tensor], self.ab.chunk(2, dim=1))
 
     # ---------------------------------------------------------------- u stream: rows
     def row(self, p: int, aux: _Map | None) -> None:
@@ -185,24 +256,23 @@ class _Block:
         assert self.nin_u is not None
         at = u.at(p)
         row = F.conv2d(u.celu4[:, :, at : at + 1, 1:-1], self.nin_u, nin.bias + self.m.conv1.bias)
-        self.base = rearrange(row, "n c 1 w -> w n c").contiguous()
+        self.base = rearrange(row, "n c 1 w -> w n c").contiguous().unbind(0)
 
-    def point(self, p: int, q: int, skip: _Map | None) -> Tensor:
-        """Output ``(p, q)`` [n, C]; ``skip``: the ``ul`` long skip (up pass) or None."""
-        n = self.x.celu.shape[0]
-        c1 = self.base[q]
+    def point(self, q: int, skip: _Points | None) -> Tensor:
+        """Output at column ``q`` of the current row, ``[n, C]`` (a view of ``out``);
+        ``skip``: the ``ul`` long skip (up pass) or None."""
+        x, c1, out = self.x, self.c1, self.out
+        term = self.base[q]
         if skip is not None:
             assert self.nin_ul_t is not None
-            c1 = torch.addmm(c1, skip.celu[:, skip.at(p), q + 1], self.nin_ul_t)
-        k = self.x.pair(p)
-        win = self.x.celu[:, k : k + 2, q : q + 2].reshape(n, -1)
-        self.c1.put_point(p, q, torch.addmm(c1, win, self.w1t))
-        k = self.c1.pair(p)
-        win = self.c1.celu[:, k : k + 2, q : q + 2].reshape(n, -1)
-        a, b = torch.addmm(self.bias2, win, self.w2t).chunk(2, dim=1)
-        out = torch.addcmul(self.x.raw_at(p, q), a, torch.sigmoid(b))
-        self.out.put_point(p, q, out)
-        return out
+            term = torch.addmm(term, skip.points[q], self.nin_ul_t)
+        torch.addmm(term, x.windows[q], self.w1t, out=self.h)
+        c1.celu_from(q, self.h_spread)
+        torch.addmm(self.bias2, c1.windows[q], self.w2t, out=self.ab)
+        self.b.sigmoid_()
+        value = torch.addcmul(x.raw_points[q], self.a, self.b, out=out.raw_points[q])
+        out.celu_from_raw(q)
+        return value
 
 
 def _deconv_matrix(deconv: nn.ConvTranspose2d) -> tuple[Tensor, Tensor]:
@@ -233,6 +303,18 @@ class _NewMap:
 
     def __call__(self, raw: bool = True) -> _Map:
         return _Map(*self.args, raw=raw, ring=self.ring)
+
+
+class _NewPoints:
+    """Allocates ``ul`` maps of one scale, each kept in ``made`` (to :meth:`_Points.advance`)."""
+
+    def __init__(self, n: int, ch: int, w: int, like: Tensor, made: list[_Points]) -> None:
+        self.args, self.made = (n, ch, w, like), made
+
+    def __call__(self, raw: bool = True) -> _Points:
+        points = _Points(*self.args, raw=raw)
+        self.made.append(points)
+        return points
 
 
 class _DownStep:
@@ -283,15 +365,20 @@ class PixelCNNPPSteps:
         self.x = self._maps(0, net.in_channels + 1)()
         assert self.x.raw is not None
         self.x.raw[:, 1 : self.x.period, 1:-1, -1] = 1.0  # the ones channel (zero in the padding)
-        self.feats = self._like.new_zeros(n, net.channels, 2, width)  # rows r % 2
-        left = net.ul_init_left
-        self._left_t = _flat_t(left.weight)
+        # the features of rows r % 2, by column (F.elu of the last ul block's output)
+        self.feats: list[list[Tensor]] = [[], []]
+        left = net.ul_init_left.weight  # (2, 1): its top tap runs per row, its bottom per pixel
+        self._left_top, self._left_bottom_t = left[:, :, :1], left[:, :, 1, 0].t().contiguous()
         # the ul upsampling at one point as a matmul: [n, C] -> [n, C * 2 * 2] (bias per column)
         self._kids = [
             _deconv_matrix(cast(DownRightShiftedDeconv2d, d).deconv) for d in net.upsample_ul
         ]
-        self._above = self._like.new_zeros(width, n, net.channels)  # ul init, rows above
-        self._above_left = self._above  # the same plus ul_init_left's bias (set per row)
+        # ul init, by column: the terms of the row above, without and with the left term's
+        # bias and top tap; the input's current row
+        self._above: tuple[Tensor, ...] = ()
+        self._above_left: tuple[Tensor, ...] = ()
+        self._x_row: tuple[Tensor, ...] = ()
+        self._point_maps: list[list[_Points]] = [[] for _ in range(net.num_scales)]
         self.done = 0  # pixel events processed: the raster index of the next one
         self._build()
 
@@ -300,20 +387,25 @@ class PixelCNNPPSteps:
         h, w = self.height >> scale, self.width >> scale
         return _NewMap(self.n, c, h, w, self._like, self._ring)
 
+    def _points(self, scale: int) -> _NewPoints:
+        made = self._point_maps[scale]
+        return _NewPoints(self.n, self.net.channels, self.width >> scale, self._like, made)
+
     def _pair(
-        self, mu: nn.Module, mul: nn.Module, x: tuple[_Map, _Map], s: int
+        self, mu: nn.Module, mul: nn.Module, x: tuple[_Map, _Points], s: int
     ) -> tuple[_Block, _Block]:
-        new = self._maps(s)
-        return _Block(mu, x[0], new, self._cond), _Block(mul, x[1], new, self._cond)
+        u = _Block(mu, x[0], self._maps(s), self._cond)
+        return u, _Block(mul, x[1], self._points(s), self._cond)
 
     def _build(self) -> None:
         net = self.net
-        self.du, self.dul = [self._maps(0)()], [self._maps(0)()]
+        self.du: list[_Map] = [self._maps(0)()]
+        self.dul: list[_Points] = [self._points(0)()]
         self.down: list[_DownStep] = []
         for s in range(net.num_scales):
             if s > 0:
                 self.du.append(self._maps(s)())
-                self.dul.append(self._maps(s)())
+                self.dul.append(self._points(s)())
                 self.down.append(_DownStep(s, len(self.du) - 1))
             for mu, mul in zip(_blocks(net.down_u[s]), _blocks(net.down_ul[s]), strict=True):
                 bu, bul = self._pair(mu, mul, (self.du[-1], self.dul[-1]), s)
@@ -324,10 +416,10 @@ class PixelCNNPPSteps:
         top = skips.pop()
         x = (self.du[top], self.dul[top])
         self.up: dict[int, list[_UpStep]] = {}
-        self.up_in: dict[int, tuple[_Map, _Map]] = {}
+        self.up_in: dict[int, tuple[_Map, _Points]] = {}
         for s in reversed(range(net.num_scales)):
             if s < net.num_scales - 1:
-                x = (self._maps(s)(), self._maps(s)())
+                x = (self._maps(s)(), self._points(s)())
                 self.up_in[s] = x
             self.up[s] = []
             for mu, mul in zip(_blocks(net.up_u[s]), _blocks(net.up_ul[s]), strict=True):
@@ -345,6 +437,9 @@ class PixelCNNPPSteps:
         """Start of fine row ``i``: the ``u`` stream rows of every scale with ``2**s | i``."""
         self._init_row(i)
         scales = self._scales(i)
+        for s in scales:
+            for points in self._point_maps[s]:
+                points.advance()
         for step in self.down:
             if step.scale in scales:
                 self._down_row(step, i >> step.scale)
@@ -367,13 +462,21 @@ class PixelCNNPPSteps:
         assert net.ul_init_left.bias is not None
         if self.x.mirror and i >= 2:  # row i - 3 is no longer read: its slot takes a new row
             self._clear_input_row(i - 3)
-        if i > 0:
-            k, at = self.x.pair(i - 1), self.x.at(i - 1)
+        k, at = self.x.pair(i - 1), self.x.at(i - 1)
+        row = x[:, :, at : at + 1]  # row i - 1 (zero padding for i = 0)
+        # the left term (right-shifted, its bias included) reads rows i - 1 (here: the top
+        # tap) and i (per pixel) at column j - 1
+        above = F.conv2d(row[..., :-2], self._left_top, net.ul_init_left.bias)  # [n, C, 1, W]
+        if i > 0:  # the rest is shifted down: zero in row 0
             u0 = F.conv2d(x[:, :, k : k + 2], net.u_init.weight, net.u_init.bias)
             self.du[0].put_row(i, u0)
-            above = F.conv2d(x[:, :, at : at + 1], net.ul_init_above.weight, net.ul_init_above.bias)
-            self._above = rearrange(above, "n c 1 w -> w n c").contiguous()
-        self._above_left = self._above + net.ul_init_left.bias
+            up = F.conv2d(row, net.ul_init_above.weight, net.ul_init_above.bias)
+            above = above + up
+            self._above = rearrange(up, "n c 1 w -> w n c").contiguous().unbind(0)
+        else:
+            self._above = (self._like.new_zeros(self.n, net.channels),) * self.width
+        self._above_left = rearrange(above, "n c 1 w -> w n c").contiguous().unbind(0)
+        self._x_row = self.x.raw[:, self.x.at(i), 1:-1].unbind(1)  # type: ignore[index]
 
     def _clear_input_row(self, p: int) -> None:
         """Reset the input's slot of row ``p``: zero pixels, the ones channel in real columns."""
@@ -394,48 +497,51 @@ class PixelCNNPPSteps:
 
     def _pixel_event(self, i: int, j: int) -> None:
         """Pixel ``(i, j)``: the ``ul`` stream at every scale with ``2**s | i, j``."""
-        x = self.x.raw
-        assert x is not None
+        init = self.dul[0]
         if j == 0:  # the left term is shifted right: column 0 is zero
-            self.dul[0].put_point(i, j, self._above[j])
-        else:
-            k = self.x.pair(i)
-            win = x[:, k : k + 2, j]  # [n, 2, C_in + 1]: the (2, 1) window at (i, j - 1)
-            self.dul[0].put_point(
-                i, j, torch.addmm(self._above_left[j], win.reshape(self.n, -1), self._left_t)
+            init.raw_points[0].copy_(self._above[0])
+        else:  # the left term's bottom tap reads the input at (i, j - 1)
+            torch.addmm(
+                self._above_left[j], self._x_row[j - 1], self._left_bottom_t, out=init.raw_points[j]
             )
+        init.celu_from_raw(j)
         scales = self._scales(i, j)
         for step in self.down:
             if step.scale in scales:
-                self._down_point(step, i >> step.scale, j >> step.scale)
+                self._down_point(step, j >> step.scale)
         for s in reversed(scales):
-            p, q = i >> s, j >> s
-            out = self._up_point(s, p, q)
+            q = j >> s
+            out = self._up_point(s, q)
             if s > 0:
                 weight, bias = self._kids[s - 1]
                 kids = torch.addmm(bias, out, weight).view(self.n, -1, 2, 2)  # [n, C, 2, 2]
-                self.up_in[s - 1][1].put(2 * p, slice(2 * q, 2 * q + 2), kids)
+                for row in range(2):
+                    self.up_in[s - 1][1].put(2 * q, kids[:, :, row], row)
             else:
-                self.feats[:, :, i % 2, j] = F.elu(out)
+                feats = self.feats[i % 2]
+                if j == 0:
+                    feats.clear()
+                feats.append(F.elu(out))
 
-    def _up_point(self, s: int, p: int, q: int) -> Tensor:
+    def _up_point(self, s: int, q: int) -> Tensor:
         out: Tensor | None = None
         for up in self.up[s]:
-            out = up.ul.point(p, q, self.dul[up.k])
+            out = up.ul.point(q, self.dul[up.k])
         assert out is not None, "every scale has at least one up-pass block"
         return out
 
-    def _down_point(self, step: _DownStep, p: int, q: int) -> None:
+    def _down_point(self, step: _DownStep, q: int) -> None:
         if step.blocks is not None:
-            step.blocks[1].point(p, q, None)
+            step.blocks[1].point(q, None)
             return
         conv = cast(nn.Conv2d, self.net.downsample_ul[step.scale - 1])
-        prev, k = self.dul[step.k - 1].raw, self.dul[step.k - 1].pair(2 * p)
-        assert prev is not None and conv.bias is not None
-        win = prev[:, k : k + 2, 2 * q : 2 * q + 2].reshape(self.n, -1)
+        assert conv.bias is not None
+        win = self.dul[step.k - 1].raw_windows[2 * q]  # real columns 2q - 1, 2q
         if step.w_t is None:
             step.w_t = _flat_t(conv.weight)
-        self.dul[step.k].put_point(p, q, torch.addmm(conv.bias, win, step.w_t))
+        out = self.dul[step.k]
+        torch.addmm(conv.bias, win, step.w_t, out=out.raw_points[q])
+        out.celu_from_raw(q)
 
     # --------------------------------------------------------------------- interface
     @torch.no_grad()
@@ -452,7 +558,7 @@ class PixelCNNPPSteps:
                 self._row_event(i)
             self._pixel_event(i, j)
             self.done += 1
-        return self.feats[:, :, r % 2, c]
+        return self.feats[r % 2][c]
 
     @torch.no_grad()
     def write(self, r: int, c: int, inp: Tensor) -> None:
