@@ -91,5 +91,8 @@ def model_step_write(
     if state.backbone is None:
         return
     embed = model.embed
-    inp = embed(x[:, r, c]) if embed is not None else x[:, :, r, c].to(state.dtype)
+    if embed is not None:
+        inp = embed(x[:, r, c])
+    else:  # the pixel as written (all its channels, whatever the group)
+        inp = (values.to(x.dtype) if group is None else x[:, :, r, c]).to(state.dtype)
     cast(StepBackbone, model.backbone).step_write(state.backbone, r, c, inp)

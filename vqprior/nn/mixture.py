@@ -391,32 +391,32 @@ def mixture_sample_rows(
     A sampler's step calls this on one element's ``[n, P]`` directly."""
     c, m = num_channels, num_mixtures
     n_rows = rows.shape[0]
-    comp = categorical_sample(rows[:, :m], u_comp, temperature, top_k, top_p)
-    per_comp = rows[:, m:].view(n_rows, -1, m)  # [R, 2C + K, M]: means, log-scales, coeffs
-    picked = per_comp.gather(2, comp.view(n_rows, 1, 1).expand(-1, per_comp.shape[1], 1))
-    mu, log_scale, raw = picked.squeeze(2).split([c, c, c * (c - 1) // 2], 1)
+    logits, per_comp = rows.split([m, rows.shape[1] - m], dim=1)
+    comp = categorical_sample(logits, u_comp, temperature, top_k, top_p)
+    per_comp = per_comp.view(n_rows, -1, m)  # [R, 2C + K, M]: means, log-scales, coeffs
+    picked = per_comp.take_along_dim(comp.view(n_rows, 1, 1), dim=2).squeeze(2)
+    mu, log_scale, raw = picked.split([c, c, c * (c - 1) // 2], 1)
     scale = log_scale.clamp(log_scale_min(num_bins), LOG_SCALE_MAX).exp_()
     if temperature != 1.0:
         scale = scale * temperature
     # Channel by channel in bin units y = (x + 1) k, k = (N - 1) / 2: x_c = mean_c + scale_c T
     # noise_c + sum_p coeff_cp x_p becomes y_c = (mean_c + scale_c T noise_c + 1) k
     # + sum_p coeff_cp (bin_p - k), since x_p k = bin_p - k exactly for a grid value x_p; the
-    # bin is round(y_c) clamped to the grid. Few scalar ops: each costs a conversion here.
+    # bin is round(y_c) clamped to the grid, computed in place in y's column. Few ops: a
+    # sampler's step runs these on one element.
     top = float(num_bins - 1)
     k = top / 2.0
     y = torch.addcmul(mu, scale, noise).add_(1.0).mul_(k)  # [R, C]
-    coeffs = torch.tanh(raw)
-    bins: list[Tensor] = []
+    coeffs = torch.tanh(raw).unbind(1)
     centred: list[Tensor] = []  # bin_p - k
-    for ch in range(c):
-        v = y[:, ch]
+    for ch, v in enumerate(y.unbind(1)):
         for c_prev in range(ch):
-            v = torch.addcmul(v, coeffs[:, _pair_index(ch, c_prev)], centred[c_prev])
-        bins.append(torch.round(v).clamp_(0.0, top))
+            v.addcmul_(coeffs[_pair_index(ch, c_prev)], centred[c_prev])
+        v.round_().clamp_(0.0, top)
         if ch < c - 1:
-            centred.append(bins[-1] - k)
+            centred.append(v - k)
     # (2 bin - (N - 1)) / (N - 1): exact numerator, correctly rounded value (as from_bins)
-    return (torch.stack(bins, dim=1).mul_(2.0).sub_(top)).div_(top)
+    return y.mul_(2.0).sub_(top).div_(top)
 
 
 def draw_mixture_noise(

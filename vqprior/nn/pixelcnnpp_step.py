@@ -378,6 +378,7 @@ class PixelCNNPPSteps:
         self._above: tuple[Tensor, ...] = ()
         self._above_left: tuple[Tensor, ...] = ()
         self._x_row: tuple[Tensor, ...] = ()
+        self._x_dsts: tuple[int, list[tuple[Tensor, ...]]] = (-1, [])
         self._point_maps: list[list[_Points]] = [[] for _ in range(net.num_scales)]
         self.done = 0  # pixel events processed: the raster index of the next one
         self._build()
@@ -476,7 +477,10 @@ class PixelCNNPPSteps:
         else:
             self._above = (self._like.new_zeros(self.n, net.channels),) * self.width
         self._above_left = rearrange(above, "n c 1 w -> w n c").contiguous().unbind(0)
-        self._x_row = self.x.raw[:, self.x.at(i), 1:-1].unbind(1)  # type: ignore[index]
+        raw = cast(Tensor, self.x.raw)
+        self._x_row = raw[:, self.x.at(i), 1:-1].unbind(1)
+        # where write() puts row i's pixels, by column: its slot (and the mirror)
+        self._x_dsts = (i, [raw[:, s, 1:-1, :-1].unbind(1) for s in self.x.slots(i)])
 
     def _clear_input_row(self, p: int) -> None:
         """Reset the input's slot of row ``p``: zero pixels, the ones channel in real columns."""
@@ -574,9 +578,12 @@ class PixelCNNPPSteps:
             raise ValueError(
                 f"step_write expects [{self.n}, {self.net.in_channels}], got {list(inp.shape)}"
             )
-        assert self.x.raw is not None
-        for slot in self.x.slots(r):
-            self.x.raw[:, slot, c + 1, :-1] = inp.to(self.x.raw.dtype)
+        row, dsts = self._x_dsts
+        if r != row:  # the first pixel of a row, written before its features are evaluated
+            raw = cast(Tensor, self.x.raw)
+            dsts = [raw[:, s, 1:-1, :-1].unbind(1) for s in self.x.slots(r)]
+        for dst in dsts:
+            dst[c].copy_(inp)
 
     def _check_position(self, r: int, c: int) -> None:
         if not (0 <= r < self.height and 0 <= c < self.width):
