@@ -242,11 +242,17 @@ class _Block:
             c1 = c1 + F.conv2d(aux.celu4[:, :, at : at + 1, 1:-1], m.nin_aux.weight, m.nin_aux.bias)
         self.c1.put_row(p, c1)
         k = self.c1.pair(p)
-        c2 = F.conv2d(self.c1.celu4[:, :, k : k + 2], m.conv2.weight)
-        c2 = c2 + self.bias2[..., None, None]  # [n | 1, 2C, 1, 1]
+        per_image = self.bias2.dim() == 2  # the class term: [n, 2C]
+        c2 = F.conv2d(
+            self.c1.celu4[:, :, k : k + 2], m.conv2.weight, None if per_image else self.bias2
+        )
+        if per_image:
+            c2 = c2 + self.bias2[..., None, None]
         a, b = channel_halves(c2)
         at = self.x.at(p)
-        self.out.put_row(p, self.x.raw4[:, :, at : at + 1, 1:-1] + a * torch.sigmoid(b))
+        self.out.put_row(
+            p, torch.addcmul(self.x.raw4[:, :, at : at + 1, 1:-1], a, torch.sigmoid(b))
+        )
 
     # --------------------------------------------------------------- ul stream: points
     def prepare_row(self, p: int, u: _Map) -> None:
