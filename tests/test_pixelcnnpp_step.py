@@ -108,8 +108,12 @@ def _state_bytes(obj: object, seen: set[int] | None = None) -> int:
     if id(obj) in seen:
         return 0
     seen.add(id(obj))
-    if isinstance(obj, Tensor):
-        return obj.untyped_storage().nbytes() if obj.is_leaf else 0
+    if isinstance(obj, Tensor):  # views of one buffer count once
+        storage = obj.untyped_storage()
+        if obj.requires_grad or -storage.data_ptr() in seen:
+            return 0
+        seen.add(-storage.data_ptr())
+        return storage.nbytes()
     if isinstance(obj, (list, tuple)):
         return sum(_state_bytes(v, seen) for v in obj)
     if isinstance(obj, dict):
