@@ -53,16 +53,18 @@ def _flat_t(weight: Tensor) -> Tensor:
 
 
 RING = 8
-"""Row slots of a map's ring. At most four rows of a map are in use at once: at row ``p`` the
-input's rows ``p - 2 .. p`` are read and its row ``p - 3`` is cleared to take a later row; any
-other map holds rows ``p - 1, p`` and the children of a coarse point written into row
-``p + 1``. So 4 slots would do; with 8, half as many rows have their writes mirrored."""
+"""Row slots of a :class:`_Map`'s ring (the input and the ``u`` stream). At most four rows of a
+map are in use at once: at row ``p`` the input's rows ``p - 2 .. p`` are read and its row
+``p - 3`` is cleared to take a later row; a ``u`` map holds rows ``p - 1, p`` and the children
+written into row ``p + 1``. So 4 slots would do; with 8, half as many rows have their writes
+mirrored."""
 
 
 class _Map:
-    """A padded map, channels last: ``raw [n, slots, w + 2, ch]`` and its ``concat_elu``
-    ``celu [n, slots, w + 2, 2 ch]`` (``raw=False`` keeps the latter only); real column ``j``
-    is column ``j + 1`` (a window is then a cheap gather), the padding columns stay zero.
+    """A padded map filled by rows (the input and the ``u`` stream), channels last:
+    ``raw [n, slots, w + 2, ch]`` and its ``concat_elu`` ``celu [n, slots, w + 2, 2 ch]``
+    (``raw=False`` keeps the latter only); real column ``j`` is column ``j + 1``, the padding
+    columns stay zero.
 
     Only a few rows are live at any time, so the rows live in a ring of ``period`` slots
     (``min(h + 1, ring)``): real row ``p`` (``-1`` the zero padding on top) is slot
