@@ -37,6 +37,19 @@ def concat_elu(x: Tensor, pads: Pads = (0, 0, 0, 0)) -> Tensor:
     return _ConcatElu.apply(x, pads)
 
 
+def concat_elu_into(x: Tensor, out: Tensor, dim: int = 1) -> Tensor:
+    """Write ``elu(cat([x, -x], dim))`` into ``out`` (any strides) with one ``expm1`` per
+    element of ``x``: with ``m = expm1(-|x|)``, ``elu(x) = max(x, m)`` and
+    ``elu(-x) = max(-x, m)`` (``expm1`` lies above its argument, and below 0 for negative
+    ones). No grad: :class:`_ConcatElu` is the autograd form."""
+    neg = torch.neg(x)
+    m = torch.minimum(x, neg).expm1_()
+    first, second = out.chunk(2, dim)
+    torch.maximum(x, m, out=first)
+    torch.maximum(neg, m, out=second)
+    return out
+
+
 class _ConcatElu(torch.autograd.Function):
     """``pad(elu(cat([x, -x])))`` with one ``expm1`` per element of ``x`` and no copies.
 
@@ -65,11 +78,7 @@ class _ConcatElu(torch.autograd.Function):
         ):
             if width:
                 strip.zero_()
-        inner = y[:, :, top : top + h, left : left + w]
-        neg = torch.neg(x)
-        m = torch.minimum(x, neg).expm1_()
-        torch.maximum(x, m, out=inner[:, :c])
-        torch.maximum(neg, m, out=inner[:, c:])
+        concat_elu_into(x, y[:, :, top : top + h, left : left + w])
         ctx.save_for_backward(y)
         ctx.pads = pads  # type: ignore[attr-defined]
         return y

@@ -39,7 +39,7 @@ from vqprior.nn.pixelcnnpp_layers import (
     DownRightShiftedDeconv2d,
     DownShiftedDeconv2d,
     GatedResnet,
-    concat_elu,
+    concat_elu_into,
 )
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ class _Map:
         at = (slice(s, s + rows), slice(cols.start + 1, cols.stop + 1))  # ends by the mirror
         if self.raw is not None:
             self.raw4[:, :, at[0], at[1]] = v
-        self.celu4[:, :, at[0], at[1]] = concat_elu(v)
+        concat_elu_into(v, self.celu4[:, :, at[0], at[1]])
         if self.mirror and (s == 0 or s + rows > self.period):
             self._sync(s == 0, at[1])
 
@@ -187,10 +187,10 @@ class _Points:
         if row:
             self.children = True
             self.next_raw[:, cols] = val
-            self.next_celu[:, cols] = F.elu(torch.cat([val, -val], dim=-1))
+            concat_elu_into(val, self.next_celu[:, cols], dim=-1)
         else:
             self.raw[:, cols, 1] = val
-            self.celu[:, cols, 1] = F.elu(torch.cat([val, -val], dim=-1))
+            concat_elu_into(val, self.celu[:, cols, 1], dim=-1)
 
     def advance(self) -> None:
         """Move on a row: the current row becomes the one above, the next row current."""
@@ -375,15 +375,22 @@ class PixelCNNPPSteps:
         self.x.raw[:, 1 : self.x.period, 1:-1, -1] = 1.0  # the ones channel (zero in the padding)
         # the features of rows r % 2, by column (F.elu of the last ul block's output)
         self.feats: list[list[Tensor]] = [[], []]
-        left = net.ul_init_left.weight  # (2, 1): its top tap runs per row, its bottom per pixel
-        self._left_top, self._left_bottom_t = left[:, :, :1], left[:, :, 1, 0].t().contiguous()
+        # the ul init: ul_init_above (1 x 3 over row i - 1) plus the left term, right-shifted,
+        # whose (2, 1) kernel reads column j - 1: its top tap (row i - 1) joins the first
+        # column of ul_init_above's kernel and runs per row, its bottom tap per pixel
+        above, left = net.ul_init_above, net.ul_init_left
+        assert above.bias is not None and left.bias is not None
+        self._above_k = above.weight.clone()
+        self._above_k[..., :1] += left.weight[:, :, :1]
+        self._above_bias = above.bias + left.bias
+        self._left_bottom_t = left.weight[:, :, 1, 0].t().contiguous()
         # the ul upsampling at one point as a matmul: [n, C] -> [n, C * 2 * 2] (bias per column)
         self._kids = [
             _deconv_matrix(cast(DownRightShiftedDeconv2d, d).deconv) for d in net.upsample_ul
         ]
-        # ul init, by column: the terms of the row above, without and with the left term's
-        # bias and top tap; the input's current row
-        self._above: tuple[Tensor, ...] = ()
+        # ul init: column 0's value (the row above's term only), and by column the row
+        # above's terms with the left term's bias and top tap; the input's current row
+        self._above = torch.empty(0)
         self._above_left: tuple[Tensor, ...] = ()
         self._x_row: tuple[Tensor, ...] = ()
         self._x_dsts: tuple[int, list[tuple[Tensor, ...]]] = (-1, [])
@@ -472,19 +479,16 @@ class PixelCNNPPSteps:
         if self.x.mirror and i >= 2:  # row i - 3 is no longer read: its slot takes a new row
             self._clear_input_row(i - 3)
         k, at = self.x.pair(i - 1), self.x.at(i - 1)
-        row = x[:, :, at : at + 1]  # row i - 1 (zero padding for i = 0)
-        # the left term (right-shifted, its bias included) reads rows i - 1 (here: the top
-        # tap) and i (per pixel) at column j - 1
-        above = F.conv2d(row[..., :-2], self._left_top, net.ul_init_left.bias)  # [n, C, 1, W]
-        if i > 0:  # the rest is shifted down: zero in row 0
+        left_bias = net.ul_init_left.bias
+        if i > 0:  # the row above's terms are shifted down: zero in row 0
             u0 = F.conv2d(x[:, :, k : k + 2], net.u_init.weight, net.u_init.bias)
             self.du[0].put_row(i, u0)
-            up = F.conv2d(row, net.ul_init_above.weight, net.ul_init_above.bias)
-            above = above + up
-            self._above = rearrange(up, "n c 1 w -> w n c").contiguous().unbind(0)
+            above = F.conv2d(x[:, :, at : at + 1], self._above_k, self._above_bias)  # [n, C, 1, W]
+            self._above_left = rearrange(above, "n c 1 w -> w n c").contiguous().unbind(0)
+            self._above = self._above_left[0] - left_bias  # column 0 has no left term
         else:
-            self._above = (self._like.new_zeros(self.n, net.channels),) * self.width
-        self._above_left = rearrange(above, "n c 1 w -> w n c").contiguous().unbind(0)
+            self._above_left = (left_bias.expand(self.n, -1),) * self.width
+            self._above = torch.zeros_like(self._above_left[0])
         raw = cast(Tensor, self.x.raw)
         self._x_row = raw[:, self.x.at(i), 1:-1].unbind(1)
         # where write() puts row i's pixels, by column: its slot (and the mirror)
@@ -511,7 +515,7 @@ class PixelCNNPPSteps:
         """Pixel ``(i, j)``: the ``ul`` stream at every scale with ``2**s | i, j``."""
         init = self.dul[0]
         if j == 0:  # the left term is shifted right: column 0 is zero
-            init.raw_points[0].copy_(self._above[0])
+            init.raw_points[0].copy_(self._above)
         else:  # the left term's bottom tap reads the input at (i, j - 1)
             torch.addmm(
                 self._above_left[j], self._x_row[j - 1], self._left_bottom_t, out=init.raw_points[j]
