@@ -16,6 +16,7 @@ from vqprior.nn.pixelcnnpp_layers import (
     DownShiftedDeconv2d,
     GatedResnet,
     concat_elu,
+    concat_elu_into,
     down_shift,
     right_shift,
 )
@@ -76,6 +77,21 @@ def test_concat_elu_matches_definition():
     torch.testing.assert_close(concat_elu(x), torch.cat([elu, elu_neg], dim=1))
     points = x[:, :, 0, 0]  # [n, c], the sampler's: the plain form
     torch.testing.assert_close(concat_elu(points), torch.cat([elu, elu_neg], 1)[:, :, 0, 0])
+
+
+@pytest.mark.parametrize("dim", [1, -1])
+def test_concat_elu_into_writes_the_definition_into_a_strided_buffer(dim):
+    """The sampler's form: into a slice of a bigger buffer (not contiguous), along ``dim``,
+    touching nothing else; extreme values stay finite and exact."""
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64) * 30.0
+    x[0, 0, 0, :3] = torch.tensor([0.0, -0.0, -1e300], dtype=torch.float64)
+    want = torch.cat([F.elu(x), F.elu(-x)], dim=dim)
+    buf = torch.full((3, *want.shape[1:-1], want.shape[-1] + 2), 7.0, dtype=torch.float64)
+    out = buf[1:, ..., 1:-1]  # a strided view inside the buffer
+    assert not out.is_contiguous()
+    assert concat_elu_into(x, out, dim=dim) is out
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert (buf[0] == 7.0).all() and (buf[..., 0] == 7.0).all() and (buf[..., -1] == 7.0).all()
 
 
 @pytest.mark.parametrize("fused", [True, False])
