@@ -142,7 +142,7 @@ class _Points:
     """
 
     def __init__(self, n: int, ch: int, w: int, like: Tensor, raw: bool = True) -> None:
-        self.n, self.ch, self.children = n, ch, False
+        self.n, self.children = n, False
         self.signs = like.new_tensor([1.0, -1.0]).view(2, 1)  # concat_elu's halves [x, -x]
         self.celu = like.new_zeros(n, w + 2, 2, 2 * ch)
         self.next_celu = like.new_zeros(n, w + 2, 2 * ch)
@@ -171,7 +171,8 @@ class _Points:
 
     def celu_from(self, q: int, spread: Tensor) -> None:
         """``concat_elu`` at real column ``q`` of the current row from ``spread [n, 2, ch]``,
-        the value repeated (an ``expand`` view)."""
+        the value repeated (an ``expand`` view): two ops, where :func:`concat_elu_into`'s five
+        (one ``expm1`` per element, for whole rows) cost more on one point."""
         F.elu_(torch.mul(spread, self.signs, out=self._dsts[q]))
 
     def celu_from_raw(self, q: int) -> None:
@@ -184,13 +185,12 @@ class _Points:
         assert self.raw is not None and self.next_raw is not None
         cols = slice(q + 1, q + 1 + v.shape[-1])
         val = v.transpose(1, 2)
-        if row:
-            self.children = True
-            self.next_raw[:, cols] = val
-            concat_elu_into(val, self.next_celu[:, cols], dim=-1)
-        else:
-            self.raw[:, cols, 1] = val
-            concat_elu_into(val, self.celu[:, cols, 1], dim=-1)
+        self.children |= bool(row)
+        raw, celu = (
+            (self.next_raw, self.next_celu) if row else (self.raw[:, :, 1], self.celu[:, :, 1])
+        )
+        raw[:, cols] = val
+        concat_elu_into(val, celu[:, cols], dim=-1)
 
     def advance(self) -> None:
         """Move on a row: the current row becomes the one above, the next row current."""
