@@ -187,13 +187,16 @@ def test_head_steps_equal_the_heads_and_keep_the_last_layer_in_float32() -> None
         assert torch.allclose(step, full, atol=5e-2)
 
 
-def test_channel_halves_are_dense_in_channels_last_and_views_otherwise() -> None:
+def test_channel_halves_are_dense_for_16_bit_channels_last_and_views_otherwise() -> None:
     x = torch.randn(2, 6, 3, 4, dtype=torch.float64)
     a, b = channel_halves(x)  # NCHW: the chunk views themselves
     assert a.data_ptr() == x.data_ptr() and torch.equal(b, x[:, 3:])
     xc = x.contiguous(memory_format=torch.channels_last)
-    a, b = channel_halves(xc)
-    assert torch.equal(a, x[:, :3]) and torch.equal(b, x[:, 3:])
+    a, b = channel_halves(xc)  # float64 channels-last: views too
+    assert a.data_ptr() == xc.data_ptr() and torch.equal(b, x[:, 3:])
+    xb = xc.bfloat16()
+    a, b = channel_halves(xb)  # 16-bit channels-last on CPU: dense copies
+    assert torch.equal(a, xb[:, :3]) and torch.equal(b, xb[:, 3:])
     assert all(t.is_contiguous(memory_format=torch.channels_last) for t in (a, b))
     assert is_channels_last(xc) and not is_channels_last(x)
     one = torch.zeros(2, 1, 3, 4).contiguous(memory_format=torch.channels_last)
@@ -201,7 +204,8 @@ def test_channel_halves_are_dense_in_channels_last_and_views_otherwise() -> None
     assert is_channels_last(xc[:, :, 1:, :-1]) and not is_channels_last(x[:, :, 1:, :-1])  # crops
     assert is_channels_last(xc[:, :3]) and not is_channels_last(x[:, :3])  # channel slices
     # off the CPU (meta stands in for a GPU here) the halves stay views
-    xm = torch.empty(2, 6, 3, 4, device="meta").contiguous(memory_format=torch.channels_last)
+    xm = torch.empty(2, 6, 3, 4, device="meta", dtype=torch.bfloat16)
+    xm = xm.contiguous(memory_format=torch.channels_last)
     a, b = channel_halves(xm)
     assert not a.is_contiguous(memory_format=torch.channels_last)
     assert a.stride() == xm.stride() and b.storage_offset() == 3

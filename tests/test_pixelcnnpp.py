@@ -18,6 +18,7 @@ from vqprior.nn.pixelcnnpp_layers import (
     concat_elu,
     concat_elu_into,
     down_shift,
+    residual_gate,
     right_shift,
 )
 
@@ -92,6 +93,32 @@ def test_concat_elu_into_writes_the_definition_into_a_strided_buffer(dim):
     assert concat_elu_into(x, out, dim=dim) is out
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     assert (buf[0] == 7.0).all() and (buf[..., 0] == 7.0).all() and (buf[..., -1] == 7.0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_residual_gate_and_its_gradient_are_autograds_of_the_definition(dtype, channels_last):
+    """Bit for bit against autograd through ``x + a * sigmoid(b)`` on the chunk views, in each
+    dtype and layout; the gradient of ``c`` comes back in ``c``'s layout."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 3, 4, 5, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+    c = (torch.randn(2, 6, 4, 5, dtype=dtype) * 4).contiguous(memory_format=fmt)
+    c.requires_grad_()
+    grad = torch.randn(2, 3, 4, 5, dtype=dtype).contiguous(memory_format=fmt)
+    a, b = c.chunk(2, dim=1)
+    want = torch.addcmul(x, a, torch.sigmoid(b))
+    want_grads = torch.autograd.grad(want, (x, c), grad)
+    got = residual_gate(x, c)
+    got_grads = torch.autograd.grad(got, (x, c), grad)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert got_grads[1].is_contiguous(memory_format=fmt)
+    with torch.no_grad():  # the sampler's rows: the plain ops
+        torch.testing.assert_close(residual_gate(x, c), want, rtol=0, atol=0)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(residual_gate, (x, c))
 
 
 @pytest.mark.parametrize("fused", [True, False])

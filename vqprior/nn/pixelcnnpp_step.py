@@ -34,12 +34,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from vqprior.nn.layout import channel_halves
 from vqprior.nn.pixelcnnpp_layers import (
     DownRightShiftedDeconv2d,
     DownShiftedDeconv2d,
     GatedResnet,
     concat_elu_into,
+    residual_gate,
 )
 
 if TYPE_CHECKING:
@@ -250,11 +250,8 @@ class _Block:
         )
         if per_image:
             c2 = c2 + self.bias2[..., None, None]
-        a, b = channel_halves(c2)
         at = self.x.at(p)
-        self.out.put_row(
-            p, torch.addcmul(self.x.raw4[:, :, at : at + 1, 1:-1], a, torch.sigmoid(b))
-        )
+        self.out.put_row(p, residual_gate(self.x.raw4[:, :, at : at + 1, 1:-1], c2))
 
     # --------------------------------------------------------------- ul stream: points
     def prepare_row(self, p: int, u: _Map) -> None:
