@@ -697,3 +697,19 @@ def test_log_prob_is_the_same_for_a_channels_last_map() -> None:
     p_ref = params.clone().requires_grad_(True)
     (want_grad,) = torch.autograd.grad(mixture_log_prob(x, p_ref, 4).sum(), p_ref)
     torch.testing.assert_close(grad, want_grad, rtol=0, atol=1e-12)
+
+
+def test_constants_are_made_once_per_key_and_serve_outside_inference_mode() -> None:
+    from vqprior.nn.precision import constants
+
+    key = (0.5, -7.25, 255.0)
+    with torch.inference_mode():  # a sampler may be the first to ask
+        made = constants(key, torch.float64, torch.device("cpu"))
+    assert [t.item() for t in made] == list(key) and all(t.dim() == 0 for t in made)
+    assert all(t.dtype == torch.float64 and not t.is_inference() for t in made)
+    again = constants(key, torch.float64, torch.device("cpu"))
+    assert all(a is b for a, b in zip(made, again, strict=True))
+    assert constants(key, torch.float32, torch.device("cpu"))[0].dtype == torch.float32
+    x = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    (x * made[2]).sum().backward()  # usable in a recorded op
+    assert torch.equal(x.grad, torch.full((3,), 255.0, dtype=torch.float64))

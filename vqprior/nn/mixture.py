@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from vqprior.nn.categorical import categorical_sample, check_truncation
 from vqprior.nn.grid import from_bins, to_bins
 from vqprior.nn.mixture_argmax import most_probable_bin
-from vqprior.nn.precision import full_precision, upcast
+from vqprior.nn.precision import constants, full_precision, upcast
 
 __all__ = [
     "FLOOR_EPS",
@@ -394,9 +394,18 @@ def mixture_sample_rows(
     logits, per_comp = rows.split([m, rows.shape[1] - m], dim=1)
     comp = categorical_sample(logits, u_comp, temperature, top_k, top_p)
     per_comp = per_comp.view(n_rows, -1, m)  # [R, 2C + K, M]: means, log-scales, coeffs
-    picked = per_comp.take_along_dim(comp.view(n_rows, 1, 1), dim=2).squeeze(2)
-    mu, log_scale, raw = picked.split([c, c, c * (c - 1) // 2], 1)
-    scale = log_scale.clamp(log_scale_min(num_bins), LOG_SCALE_MAX).exp_()
+    # gather, not take_along_dim (which also wraps the indices: one more op)
+    picked = per_comp.gather(2, comp.view(n_rows, 1, 1).expand(-1, per_comp.shape[1], 1))
+    mu, log_scale, raw = picked.squeeze(2).split([c, c, c * (c - 1) // 2], 1)
+    # 0-dim tensors, not Python numbers (the same values: each number would be wrapped in a
+    # new tensor per op, ~1 us, and a step makes ~12 such ops a pixel)
+    top = float(num_bins - 1)
+    zero, one, two, k, top_t, lo, hi = constants(
+        (0.0, 1.0, 2.0, top / 2.0, top, log_scale_min(num_bins), LOG_SCALE_MAX),
+        mu.dtype,
+        mu.device,
+    )
+    scale = log_scale.clamp(lo, hi).exp_()
     if temperature != 1.0:
         scale = scale * temperature
     # Channel by channel in bin units y = (x + 1) k, k = (N - 1) / 2: x_c = mean_c + scale_c T
@@ -404,19 +413,17 @@ def mixture_sample_rows(
     # + sum_p coeff_cp (bin_p - k), since x_p k = bin_p - k exactly for a grid value x_p; the
     # bin is round(y_c) clamped to the grid, computed in place in y's column. Few ops: a
     # sampler's step runs these on one element.
-    top = float(num_bins - 1)
-    k = top / 2.0
-    y = torch.addcmul(mu, scale, noise).add_(1.0).mul_(k)  # [R, C]
+    y = torch.addcmul(mu, scale, noise).add_(one).mul_(k)  # [R, C]
     coeffs = torch.tanh(raw).unbind(1)
     centred: list[Tensor] = []  # bin_p - k
     for ch, v in enumerate(y.unbind(1)):
         for c_prev in range(ch):
             v.addcmul_(coeffs[_pair_index(ch, c_prev)], centred[c_prev])
-        v.round_().clamp_(0.0, top)
+        v.round_().clamp_(zero, top_t)
         if ch < c - 1:
             centred.append(v - k)
     # (2 bin - (N - 1)) / (N - 1): exact numerator, correctly rounded value (as from_bins)
-    return y.mul_(2.0).sub_(top).div_(top)
+    return y.mul_(two).sub_(top_t).div_(top_t)
 
 
 def draw_mixture_noise(

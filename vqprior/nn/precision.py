@@ -4,11 +4,12 @@ in float32 (float64 stays float64) with autocast off."""
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch import Tensor
 
-__all__ = ["full_precision", "upcast", "wide_dtype"]
+__all__ = ["constants", "full_precision", "upcast", "wide_dtype"]
 
 
 def wide_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -29,3 +30,15 @@ def full_precision(device_type: str) -> contextlib.AbstractContextManager[object
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=64)
+def constants(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> list[Tensor]:
+    """``values`` as 0-dim tensors of ``dtype`` on ``device``, made once per key (read-only).
+
+    An op with a Python number wraps it in a new tensor on every call (on CPU ~1 us, as much as
+    a small op itself); a sampler's per-element ops take these instead, with the same results
+    (the number is cast to ``dtype`` either way). Made outside inference mode, so they serve
+    every mode."""
+    with torch.inference_mode(False):
+        return [torch.tensor(v, dtype=dtype, device=device) for v in values]
