@@ -222,17 +222,26 @@ def test_shifted_deconvs_double_and_read_the_parent_row():
     assert torch.equal(dep, _expected((6, 8), (3, 4), lambda y, c: [(y // 2, c // 2)]))
 
 
+UPSAMPLERS = {  # each CPU form against its transposed convolution, cropped as the layer does
+    "down": (DownShiftedDeconv2d, lambda y: y[:, :, :8, 1:13]),
+    "down_right": (DownRightShiftedDeconv2d, lambda y: y),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UPSAMPLERS))
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_down_shifted_deconv_equals_the_cropped_transposed_convolution(channels_last):
-    """The (1, 2) convolution + pixel shuffle against ``conv_transpose2d`` itself: values and
-    the gradients of the input, weight and bias; the output keeps the input's memory format."""
-    up = DownShiftedDeconv2d(3, 5).double()
+def test_upsamplers_equal_their_transposed_convolution(kind, channels_last):
+    """The convolution + pixel shuffle against ``conv_transpose2d`` itself: values and the
+    gradients of the input, weight and bias; the output keeps the input's memory format."""
+    make, crop = UPSAMPLERS[kind]
+    up = make(3, 5).double()
     x = torch.randn(2, 3, 4, 6, dtype=torch.float64)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
     y = up(x)
-    ref = F.conv_transpose2d(x, up.deconv.weight, up.deconv.bias, stride=2)[:, :, :8, 1:13]
+    ref = crop(F.conv_transpose2d(x, up.deconv.weight, up.deconv.bias, stride=2))
+    assert y.shape == ref.shape == (2, 5, 8, 12)
     torch.testing.assert_close(y, ref, rtol=0, atol=1e-13)
     assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
     g = torch.randn_like(y)
@@ -242,8 +251,9 @@ def test_down_shifted_deconv_equals_the_cropped_transposed_convolution(channels_
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
-def test_down_shifted_deconv_off_the_cpu_is_the_transposed_convolution() -> None:
-    up = DownShiftedDeconv2d(3, 5).to("meta")  # meta stands in for a GPU
+@pytest.mark.parametrize("kind", sorted(UPSAMPLERS))
+def test_upsamplers_off_the_cpu_are_the_transposed_convolution(kind) -> None:
+    up = UPSAMPLERS[kind][0](3, 5).to("meta")  # meta stands in for a GPU
     assert up(torch.empty(2, 3, 4, 6, device="meta")).shape == (2, 5, 8, 12)
 
 

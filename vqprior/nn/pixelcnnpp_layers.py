@@ -256,17 +256,17 @@ class DownShiftedDeconv2d(nn.Module):
         assert bias is not None
         even, odd = F.pad(w[..., 1:2], (0, 1)), w[..., [2, 0]]  # taps on columns c, c + 1
         kernel = rearrange(torch.stack([even, odd]), "e i o a t -> (a e o) i 1 t")
-        z = F.conv2d(F.pad(x, (0, 1)), kernel, bias.repeat(4))  # [b, (a e o), h, w]
-        if is_channels_last(x):
-            out = rearrange(z.permute(0, 2, 3, 1), "b h w (a e o) -> b (h a) (w e) o", a=2, e=2)
-            return out.permute(0, 3, 1, 2)  # channels-last, as the input
-        return rearrange(z, "b (a e o) h w -> b o (h a) (w e)", a=2, e=2)
+        return _shuffle_up(F.conv2d(F.pad(x, (0, 1)), kernel, bias.repeat(4)), x)
 
 
 class DownRightShiftedDeconv2d(nn.Module):
     """2x upsampling, kernel ``(2, 2)``: output ``(y, x)`` reads input ``(y // 2, x // 2)``.
 
-    ``[b, c_in, h, w] -> [b, c_out, 2h, 2w]``.
+    ``[b, c_in, h, w] -> [b, c_out, 2h, 2w]``. As :class:`DownShiftedDeconv2d`, on CPU a
+    ``1 x 1`` convolution with ``4 c_out`` outputs (output ``(2r + a, 2c + e)`` is input
+    ``(r, c)`` times tap ``(a, e)``) and a pixel shuffle: oneDNN's bf16 kernel for the
+    transposed convolution takes 4.4 ms forward and backward at batch 32, 32 channels,
+    16x16 -> 32x32, this 1.0 ms (the same values).
     """
 
     def __init__(self, in_ch: int, out_ch: int) -> None:
@@ -274,7 +274,21 @@ class DownRightShiftedDeconv2d(nn.Module):
         self.deconv = nn.ConvTranspose2d(in_ch, out_ch, (2, 2), stride=2)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.deconv(x)
+        if x.device.type != "cpu":
+            return self.deconv(x)
+        w, bias = self.deconv.weight, self.deconv.bias  # [c_in, c_out, 2 (a), 2 (e)], [c_out]
+        assert bias is not None
+        kernel = rearrange(w, "i o a e -> (a e o) i 1 1")
+        return _shuffle_up(F.conv2d(x, kernel, bias.repeat(4)), x)
+
+
+def _shuffle_up(z: Tensor, x: Tensor) -> Tensor:
+    """``z [b, (a e o), h, w] -> [b, o, 2h, 2w]``: output ``(2r + a, 2c + e)`` is channel block
+    ``(a, e)`` of ``z`` at ``(r, c)``; channels-last if the input ``x`` was."""
+    if is_channels_last(x):
+        out = rearrange(z.permute(0, 2, 3, 1), "b h w (a e o) -> b (h a) (w e) o", a=2, e=2)
+        return out.permute(0, 3, 1, 2)
+    return rearrange(z, "b (a e o) h w -> b o (h a) (w e)", a=2, e=2)
 
 
 class GatedResnet(nn.Module):
