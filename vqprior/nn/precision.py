@@ -33,7 +33,9 @@ def full_precision(device_type: str) -> contextlib.AbstractContextManager[object
 
 
 @functools.lru_cache(maxsize=64)
-def constants(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> list[Tensor]:
+def constants(
+    values: tuple[float, ...], dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, ...]:
     """``values`` as 0-dim tensors of ``dtype`` on ``device``, made once per key (read-only).
 
     An op with a Python number wraps it in a new tensor on every call (on CPU ~1 us, as much as
@@ -41,4 +43,4 @@ def constants(values: tuple[float, ...], dtype: torch.dtype, device: torch.devic
     (the number is cast to ``dtype`` either way). Made outside inference mode, so they serve
     every mode."""
     with torch.inference_mode(False):
-        return [torch.tensor(v, dtype=dtype, device=device) for v in values]
+        return tuple(torch.tensor(v, dtype=dtype, device=device) for v in values)
