@@ -119,6 +119,8 @@ def test_residual_gate_and_its_gradient_are_autograds_of_the_definition(dtype, c
         torch.testing.assert_close(residual_gate(x, c), want, rtol=0, atol=0)
     if dtype == torch.float64:
         assert torch.autograd.gradcheck(residual_gate, (x, c))
+        (only_x,) = torch.autograd.grad(residual_gate(x, c.detach()), x, grad)  # c frozen
+        torch.testing.assert_close(only_x, grad, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("fused", [True, False])

@@ -124,7 +124,11 @@ class _ResidualGate(torch.autograd.Function):
         return torch.addcmul(x, a, s)
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, Tensor]:
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        if not ctx.needs_input_grad[1]:  # type: ignore[attr-defined]
+            return grad, None
         a, s = ctx.saved_tensors  # type: ignore[attr-defined]
         shape, dtype, fmt = ctx.like  # type: ignore[attr-defined]
         grad_c = torch.empty(shape, dtype=dtype, device=grad.device, memory_format=fmt)
