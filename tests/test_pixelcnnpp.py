@@ -255,8 +255,14 @@ def test_upsamplers_equal_their_transposed_convolution(kind, channels_last):
 
 @pytest.mark.parametrize("kind", sorted(UPSAMPLERS))
 def test_upsamplers_off_the_cpu_are_the_transposed_convolution(kind) -> None:
-    up = UPSAMPLERS[kind][0](3, 5).to("meta")  # meta stands in for a GPU
+    up = UPSAMPLERS[kind][0](3, 5)
+    calls: list[str] = []
+    up.deconv.register_forward_hook(lambda m, i, o: calls.append(o.device.type))
+    up(torch.randn(2, 3, 4, 6))
+    assert calls == []  # on CPU: the convolution and the shuffle
+    up = up.to("meta")  # meta stands in for a GPU
     assert up(torch.empty(2, 3, 4, 6, device="meta")).shape == (2, 5, 8, 12)
+    assert calls == ["meta"]  # elsewhere: the transposed convolution module itself
 
 
 @pytest.mark.parametrize("fused", [False, True])
