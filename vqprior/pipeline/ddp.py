@@ -207,6 +207,7 @@ def serve(run: Run, first: Call | None = None) -> None:
         if _group() is None:
             return
         call = _receive()
+    leave()  # rank 0 sends nothing more; a live gloo group can abort this process's exit
 
 
 def _receive() -> Call | None:

@@ -307,7 +307,6 @@ def run_pipeline(
             raise
         if not is_rank_zero():
             ddp.serve(train)
-            ddp.leave()  # rank 0 sends nothing more; a live gloo group can abort the exit too
             return {}
     else:
         ddp.check_launch(device.num_nodes)
