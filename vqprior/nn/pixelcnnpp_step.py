@@ -6,12 +6,13 @@ The backbone-level step interface (:mod:`vqprior.nn.step`): after the pixels bef
 
 Every activation map lives in a zero-padded buffer (one row on top, one column each side),
 with its ``concat_elu`` beside it, and is filled in place exactly once, as soon as its inputs
-are final (the receptive fields derived in :mod:`vqprior.nn.pixelcnnpp`). A buffer keeps a
-few rows, not the whole height: the memory does not grow with the image's height.
+are final (the receptive fields derived in :mod:`vqprior.nn.pixelcnnpp`). A buffer keeps
+two rows, not the whole height: the memory does not grow with the image's height.
 
 - ``u`` stream (down-shifted): at scale ``s`` (factor ``f = 2**s``) coarse row ``p`` depends
   on input rows ``< p f`` only, so at the start of fine row ``i`` every scale with ``f | i``
-  computes its row ``i / f``: the same convolutions, run on 2-row slices of the buffers.
+  computes its row ``i / f``: the same convolutions, run on a map's two row slots at once
+  (:class:`_Map`).
 - ``ul`` stream (down-right-shifted): position ``(p, q)`` depends on pixels before
   ``(p f, q f)`` only, so at pixel ``(i, j)`` every scale with ``f | i, j`` computes its
   position ``(i / f, j / f)``: the down pass fine to coarse, then the up pass coarse to fine,
@@ -52,81 +53,83 @@ def _flat_t(weight: Tensor) -> Tensor:
     return rearrange(weight, "o i kh kw -> (kw kh i) o").contiguous()
 
 
-RING = 8
-"""Row slots of a :class:`_Map`'s ring (the input and the ``u`` stream). At most four rows of a
-map are in use at once: at row ``p`` the input's rows ``p - 2 .. p`` are read and its row
-``p - 3`` is cleared to take a later row; a ``u`` map holds rows ``p - 1, p`` and the children
-written into row ``p + 1``. So 4 slots would do; with 8, half as many rows have their writes
-mirrored."""
+def _pair_kernels(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """A kernel ``[o, i, 2, kw]`` over rows ``p - 1, p`` as kernels ``[o, 2 i, 1, kw]`` over a
+    :class:`_Map`'s two slots (channels ``(slot, i)``), for even ``p`` and for odd ``p`` (row
+    ``p`` lives in slot ``p % 2``); channels-last, as the map is read."""
+    above, here = weight.unbind(2)
+    pairs = (torch.cat([here, above], 1), torch.cat([above, here], 1))
+    return cast(
+        tuple[Tensor, Tensor],
+        tuple(k.unsqueeze(2).contiguous(memory_format=torch.channels_last) for k in pairs),
+    )
 
 
 class _Map:
-    """A padded map filled by rows (the input and the ``u`` stream), channels last:
-    ``raw [n, slots, w + 2, ch]`` and its ``concat_elu`` ``celu [n, slots, w + 2, 2 ch]``
-    (``raw=False`` keeps the latter only); real column ``j`` is column ``j + 1``, the padding
-    columns stay zero.
+    """A padded map filled by rows (the input and the ``u`` stream), channels last, that keeps
+    two rows: real row ``p`` lives in slot ``p % 2`` of ``raw [n, w + 2, 2, ch]`` and of its
+    ``concat_elu`` ``celu [n, w + 2, 2, 2 ch]`` (``raw=False`` keeps the latter only). Real
+    column ``j`` is column ``j + 1``; the padding columns stay zero, and slot 1 starts as the
+    zero row above the map.
 
-    Only a few rows are live at any time, so the rows live in a ring of ``period`` slots
-    (``min(h + 1, ring)``): real row ``p`` (``-1`` the zero padding on top) is slot
-    ``at(p) = (p + 1) % period``. When the ring wraps, slot ``period`` mirrors slot 0, so that
-    rows ``p - 1, p`` are always the two adjacent slots ``pair(p), pair(p) + 1``. Every real
-    position is written before it is read, so a reused slot needs no clearing (the input map,
-    which may be read before it is written, is cleared by :class:`PixelCNNPPSteps`).
-    ``raw4``/``celu4`` are the same memory as ``[n, ch, slots, w + 2]`` views.
+    A convolution over rows ``p - 1, p`` reads the whole buffer as one channels-last
+    ``[n, 2 ch, 1, w + 2]`` map (:attr:`raw_pair`, :attr:`celu_pair`) with the kernels of
+    :func:`_pair_kernels`: no copy, where two rows sliced from a taller buffer are not
+    channels-last contiguous and the convolution would copy them first. Every real position
+    is written before it is read. An upsampling writes two rows at once; the second waits
+    (:meth:`put_ahead`) until its row starts (:meth:`start_row`), as its slot still holds the
+    row above.
     """
 
-    def __init__(
-        self, n: int, ch: int, h: int, w: int, like: Tensor, raw: bool = True, ring: int = RING
-    ) -> None:
-        self.n, self.period = n, min(h + 1, ring)
-        self.mirror = h + 1 > self.period  # the ring wraps: slot ``period`` mirrors slot 0
-        slots = self.period + self.mirror
-        self.raw = like.new_zeros(n, slots, w + 2, ch) if raw else None
-        self.celu = like.new_zeros(n, slots, w + 2, 2 * ch)
-
-    def at(self, p: int) -> int:
-        """The slot of real row ``p``."""
-        return (p + 1) % self.period
-
-    def slots(self, p: int) -> tuple[int, ...]:
-        """Every slot that holds real row ``p``: its own, and the mirror for slot 0."""
-        s = self.at(p)
-        return (s, self.period) if s == 0 and self.mirror else (s,)
-
-    def pair(self, p: int) -> int:
-        """The first of the two adjacent slots that hold real rows ``p - 1, p``."""
-        return p % self.period
-
-    @property
-    def raw4(self) -> Tensor:
-        assert self.raw is not None
-        return rearrange(self.raw, "n h w c -> n c h w")
-
-    @property
-    def celu4(self) -> Tensor:
-        return rearrange(self.celu, "n h w c -> n c h w")
-
-    def put(self, p: int, cols: slice, v: Tensor) -> None:
-        """Write real rows ``p, p + 1, ...`` at real columns ``cols`` with
-        ``v [n, ch, rows, len(cols)]`` (at most two rows)."""
-        s, rows = self.at(p), v.shape[2]
-        at = (slice(s, s + rows), slice(cols.start + 1, cols.stop + 1))  # ends by the mirror
+    def __init__(self, n: int, ch: int, w: int, like: Tensor, raw: bool = True) -> None:
+        self.n = n
+        self.raw = like.new_zeros(n, w + 2, 2, ch) if raw else None
+        self.celu = like.new_zeros(n, w + 2, 2, 2 * ch)
+        self._ahead: tuple[int, Tensor] | None = None
+        # views made once (a view costs about a microsecond): both slots as one map, and each
+        # slot as a [n, ch, 1, w + 2] row
+        self.celu_pair, self.celu_rows = self._views(self.celu)
         if self.raw is not None:
-            self.raw4[:, :, at[0], at[1]] = v
-        concat_elu_into(v, self.celu4[:, :, at[0], at[1]])
-        if self.mirror and (s == 0 or s + rows > self.period):
-            self._sync(s == 0, at[1])
+            self.raw_pair, self.raw_rows = self._views(self.raw)
+
+    @staticmethod
+    def _views(buf: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        pair = rearrange(buf, "n w s c -> n (s c) 1 w")
+        return pair, tuple(rearrange(buf, "n w s c -> s n c 1 w").unbind(0))
+
+    def raw_row(self, p: int) -> Tensor:
+        """Real row ``p`` of ``raw``, ``[n, ch, 1, w]`` (a view)."""
+        return self.raw_rows[p % 2][..., 1:-1]
+
+    def celu_row(self, p: int) -> Tensor:
+        """Real row ``p`` of ``celu``, ``[n, 2 ch, 1, w]`` (a view)."""
+        return self.celu_rows[p % 2][..., 1:-1]
+
+    def linear(self, p: int, weight_t: Tensor, bias: Tensor, by_column: bool = False) -> Tensor:
+        """A 1x1 convolution of real row ``p`` of ``celu``: ``celu @ weight_t [2 ch, o] + bias``,
+        ``[n, w, o]`` (``[w, n, o]`` ``by_column``). One matmul of the row's contiguous copy (a
+        convolution would copy the strided row into its own layout first, several times slower)."""
+        rows = self.celu[:, 1:-1, p % 2]
+        rows = rows.transpose(0, 1) if by_column else rows
+        return torch.addmm(bias, rows.reshape(-1, rows.shape[-1]), weight_t).unflatten(
+            0, rows.shape[:2]
+        )
 
     def put_row(self, p: int, v: Tensor) -> None:
         """Write real row ``p`` with ``v [n, ch, 1, w]``."""
-        self.put(p, slice(0, v.shape[-1]), v)
+        if self.raw is not None:
+            self.raw_row(p).copy_(v)
+        concat_elu_into(v, self.celu_row(p))
 
-    def _sync(self, from_first: bool, cols: slice) -> None:
-        """Copy columns ``cols`` of slot 0 into its mirror (``from_first``) or back."""
-        src, dst = (0, self.period) if from_first else (self.period, 0)
-        for buf in (self.raw, self.celu):
-            if buf is not None:
-                buf[:, dst, cols] = buf[:, src, cols]
+    def put_ahead(self, p: int, v: Tensor) -> None:
+        """Row ``p`` (``v [n, ch, 1, w]``), written when it starts (:meth:`start_row`)."""
+        self._ahead = (p, v)
+
+    def start_row(self, p: int) -> None:
+        """Row ``p`` starts: write it if it was put ahead."""
+        if self._ahead is not None and self._ahead[0] == p:
+            self.put_row(p, self._ahead[1])
+            self._ahead = None
 
 
 class _Points:
@@ -209,6 +212,8 @@ class _Block:
     def __init__(
         self, module: nn.Module, x: Any, new: Callable[..., Any], cond: Tensor | None
     ) -> None:
+        """``x``: the input, a :class:`_Map` (by rows) or :class:`_Points` (by points);
+        ``new`` allocates the block's own maps of the same kind."""
         assert isinstance(module, GatedResnet)
         self.m, self.x = module, x  # a _Map (u) or _Points (ul); c1, out: the same kind
         self.c1, self.out = new(raw=False), new()
@@ -217,14 +222,20 @@ class _Block:
         assert bias2 is not None and module.conv1.bias is not None
         # conv2's bias plus the class term, [2C] or [n, 2C]
         self.bias2 = bias2 if proj is None or cond is None else bias2 + proj(cond)
-        self.w1t, self.w2t = _flat_t(module.conv1.weight), _flat_t(module.conv2.weight)
+        # the kernels as read: over a map's two slots (by rows), flattened (by points)
+        w1, w2 = module.conv1.weight, module.conv2.weight
+        by_rows = isinstance(x, _Map)
+        none: tuple[Tensor, ...] = ()
+        self.k1, self.k2 = (_pair_kernels(w1), _pair_kernels(w2)) if by_rows else (none, none)
+        self.w1t, self.w2t = (w1, w2) if by_rows else (_flat_t(w1), _flat_t(w2))
         self.base: tuple[Tensor, ...] = ()  # the ul block's per-row conv1 terms, W x [n, C]
         nin, c = module.nin_aux, module.conv1.out_channels
         two_streams = nin is not None and nin.in_channels == 4 * c  # aux = cat([u, ul])
-        self.nin_u = (
-            None if nin is None else _aux_part(nin.weight, c, 0) if two_streams else nin.weight
-        )
+        nin_u = None if nin is None else _aux_part(nin.weight, c, 0) if two_streams else nin.weight
+        self.nin_u_t = torch.empty(0) if nin_u is None else nin_u.flatten(1).t().contiguous()
         self.nin_ul_t = _aux_part(nin.weight, c, 1).flatten(1).t() if two_streams else None  # type: ignore[union-attr]
+        # conv1's bias and the auxiliary input's, added once per row
+        self.bias1 = None if nin is None or nin.bias is None else nin.bias + module.conv1.bias
         # a point's conv1 output (and repeated, for its concat_elu) and conv2 output, halved
         n = cast(int, x.n)
         self.h = self.bias2.new_empty(n, c)
@@ -236,32 +247,24 @@ class _Block:
     def row(self, p: int, aux: _Map | None) -> None:
         """Output row ``p``; ``aux``: the auxiliary map (its row ``p`` is read)."""
         m = self.m
-        k = self.x.pair(p)
-        c1 = F.conv2d(self.x.celu4[:, :, k : k + 2], m.conv1.weight, m.conv1.bias)
-        if m.nin_aux is not None:
-            assert aux is not None, "this block was built with an auxiliary input"
-            at = aux.at(p)
-            c1 = c1 + F.conv2d(aux.celu4[:, :, at : at + 1, 1:-1], m.nin_aux.weight, m.nin_aux.bias)
+        if m.nin_aux is None:
+            c1 = F.conv2d(self.x.celu_pair, self.k1[p % 2], m.conv1.bias)
+        else:
+            assert aux is not None and self.bias1 is not None, "built with an auxiliary input"
+            aux_term = aux.linear(p, self.nin_u_t, self.bias1).permute(0, 2, 1)[:, :, None]
+            c1 = F.conv2d(self.x.celu_pair, self.k1[p % 2]).add_(aux_term)
         self.c1.put_row(p, c1)
-        k = self.c1.pair(p)
         per_image = self.bias2.dim() == 2  # the class term: [n, 2C]
-        c2 = F.conv2d(
-            self.c1.celu4[:, :, k : k + 2], m.conv2.weight, None if per_image else self.bias2
-        )
+        c2 = F.conv2d(self.c1.celu_pair, self.k2[p % 2], None if per_image else self.bias2)
         if per_image:
             c2 = c2 + self.bias2[..., None, None]
-        at = self.x.at(p)
-        self.out.put_row(p, residual_gate(self.x.raw4[:, :, at : at + 1, 1:-1], c2))
+        self.out.put_row(p, residual_gate(self.x.raw_row(p), c2))
 
     # --------------------------------------------------------------- ul stream: points
     def prepare_row(self, p: int, u: _Map) -> None:
         """conv1's bias plus the auxiliary input's ``u`` part, for every position of row ``p``."""
-        nin = self.m.nin_aux
-        assert nin is not None and nin.bias is not None and self.m.conv1.bias is not None
-        assert self.nin_u is not None
-        at = u.at(p)
-        row = F.conv2d(u.celu4[:, :, at : at + 1, 1:-1], self.nin_u, nin.bias + self.m.conv1.bias)
-        self.base = rearrange(row, "n c 1 w -> w n c").contiguous().unbind(0)
+        assert self.bias1 is not None
+        self.base = u.linear(p, self.nin_u_t, self.bias1, by_column=True).unbind(0)
 
     def point(self, q: int, skip: _Points | None) -> Tensor:
         """Output at column ``q`` of the current row, ``[n, C]`` (a view of ``out``);
@@ -300,16 +303,6 @@ def _blocks(blocks: nn.Module) -> nn.ModuleList:
     return cast(nn.ModuleList, blocks)
 
 
-class _NewMap:
-    """Allocates maps of one scale."""
-
-    def __init__(self, n: int, ch: int, h: int, w: int, like: Tensor, ring: int) -> None:
-        self.args, self.ring = (n, ch, h, w, like), ring
-
-    def __call__(self, raw: bool = True) -> _Map:
-        return _Map(*self.args, raw=raw, ring=self.ring)
-
-
 class _NewPoints:
     """Allocates ``ul`` maps of one scale, each kept in ``made`` (to :meth:`_Points.advance`)."""
 
@@ -325,9 +318,20 @@ class _NewPoints:
 class _DownStep:
     """Down-pass entry ``k`` at ``scale``: a block pair, or (``blocks`` None) a downsample."""
 
-    def __init__(self, scale: int, k: int, blocks: tuple[_Block, _Block] | None = None) -> None:
+    def __init__(
+        self,
+        scale: int,
+        k: int,
+        blocks: tuple[_Block, _Block] | None = None,
+        convs: tuple[nn.Module, nn.Module] | None = None,
+    ) -> None:
         self.scale, self.k, self.blocks = scale, k, blocks
-        self.w_t: Tensor | None = None  # the downsample's flattened kernel, once needed
+        # a downsample's convolutions (u, ul): the u one over a map's slots (its row 2p is
+        # even), the ul one flattened for a point
+        self.convs = cast(tuple[nn.Conv2d, nn.Conv2d], convs)
+        if convs is not None:
+            self.u_k = _pair_kernels(self.convs[0].weight)[0]
+            self.ul_t = _flat_t(self.convs[1].weight)
 
 
 class _UpStep:
@@ -342,7 +346,7 @@ class PixelCNNPPSteps:
 
     :meth:`write` pixels in raster order; :meth:`output` at ``(r, c)`` runs the pending row
     and pixel events up to ``(r, c)`` and returns the features ``[n, channels]``. Every map
-    keeps ``ring`` rows (:class:`_Map`), whatever the height.
+    keeps two rows (:class:`_Map`, :class:`_Points`), whatever the height.
     """
 
     @torch.no_grad()
@@ -353,7 +357,6 @@ class PixelCNNPPSteps:
         height: int,
         width: int,
         cond: Tensor | None,
-        ring: int = RING,
     ) -> None:
         factor = 2 ** (net.num_scales - 1)
         if n < 1 or height < 1 or width < 1 or height % factor or width % factor:
@@ -361,15 +364,21 @@ class PixelCNNPPSteps:
                 f"start_steps needs n >= 1 and H, W >= 1 divisible by {factor}, "
                 f"got n={n}, H={height}, W={width}"
             )
-        if ring < 4:
-            raise ValueError(f"the row ring needs at least 4 slots, got {ring}")
         net._check_inputs(torch.zeros(n, net.in_channels, factor, factor), cond)
         self.net, self.n, self.height, self.width = net, n, height, width
         self._like = next(net.parameters())
-        self._cond, self._ring = cond, ring
+        self._cond = cond
+        # the input (its raw rows only) with the ones channel, zero in the padding (slot 1 is
+        # the row above the image until row 1 starts); a fresh row: zero pixels, the ones
         self.x = self._maps(0, net.in_channels + 1)()
         assert self.x.raw is not None
-        self.x.raw[:, 1 : self.x.period, 1:-1, -1] = 1.0  # the ones channel (zero in the padding)
+        self.x.raw[:, 1:-1, 0, -1] = 1.0
+        self._fresh = torch.zeros_like(self.x.raw[0, 0, 0])
+        self._fresh[-1] = 1.0
+        # by slot, by column: a pixel with the ones channel (read) and without (written)
+        self._x_pix = [self.x.raw[:, 1:-1, s].unbind(1) for s in range(2)]
+        self._x_cols = [self.x.raw[:, 1:-1, s, :-1].unbind(1) for s in range(2)]
+        self._early: Tensor | None = None  # a row's first pixel, written before its row starts
         # the features of rows r % 2, by column (F.elu of the last ul block's output)
         self.feats: list[list[Tensor]] = [[], []]
         # the ul init: ul_init_above (1 x 3 over row i - 1) plus the left term, right-shifted,
@@ -377,9 +386,14 @@ class PixelCNNPPSteps:
         # column of ul_init_above's kernel and runs per row, its bottom tap per pixel
         above, left = net.ul_init_above, net.ul_init_left
         assert above.bias is not None and left.bias is not None
-        self._above_k = above.weight.clone()
-        self._above_k[..., :1] += left.weight[:, :, :1]
-        self._above_bias = above.bias + left.bias
+        above_k = above.weight.clone()
+        above_k[..., :1] += left.weight[:, :, :1]
+        # u_init (2 x 3 over rows i - 2, i - 1) and that row-above term as one convolution
+        u_init = net.u_init
+        assert u_init.bias is not None
+        both = torch.cat([u_init.weight, F.pad(above_k, (0, 0, 1, 0))])  # [2C, Cin + 1, 2, 3]
+        self._init_k = _pair_kernels(both)
+        self._init_bias = torch.cat([u_init.bias, above.bias + left.bias])
         self._left_bottom_t = left.weight[:, :, 1, 0].t().contiguous()
         # the ul upsampling at one point as a matmul: [n, C] -> [n, C * 2 * 2] (bias per column)
         self._kids = [
@@ -390,15 +404,14 @@ class PixelCNNPPSteps:
         self._above = torch.empty(0)
         self._above_left: tuple[Tensor, ...] = ()
         self._x_row: tuple[Tensor, ...] = ()
-        self._x_dsts: tuple[int, list[tuple[Tensor, ...]]] = (-1, [])
         self._point_maps: list[list[_Points]] = [[] for _ in range(net.num_scales)]
         self.done = 0  # pixel events processed: the raster index of the next one
         self._build()
 
-    def _maps(self, scale: int, ch: int | None = None) -> _NewMap:
+    def _maps(self, scale: int, ch: int | None = None) -> Callable[..., _Map]:
+        """Allocates maps of one scale."""
         c = self.net.channels if ch is None else ch
-        h, w = self.height >> scale, self.width >> scale
-        return _NewMap(self.n, c, h, w, self._like, self._ring)
+        return functools.partial(_Map, self.n, c, self.width >> scale, self._like)
 
     def _points(self, scale: int) -> _NewPoints:
         made = self._point_maps[scale]
@@ -419,7 +432,8 @@ class PixelCNNPPSteps:
             if s > 0:
                 self.du.append(self._maps(s)())
                 self.dul.append(self._points(s)())
-                self.down.append(_DownStep(s, len(self.du) - 1))
+                convs = (net.downsample_u[s - 1], net.downsample_ul[s - 1])
+                self.down.append(_DownStep(s, len(self.du) - 1, convs=convs))
             for mu, mul in zip(_blocks(net.down_u[s]), _blocks(net.down_ul[s]), strict=True):
                 bu, bul = self._pair(mu, mul, (self.du[-1], self.dul[-1]), s)
                 self.du.append(bu.out)
@@ -453,6 +467,8 @@ class PixelCNNPPSteps:
         for s in scales:
             for points in self._point_maps[s]:
                 points.advance()
+            if s in self.up_in:
+                self.up_in[s][0].start_row(i >> s)
         for step in self.down:
             if step.scale in scales:
                 self._down_row(step, i >> step.scale)
@@ -462,50 +478,38 @@ class PixelCNNPPSteps:
                 up.u.row(p, self.du[up.k])
                 up.ul.prepare_row(p, up.u.out)
             if s > 0:
-                last = self.up[s][-1].u.out
                 deconv = cast(DownShiftedDeconv2d, self.net.upsample_u[s - 1])
-                at = last.at(p)
-                fine = deconv(last.raw4[:, :, at : at + 1, 1:-1])  # [n, C, 2, 2 W_s]
-                self.up_in[s - 1][0].put(2 * p, slice(0, fine.shape[-1]), fine)
+                fine = deconv(self.up[s][-1].u.out.raw_row(p))  # [n, C, 2, 2 W_s]
+                self.up_in[s - 1][0].put_row(2 * p, fine[:, :, :1])
+                self.up_in[s - 1][0].put_ahead(2 * p + 1, fine[:, :, 1:])
 
     def _init_row(self, i: int) -> None:
         """The first ``u`` map's row ``i`` and the ``ul`` init's row-above term (both shifted
-        down: zero in row 0)."""
-        net, x = self.net, self.x.raw4
-        assert net.ul_init_left.bias is not None
-        if self.x.mirror and i >= 2:  # row i - 3 is no longer read: its slot takes a new row
-            self._clear_input_row(i - 3)
-        k, at = self.x.pair(i - 1), self.x.at(i - 1)
-        left_bias = net.ul_init_left.bias
+        down: zero in row 0); then the input's row ``i`` takes the slot of row ``i - 2``."""
+        left_bias = self.net.ul_init_left.bias
+        assert left_bias is not None
         if i > 0:  # the row above's terms are shifted down: zero in row 0
-            u0 = F.conv2d(x[:, :, k : k + 2], net.u_init.weight, net.u_init.bias)
-            self.du[0].put_row(i, u0)
-            above = F.conv2d(x[:, :, at : at + 1], self._above_k, self._above_bias)  # [n, C, 1, W]
-            self._above_left = rearrange(above, "n c 1 w -> w n c").contiguous().unbind(0)
+            c = self.net.channels
+            both = F.conv2d(self.x.raw_pair, self._init_k[(i - 1) % 2], self._init_bias)
+            self.du[0].put_row(i, both[:, :c])
+            self._above_left = rearrange(both[:, c:], "n c 1 w -> w n c").contiguous().unbind(0)
             self._above = self._above_left[0] - left_bias  # column 0 has no left term
+            cast(Tensor, self.x.raw)[:, 1:-1, i % 2] = self._fresh
         else:
             self._above_left = (left_bias.expand(self.n, -1),) * self.width
             self._above = torch.zeros_like(self._above_left[0])
-        raw = cast(Tensor, self.x.raw)
-        self._x_row = raw[:, self.x.at(i), 1:-1].unbind(1)
-        # where write() puts row i's pixels, by column: its slot (and the mirror)
-        self._x_dsts = (i, [raw[:, s, 1:-1, :-1].unbind(1) for s in self.x.slots(i)])
-
-    def _clear_input_row(self, p: int) -> None:
-        """Reset the input's slot of row ``p``: zero pixels, the ones channel in real columns."""
-        assert self.x.raw is not None
-        for slot in self.x.slots(p):
-            self.x.raw[:, slot].zero_()
-            self.x.raw[:, slot, 1:-1, -1] = 1.0
+        self._x_row = self._x_pix[i % 2]
+        if self._early is not None:
+            self._x_cols[i % 2][0].copy_(self._early)
+            self._early = None
 
     def _down_row(self, step: _DownStep, p: int) -> None:
         if step.blocks is not None:
             step.blocks[0].row(p, None)
             step.blocks[1].prepare_row(p, step.blocks[0].out)
             return
-        conv = cast(nn.Conv2d, self.net.downsample_u[step.scale - 1])
-        prev, k = self.du[step.k - 1], self.du[step.k - 1].pair(2 * p)
-        row = F.conv2d(prev.raw4[:, :, k : k + 2], conv.weight, conv.bias, stride=2)
+        prev = self.du[step.k - 1]
+        row = F.conv2d(prev.raw_pair, step.u_k, step.convs[0].bias, stride=(1, 2))
         self.du[step.k].put_row(p, row)
 
     def _pixel_event(self, i: int, j: int) -> None:
@@ -547,13 +551,11 @@ class PixelCNNPPSteps:
         if step.blocks is not None:
             step.blocks[1].point(q, None)
             return
-        conv = cast(nn.Conv2d, self.net.downsample_ul[step.scale - 1])
-        assert conv.bias is not None
+        bias = step.convs[1].bias
+        assert bias is not None
         win = self.dul[step.k - 1].raw_windows[2 * q]  # real columns 2q - 1, 2q
-        if step.w_t is None:
-            step.w_t = _flat_t(conv.weight)
         out = self.dul[step.k]
-        torch.addmm(conv.bias, win, step.w_t, out=out.raw_points[q])
+        torch.addmm(bias, win, step.ul_t, out=out.raw_points[q])
         out.celu_from_raw(q)
 
     # --------------------------------------------------------------------- interface
@@ -587,12 +589,10 @@ class PixelCNNPPSteps:
             raise ValueError(
                 f"step_write expects [{self.n}, {self.net.in_channels}], got {list(inp.shape)}"
             )
-        row, dsts = self._x_dsts
-        if r != row:  # the first pixel of a row, written before its features are evaluated
-            raw = cast(Tensor, self.x.raw)
-            dsts = [raw[:, s, 1:-1, :-1].unbind(1) for s in self.x.slots(r)]
-        for dst in dsts:
-            dst[c].copy_(inp)
+        if r * self.width + c == self.done and c == 0:  # before its row starts: held till then
+            self._early = inp.clone()
+        else:
+            self._x_cols[r % 2][c].copy_(inp)
 
     def _check_position(self, r: int, c: int) -> None:
         if not (0 <= r < self.height and 0 <= c < self.width):
