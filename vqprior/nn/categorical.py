@@ -18,7 +18,13 @@ from torch import Tensor, nn
 
 from vqprior.nn.precision import full_precision, upcast
 
-__all__ = ["CategoricalHead", "categorical_log_prob", "categorical_sample", "check_truncation"]
+__all__ = [
+    "CategoricalHead",
+    "categorical_log_prob",
+    "categorical_sample",
+    "check_truncation",
+    "inverse_cdf_rows",
+]
 
 
 def _check_temperature(temperature: float) -> None:
@@ -118,17 +124,30 @@ def categorical_sample(
         logits = upcast(logits)
         if temperature == 0.0:
             return logits.argmax(dim=1)
-        # Subtract the max before dividing so tiny temperatures cannot overflow to inf; the
-        # weights exp(shifted) are left unnormalised (the threshold scales by their total).
-        shifted = logits - logits.amax(dim=1, keepdim=True)
-        weights = torch.exp(shifted if temperature == 1.0 else shifted / temperature)
-        if top_k is not None or top_p is not None:
-            weights = torch.where(_keep_mask(logits, weights, top_k, top_p), weights, 0.0)
-        cdf = weights.cumsum(dim=1)  # [R, n], nondecreasing
-        u = upcast(u).clamp(torch.finfo(cdf.dtype).tiny, 1.0)  # u == 0 must not pick p == 0
-        threshold = u.unsqueeze(1) * cdf[:, -1:]  # [R, 1]
-        idx = torch.searchsorted(cdf, threshold).squeeze(1)  # how many cdf values < threshold
-        return idx.clamp(max=logits.shape[1] - 1)
+        return inverse_cdf_rows(logits, u, temperature, top_k, top_p).squeeze(1)
+
+
+def inverse_cdf_rows(
+    logits: Tensor,
+    u: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> Tensor:
+    """The draw of :func:`categorical_sample` on rows, its arguments unchecked: ``logits``
+    ``[R, n]`` in full precision (autocast off), ``u`` ``[R]``, ``temperature > 0`` -> long
+    ``[R, 1]``. For a sampler's step, which checked its options once."""
+    # Subtract the max before dividing so tiny temperatures cannot overflow to inf; the
+    # weights exp(shifted) are left unnormalised (the threshold scales by their total).
+    shifted = logits - logits.amax(dim=1, keepdim=True)
+    weights = torch.exp(shifted if temperature == 1.0 else shifted / temperature)
+    if top_k is not None or top_p is not None:
+        weights = torch.where(_keep_mask(logits, weights, top_k, top_p), weights, 0.0)
+    cdf = weights.cumsum(dim=1)  # [R, n], nondecreasing
+    u = upcast(u).clamp(torch.finfo(cdf.dtype).tiny, 1.0)  # u == 0 must not pick p == 0
+    threshold = u.unsqueeze(1) * cdf[:, -1:]  # [R, 1]
+    idx = torch.searchsorted(cdf, threshold)  # how many cdf values < threshold
+    return idx.clamp_(max=logits.shape[1] - 1)
 
 
 class CategoricalHead(nn.Module):

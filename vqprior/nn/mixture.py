@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from vqprior.nn.categorical import categorical_sample, check_truncation
+from vqprior.nn.categorical import check_truncation, inverse_cdf_rows
 from vqprior.nn.grid import from_bins, to_bins
 from vqprior.nn.mixture_argmax import most_probable_bin
 from vqprior.nn.precision import constants, full_precision, upcast
@@ -59,6 +59,7 @@ __all__ = [
     "LOG_SCALE_MAX",
     "DiscretizedLogisticMixture",
     "MixtureParams",
+    "MixtureRows",
     "draw_mixture_noise",
     "log_scale_min",
     "mixture_channel_log_probs",
@@ -352,17 +353,10 @@ def mixture_sample(
         # image size, in a handful of ops on rows
         rows = upcast(params).movedim(1, -1).reshape(-1, expected)
         noise = logistic_noise(u_val.movedim(1, -1).reshape(-1, num_channels), rows.dtype)
-        out = mixture_sample_rows(
-            rows,
-            num_channels,
-            num_mixtures,
-            num_bins,
-            u_comp.reshape(-1),
-            noise,
-            temperature,
-            top_k,
-            top_p,
+        draw = MixtureRows(
+            num_channels, num_mixtures, num_bins, rows.dtype, rows.device, temperature, top_k, top_p
         )
+        out = draw(rows, u_comp.reshape(-1), noise)
         return out.view(b, h, w, num_channels).movedim(-1, 1)
 
 
@@ -374,56 +368,67 @@ def logistic_noise(u: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.log(u) - torch.log1p(-u)
 
 
-def mixture_sample_rows(
-    rows: Tensor,
-    num_channels: int,
-    num_mixtures: int,
-    num_bins: int,
-    u_comp: Tensor,
-    noise: Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-) -> Tensor:
-    """:func:`mixture_sample` on rows (``temperature > 0``): ``rows`` ``[R, P]`` float32/64
-    parameters, ``u_comp`` ``[R]`` uniforms, ``noise`` ``[R, C]`` standard logistic noise
-    (:func:`logistic_noise`; a sampler computes it once per image) -> ``[R, C]`` on the grid.
-    A sampler's step calls this on one element's ``[n, P]`` directly."""
-    c, m = num_channels, num_mixtures
-    n_rows = rows.shape[0]
-    logits, per_comp = rows.split([m, rows.shape[1] - m], dim=1)
-    comp = categorical_sample(logits, u_comp, temperature, top_k, top_p)
-    per_comp = per_comp.view(n_rows, -1, m)  # [R, 2C + K, M]: means, log-scales, coeffs
-    # gather, not take_along_dim (which also wraps the indices: one more op)
-    picked = per_comp.gather(2, comp.view(n_rows, 1, 1).expand(-1, per_comp.shape[1], 1))
-    mu, log_scale, raw = picked.squeeze(2).split([c, c, c * (c - 1) // 2], 1)
-    # 0-dim tensors, not Python numbers (the same values: each number would be wrapped in a
-    # new tensor per op, ~1 us, and a step makes ~12 such ops a pixel)
-    top = float(num_bins - 1)
-    zero, one, two, k, top_t, lo, hi = constants(
-        (0.0, 1.0, 2.0, top / 2.0, top, log_scale_min(num_bins), LOG_SCALE_MAX),
-        mu.dtype,
-        mu.device,
-    )
-    scale = log_scale.clamp(lo, hi).exp_()
-    if temperature != 1.0:
-        scale = scale * temperature
-    # Channel by channel in bin units y = (x + 1) k, k = (N - 1) / 2: x_c = mean_c + scale_c T
-    # noise_c + sum_p coeff_cp x_p becomes y_c = (mean_c + scale_c T noise_c + 1) k
-    # + sum_p coeff_cp (bin_p - k), since x_p k = bin_p - k exactly for a grid value x_p; the
-    # bin is round(y_c) clamped to the grid, computed in place in y's column. Few ops: a
-    # sampler's step runs these on one element.
-    y = torch.addcmul(mu, scale, noise).add_(one).mul_(k)  # [R, C]
-    coeffs = torch.tanh(raw).unbind(1)
-    centred: list[Tensor] = []  # bin_p - k
-    for ch, v in enumerate(y.unbind(1)):
-        for c_prev in range(ch):
-            v.addcmul_(coeffs[_pair_index(ch, c_prev)], centred[c_prev])
-        v.round_().clamp_(zero, top_t)
-        if ch < c - 1:
-            centred.append(v - k)
-    # (2 bin - (N - 1)) / (N - 1): exact numerator, correctly rounded value (as from_bins)
-    return y.mul_(two).sub_(top_t).div_(top_t)
+class MixtureRows:
+    """:func:`mixture_sample` on rows (``temperature > 0``), set up once per sampler: called
+    with ``rows`` ``[R, P]`` float32/64 parameters, ``u_comp`` ``[R]`` uniforms and ``noise``
+    ``[R, C]`` standard logistic noise (:func:`logistic_noise`; a sampler computes it once per
+    image) -> ``[R, C]`` on the grid. A sampler's step calls it on one element's ``[n, P]``, so
+    what does not depend on the element (the checks, the constants, the columns of the picked
+    component's parameters) is done here, once, and a call is a few ops."""
+
+    def __init__(
+        self,
+        num_channels: int,
+        num_mixtures: int,
+        num_bins: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+    ) -> None:
+        check_truncation(top_k, top_p)
+        if not temperature > 0.0:
+            raise ValueError(f"MixtureRows samples at temperature > 0, got {temperature}")
+        c, m = num_channels, num_mixtures
+        self.c, self.m, self.temperature, self.trunc = c, m, temperature, (top_k, top_p)
+        # rows[:, m + j m + comp] is parameter j of component comp; the picked component's, in
+        # one gather: means, log-scales, then the coefficients ordered by the earlier channel
+        # they weigh (a channel's bin then reaches every later channel in one op)
+        by_earlier = [_pair_index(ch, e) for e in range(c) for ch in range(e + 1, c)]
+        params = [*range(2 * c), *(2 * c + i for i in by_earlier)]
+        self.columns = torch.tensor([m + j * m for j in params], device=device)
+        top = float(num_bins - 1)
+        # 0-dim tensors, not Python numbers (the same values: each number would be wrapped in a
+        # new tensor per op, ~1 us, and a step makes ~12 such ops a pixel)
+        self.k, self.top, self.neg_top, self.zero, self.one, self.two, self.lo, self.hi = constants(
+            (top / 2.0, top, -top, 0.0, 1.0, 2.0, log_scale_min(num_bins), LOG_SCALE_MAX),
+            dtype,
+            device,
+        )
+
+    def __call__(self, rows: Tensor, u_comp: Tensor, noise: Tensor) -> Tensor:
+        c = self.c
+        comp = inverse_cdf_rows(rows[:, : self.m], u_comp, self.temperature, *self.trunc)
+        picked = rows.gather(1, self.columns + comp)  # [R, 2C + K]
+        scale = picked[:, c : 2 * c].clamp(self.lo, self.hi).exp_()
+        if self.temperature != 1.0:
+            scale = scale * self.temperature
+        # Channel by channel in bin units y = (x + 1) k, k = (N - 1) / 2: x_c = mean_c + scale_c
+        # T noise_c + sum_e coeff_ce x_e becomes y_c = (mean_c + scale_c T noise_c + 1) k
+        # + sum_e coeff_ce (bin_e - k), since x_e k = bin_e - k exactly for a grid value x_e;
+        # the bin is round(y_c) clamped to the grid, computed in place in y's column.
+        y = torch.addcmul(picked[:, :c], scale, noise).add_(self.one).mul_(self.k)  # [R, C]
+        coeffs = torch.tanh(picked[:, 2 * c :])
+        at = 0
+        for ch in range(c):
+            v = y[:, ch : ch + 1].round_().clamp_(self.zero, self.top)
+            later = c - 1 - ch  # the channels this bin reaches: ch + 1 ..
+            if later:
+                y[:, ch + 1 :].addcmul_(coeffs[:, at : at + later], v - self.k)
+                at += later
+        # (2 bin - (N - 1)) / (N - 1): exact numerator, correctly rounded value (as from_bins)
+        return torch.addcmul(self.neg_top, y, self.two).div_(self.top)
 
 
 def draw_mixture_noise(

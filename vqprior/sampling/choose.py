@@ -17,7 +17,7 @@ from torch import Tensor
 
 from vqprior.nn.categorical import categorical_sample
 from vqprior.nn.grid import from_bins
-from vqprior.nn.mixture import logistic_noise, mixture_mode, mixture_sample_rows
+from vqprior.nn.mixture import MixtureRows, logistic_noise, mixture_mode
 from vqprior.nn.precision import full_precision, upcast, wide_dtype
 from vqprior.sampling.noise import Noise
 
@@ -49,14 +49,8 @@ def values_from_output(
     """Map head output [n, P, h, w] and matching noise to values: codes [n, h, w] (long) or
     pixels [n, C, h, w] on the grid (head dtype). ``logistic`` [n, h, w, C]: the mixture's
     logistic noise of ``noise.u_val`` when precomputed (:class:`Chooser` does it per image)."""
-    b, p, h, w = out.shape
-    rows = out.movedim(1, -1).reshape(-1, p)
-    noise_rows = Noise(*(None if t is None else _rows(t) for t in noise))
-    lay = None if logistic is None else logistic.reshape(-1, logistic.shape[-1])
-    vals = values_from_rows(model, rows, noise_rows, temperature, top_k, top_p, lay)
-    if model.config.data == "codes":
-        return vals.view(b, h, w)
-    return vals.view(b, h, w, -1).movedim(-1, 1)
+    draw = RowValues(model, out.dtype, out.device, temperature, top_k, top_p)
+    return draw.on_grid(out, noise, logistic)
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -64,39 +58,60 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(-1) if t.dim() == 3 else t.movedim(1, -1).reshape(-1, t.shape[1])
 
 
-def values_from_rows(
-    model: PixelCNN,
-    rows: Tensor,
-    noise: Noise,
-    temperature: float,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    logistic: Tensor | None = None,
-) -> Tensor:
-    """The map of :func:`values_from_output` on rows: head output [R, P] and noise rows (``u``
-    [R, C]; ``u_comp`` [R], ``u_val`` [R, C]; ``logistic`` [R, C] or None) -> codes long [R]
-    or pixels [R, C] on the grid (head dtype). A sampler's step calls it with R = n."""
-    cfg = model.config
-    trunc = truncation(top_k, top_p)
-    out_dtype = wide_dtype(rows.dtype)  # the head dtype (model.head_dtype(), without its cost)
-    if cfg.mixture:
-        assert noise.u_comp is not None and noise.u_val is not None
-        args = (cfg.in_channels, cfg.num_mixtures, cfg.num_bins)
-        if temperature == 0.0:
-            return mixture_mode(rows[:, :, None, None], *args)[:, :, 0, 0].to(out_dtype)
-        with full_precision(rows.device.type):
-            work = upcast(rows)
-            lay = logistic_noise(noise.u_val, work.dtype) if logistic is None else logistic
-            lay = lay.to(work.dtype)
-            vals = mixture_sample_rows(work, *args, noise.u_comp, lay, temperature, **trunc)
-        return vals.to(out_dtype)
-    assert noise.u is not None
-    if cfg.data == "codes":
-        return categorical_sample(rows, noise.u[:, 0], temperature, **trunc)
-    c = cfg.in_channels
-    logits = rows.reshape(rows.shape[0] * c, -1)  # [(R C), N]: channel-major params
-    idx = categorical_sample(logits, noise.u.reshape(-1), temperature, **trunc)
-    return from_bins(idx.view(-1, c), cfg.num_bins, out_dtype)
+class RowValues:
+    """Head output rows [R, P] and noise rows (``u`` [R, C]; ``u_comp`` [R], ``u_val``
+    [R, C]; ``logistic`` [R, C] or None) -> codes long [R] or pixels [R, C] on the grid (head
+    dtype), for head output of ``dtype``. Set up once per sampler (the mixture's draw,
+    :class:`~vqprior.nn.mixture.MixtureRows`, with it): a step calls it with R = n."""
+
+    def __init__(
+        self,
+        model: PixelCNN,
+        dtype: torch.dtype,
+        device: torch.device,
+        temperature: float,
+        top_k: int | None = None,
+        top_p: float | None = None,
+    ) -> None:
+        cfg = self.config = model.config
+        self.temperature, self.trunc = temperature, truncation(top_k, top_p)
+        self.out_dtype = wide_dtype(dtype)  # the head dtype (model.head_dtype(), without its cost)
+        self.mix: MixtureRows | None = None
+        if cfg.mixture and temperature > 0.0:
+            args = (cfg.in_channels, cfg.num_mixtures, cfg.num_bins, self.out_dtype, device)
+            self.mix = MixtureRows(*args, temperature, top_k, top_p)
+
+    def on_grid(self, out: Tensor, noise: Noise, logistic: Tensor | None = None) -> Tensor:
+        """The same on a grid: head output [n, P, h, w] -> codes [n, h, w] or pixels
+        [n, C, h, w]; ``logistic`` [n, h, w, C] or None."""
+        b, p, h, w = out.shape
+        rows = out.movedim(1, -1).reshape(-1, p)
+        noise_rows = Noise(*(None if t is None else _rows(t) for t in noise))
+        lay = None if logistic is None else logistic.reshape(-1, logistic.shape[-1])
+        vals = self(rows, noise_rows, lay)
+        if self.config.data == "codes":
+            return vals.view(b, h, w)
+        return vals.view(b, h, w, -1).movedim(-1, 1)
+
+    def __call__(self, rows: Tensor, noise: Noise, logistic: Tensor | None = None) -> Tensor:
+        cfg, temperature = self.config, self.temperature
+        if cfg.mixture:
+            assert noise.u_comp is not None and noise.u_val is not None
+            if self.mix is None:  # temperature 0: the mode
+                args = (cfg.in_channels, cfg.num_mixtures, cfg.num_bins)
+                return mixture_mode(rows[:, :, None, None], *args)[:, :, 0, 0].to(self.out_dtype)
+            with full_precision(rows.device.type):
+                work = upcast(rows)
+                lay = logistic_noise(noise.u_val, work.dtype) if logistic is None else logistic
+                vals = self.mix(work, noise.u_comp, lay.to(work.dtype))
+            return vals.to(self.out_dtype)
+        assert noise.u is not None
+        if cfg.data == "codes":
+            return categorical_sample(rows, noise.u[:, 0], temperature, **self.trunc)
+        c = cfg.in_channels
+        logits = rows.reshape(rows.shape[0] * c, -1)  # [(R C), N]: channel-major params
+        idx = categorical_sample(logits, noise.u.reshape(-1), temperature, **self.trunc)
+        return from_bins(idx.view(-1, c), cfg.num_bins, self.out_dtype)
 
 
 def guided_logits(model: PixelCNN, out: Tensor, scale: float) -> Tensor:
@@ -141,20 +156,21 @@ class Chooser:
             out = guided_logits(self.model, out, self.guidance)
         noise = self.noise.region(rows, cols)
         lay = None if self.logistic is None else self.logistic[:, rows, cols]
-        vals = values_from_output(
-            self.model, out, noise, self.temperature, self.top_k, self.top_p, lay
-        )
-        return self._finish(vals, (Ellipsis, rows, cols))
+        return self._finish(self._draw.on_grid(out, noise, lay), (Ellipsis, rows, cols))
 
     def __call__(self, out: Tensor, r: int, c: int, group: int | None) -> Tensor:
         """Values at element (r, c) from its head output [n, P], on rows (no reshapes)."""
         if self.guidance is not None:
             out = guided_logits(self.model, out[:, :, None, None], self.guidance)[:, :, 0, 0]
         noise, lay = self._elements[r * self.model.config.width + c]
-        vals = values_from_rows(
-            self.model, out, noise, self.temperature, self.top_k, self.top_p, lay
-        )
-        return self._finish(vals, (Ellipsis, r, c))
+        return self._finish(self._draw(out, noise, lay), (Ellipsis, r, c))
+
+    @functools.cached_property
+    def _draw(self) -> RowValues:
+        """The map from head output rows to values, set up once."""
+        device = next(self.model.parameters()).device
+        trunc = (self.top_k, self.top_p)
+        return RowValues(self.model, self.model.head_dtype(), device, self.temperature, *trunc)
 
     @functools.cached_property
     def _elements(self) -> list[tuple[Noise, Tensor | None]]:
