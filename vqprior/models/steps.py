@@ -38,6 +38,12 @@ class ModelSteps:
     backbone: Any | None  # the backbone's step state; None: a full pass per step
     head: HeadStep | None = None  # the head at one element (with a backbone state)
     dtype: torch.dtype = torch.float32  # the weights' dtype: pixels enter the network in it
+    # x's elements in raster order, views made once (codes [n], pixels [n, C]): indexing a
+    # tensor costs about a microsecond a dimension, per step
+    cells: tuple[Tensor, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.cells = self.x.flatten(-2).unbind(-1)
 
 
 def empty_values(model: PixelCNN, n: int, device: torch.device) -> Tensor:
@@ -81,18 +87,16 @@ def model_step_output(model: PixelCNN, state: ModelSteps, r: int, c: int) -> Ten
 def model_step_write(
     model: PixelCNN, state: ModelSteps, r: int, c: int, values: Tensor, group: int | None
 ) -> None:
-    x = state.x
-    if model.config.data == "codes":
-        x[:, r, c] = values
-    elif group is None:
-        x[:, :, r, c] = values
+    cell = state.cells[r * state.x.shape[-1] + c]  # [n] (codes) or [n, C], a view of x
+    if group is None:  # codes, or a pixel's channels all at once
+        cell.copy_(values)
     else:
-        x[:, group, r, c] = values[:, group] if values.dim() == 2 else values
+        cell[:, group] = values[:, group] if values.dim() == 2 else values
     if state.backbone is None:
         return
     embed = model.embed
     if embed is not None:
-        inp = embed(x[:, r, c])
+        inp = embed(cell)
     else:  # the pixel as written (all its channels, whatever the group)
-        inp = (values.to(x.dtype) if group is None else x[:, :, r, c]).to(state.dtype)
+        inp = cell if cell.dtype == state.dtype else cell.to(state.dtype)
     cast(StepBackbone, model.backbone).step_write(state.backbone, r, c, inp)

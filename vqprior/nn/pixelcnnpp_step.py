@@ -559,10 +559,12 @@ class PixelCNNPPSteps:
         out.celu_from_raw(q)
 
     # --------------------------------------------------------------------- interface
-    @torch.no_grad()
     def output(self, r: int, c: int) -> Tensor:
         """Backbone features ``[n, channels]`` at ``(r, c)`` given every pixel written before
         ``(r, c)`` (unwritten ones count as zero, as in the reference loop)."""
+        if torch.is_grad_enabled():  # the maths run in place, never recorded (a sampler's
+            with torch.no_grad():  # walk already runs without grad: no decorator's cost)
+                return self.output(r, c)
         self._check_position(r, c)
         target = r * self.width + c
         if r < (self.done - 1) // self.width - 1:
@@ -575,10 +577,12 @@ class PixelCNNPPSteps:
             self.done += 1
         return self.feats[r % 2][c]
 
-    @torch.no_grad()
     def write(self, r: int, c: int, inp: Tensor) -> None:
         """Commit the network input ``inp [n, in_channels]`` of pixel ``(r, c)`` (rewriting
         it is fine until the features after ``(r, c)`` have been evaluated)."""
+        if torch.is_grad_enabled():  # as in output
+            with torch.no_grad():
+                return self.write(r, c, inp)
         self._check_position(r, c)
         if not self.done - 1 <= r * self.width + c <= self.done:
             where = "behind" if r * self.width + c < self.done else "ahead of"
