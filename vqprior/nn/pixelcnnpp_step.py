@@ -439,6 +439,10 @@ class PixelCNNPPSteps:
                 self.du.append(bu.out)
                 self.dul.append(bul.out)
                 self.down.append(_DownStep(s, len(self.du) - 1, (bu, bul)))
+        # the down pass is in scale order: the steps of scales 0 .. d - 1 are its first ones
+        self._down_until = [
+            sum(st.scale < d for st in self.down) for d in range(net.num_scales + 1)
+        ]
         skips = list(range(len(self.du)))
         top = skips.pop()
         x = (self.du[top], self.dul[top])
@@ -456,9 +460,12 @@ class PixelCNNPPSteps:
         assert not skips, "every down-pass activation is used once"
 
     # ------------------------------------------------------------------------ events
-    def _scales(self, *coords: int) -> list[int]:
-        """Scales whose grid has a point at fine coordinates ``coords`` (fine first)."""
-        return [s for s in range(self.net.num_scales) if all(v % (1 << s) == 0 for v in coords)]
+    def _scales(self, i: int, j: int = 0) -> range:
+        """Scales whose grid has a point at fine coordinates ``(i, j)`` (``2**s`` divides both):
+        ``0 .. d - 1``, ``d - 1`` the trailing zero bits they share, at most the coarsest."""
+        bits = i | j
+        shared = (bits & -bits).bit_length() if bits else self.net.num_scales
+        return range(min(shared, self.net.num_scales))
 
     def _row_event(self, i: int) -> None:
         """Start of fine row ``i``: the ``u`` stream rows of every scale with ``2**s | i``."""
@@ -469,9 +476,8 @@ class PixelCNNPPSteps:
                 points.advance()
             if s in self.up_in:
                 self.up_in[s][0].start_row(i >> s)
-        for step in self.down:
-            if step.scale in scales:
-                self._down_row(step, i >> step.scale)
+        for step in self.down[: self._down_until[len(scales)]]:
+            self._down_row(step, i >> step.scale)
         for s in reversed(scales):
             p = i >> s
             for up in self.up[s]:
@@ -523,9 +529,8 @@ class PixelCNNPPSteps:
             )
         init.celu_from_raw(j)
         scales = self._scales(i, j)
-        for step in self.down:
-            if step.scale in scales:
-                self._down_point(step, j >> step.scale)
+        for step in self.down[: self._down_until[len(scales)]]:
+            self._down_point(step, j >> step.scale)
         for s in reversed(scales):
             q = j >> s
             out = self._up_point(s, q)
