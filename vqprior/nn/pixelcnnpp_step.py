@@ -132,6 +132,13 @@ class _Map:
             self._ahead = None
 
 
+def _celu_of_spread(spread: Tensor, signs: Tensor, dst: Tensor) -> None:
+    """``concat_elu`` of a few points into ``dst [..., 2, ch]`` from ``spread [..., 2, ch]``,
+    their values repeated (an ``expand`` view) and ``signs [2, 1]``: two ops, where
+    :func:`concat_elu_into`'s five (one ``expm1`` per element, for whole rows) cost more."""
+    F.elu_(torch.mul(spread, signs, out=dst))
+
+
 class _Points:
     """A ``ul``-stream map, filled point by point along the current row ``p`` of its scale:
     rows ``p - 1`` and ``p`` side by side, ``raw [n, w + 2, 2, ch]`` and its ``concat_elu``
@@ -152,14 +159,14 @@ class _Points:
         self.windows = self._windows(self.celu)  # by padded column q: columns q, q + 1
         cur = self.celu[:, 1:-1, 1]  # [n, w, 2 ch]
         self.points = cur.unbind(1)  # [n, 2 ch] by real column
-        self._dsts = cur.unflatten(-1, (2, ch)).unbind(1)  # [n, 2, ch]: the halves apart
+        self.dsts = cur.unflatten(-1, (2, ch)).unbind(1)  # [n, 2, ch]: the halves apart
         self.raw = self.next_raw = None
         if raw:
             self.raw = like.new_zeros(n, w + 2, 2, ch)
             self.next_raw = like.new_zeros(n, w + 2, ch)
             rcur = self.raw[:, 1:-1, 1]
             self.raw_points = rcur.unbind(1)  # [n, ch] by real column
-            self._spread = rcur[:, :, None].expand(n, w, 2, ch).unbind(1)  # [n, 2, ch]
+            self.spread = rcur[:, :, None].expand(n, w, 2, ch).unbind(1)  # [n, 2, ch]
 
     @staticmethod
     def _windows(buf: Tensor) -> tuple[Tensor, ...]:
@@ -172,15 +179,10 @@ class _Points:
         assert self.raw is not None
         return self._windows(self.raw)
 
-    def celu_from(self, q: int, spread: Tensor) -> None:
-        """``concat_elu`` at real column ``q`` of the current row from ``spread [n, 2, ch]``,
-        the value repeated (an ``expand`` view): two ops, where :func:`concat_elu_into`'s five
-        (one ``expm1`` per element, for whole rows) cost more on one point."""
-        F.elu_(torch.mul(spread, self.signs, out=self._dsts[q]))
-
     def celu_from_raw(self, q: int) -> None:
-        """``concat_elu`` at real column ``q`` of the current row from ``raw_points[q]``."""
-        self.celu_from(q, self._spread[q])
+        """``concat_elu`` at real column ``q`` of the current row from ``raw_points[q]``: see
+        :func:`_celu_of_spread`."""
+        _celu_of_spread(self.spread[q], self.signs, self.dsts[q])
 
     def put(self, q: int, v: Tensor, row: int = 0) -> None:
         """Write ``v [n, ch, cols]`` at real columns ``q ..`` of the current row (``row=0``)
@@ -193,7 +195,9 @@ class _Points:
             (self.next_raw, self.next_celu) if row else (self.raw[:, :, 1], self.celu[:, :, 1])
         )
         raw[:, cols] = val
-        concat_elu_into(val, celu[:, cols], dim=-1)
+        _celu_of_spread(
+            val[:, :, None].expand(-1, -1, 2, -1), self.signs, celu[:, cols].unflatten(-1, (2, -1))
+        )
 
     def advance(self) -> None:
         """Move on a row: the current row becomes the one above, the next row current."""
@@ -229,6 +233,7 @@ class _Block:
         self.k1, self.k2 = (_pair_kernels(w1), _pair_kernels(w2)) if by_rows else (none, none)
         self.w1t, self.w2t = (w1, w2) if by_rows else (_flat_t(w1), _flat_t(w2))
         self.base: tuple[Tensor, ...] = ()  # the ul block's per-row conv1 terms, W x [n, C]
+        self.celu_out = True  # whether a point's output needs its concat_elu (see _build)
         nin, c = module.nin_aux, module.conv1.out_channels
         two_streams = nin is not None and nin.in_channels == 4 * c  # aux = cat([u, ul])
         nin_u = None if nin is None else _aux_part(nin.weight, c, 0) if two_streams else nin.weight
@@ -275,11 +280,12 @@ class _Block:
             assert self.nin_ul_t is not None
             term = torch.addmm(term, skip.points[q], self.nin_ul_t)
         torch.addmm(term, x.windows[q], self.w1t, out=self.h)
-        c1.celu_from(q, self.h_spread)
+        _celu_of_spread(self.h_spread, c1.signs, c1.dsts[q])
         torch.addmm(self.bias2, c1.windows[q], self.w2t, out=self.ab)
         self.b.sigmoid_()
         value = torch.addcmul(x.raw_points[q], self.a, self.b, out=out.raw_points[q])
-        out.celu_from_raw(q)
+        if self.celu_out:  # read by a later block or a skip
+            _celu_of_spread(out.spread[q], out.signs, out.dsts[q])
         return value
 
 
@@ -457,6 +463,8 @@ class PixelCNNPPSteps:
                 bu, bul = self._pair(mu, mul, x, s)
                 self.up[s].append(_UpStep(skips.pop(), bu, bul))
                 x = (bu.out, bul.out)
+            # the last ul block's output is read as it is (upsampled, or the features)
+            self.up[s][-1].ul.celu_out = False
         assert not skips, "every down-pass activation is used once"
 
     # ------------------------------------------------------------------------ events
