@@ -26,7 +26,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vqprior.nn.attention import AttentionBlock
-from vqprior.nn.layout import channel_halves, is_channels_last
+from vqprior.nn.layout import channel_halves, is_channels_last, ring_kernels
 from vqprior.nn.masked import MaskedConv2d, causal_mask, channel_groups
 from vqprior.nn.precision import full_precision, wide_dtype
 from vqprior.nn.step import LayerOut, StepBlock, StepContext
@@ -124,10 +124,10 @@ def _bias(conv: nn.Conv2d, n: int, dtype: torch.dtype, device: torch.device) -> 
 
 def _rows(cond: Bias, bias: Tensor, f2: int, dtype: torch.dtype) -> Tensor:
     """A conditioning bias (0, [n, 2F, 1, 1] or [n, 2F, H, W]) plus a layer bias [2F], laid
-    out for the row step: [H | 1, W | 1, n | 1, 2F]."""
+    out for the row step: [H | 1, n | 1, W | 1, 2F]."""
     if isinstance(cond, float):  # no conditioning: biases() gives 0.0
         return bias.view(1, 1, 1, f2)
-    return rearrange(cond.to(dtype) + bias[:, None, None], "n c h w -> h w n c").contiguous()
+    return rearrange(cond.to(dtype) + bias[:, None, None], "n c h w -> h n w c").contiguous()
 
 
 @dataclass
@@ -135,18 +135,20 @@ class _GatedSteps:
     """Caches of one gated layer for one batch (see :meth:`GatedLayer.start_steps`). The
     per-element weights are transposed ([in, out]) for ``addmm``."""
 
-    v_in: Tensor  # [H + kh - 1, W + 2p, n, Cin] vertical input rows, zero padded
+    v_in: Tensor  # [n, W + 2p, kh, Cin] the last kh vertical input rows, zero padded: a
+    # ring (row t in slot t % kh), read in place as one channels-last [n, kh Cin, 1, W + 2p] map
+    v_ring: Tensor  # that map (a view)
     h_out: Tensor  # [n, pad + W, F] horizontal output of the current row
     h_bias_at: tuple[Tensor, ...]  # the current row's vertical link + conditioning + h bias
-    # at each of its W columns, [n, 2F] (views of one [W, n, 2F]: no indexing per element)
+    # at each of its W columns, [n, 2F] (views of one [n, W, 2F]: no indexing per element)
     h_out_at: tuple[Tensor, ...]  # h_out's pad + W columns [n, F] (views)
-    w_v: Tensor  # [(kh k Cin), 2F] masked vertical kernel, rows, columns, then channels
+    w_v: tuple[Tensor, ...]  # the masked vertical kernel over the ring, by r % kh (ring_kernels)
     w_link: Tensor  # [2F, 2F] the vertical-to-horizontal 1x1
     w_h: Tensor  # [(p + 1) * Cin, 2F] masked horizontal kernel, columns then channels
     w_res: Tensor | None  # [F, F]; None in the last layer (its residual output is unused)
     b_res: Tensor | None  # [F]
     w_skip: Tensor  # [F, F]
-    bv: Tensor  # [H | 1, W | 1, n | 1, 2F] vertical pre-activation bias per row (+ v bias)
+    bv: Tensor  # [H | 1, n | 1, W | 1, 2F] vertical pre-activation bias per row (+ v bias)
     bh: Tensor  # the same for the horizontal one (+ the h-conv and link biases)
     pad: int
 
@@ -225,7 +227,7 @@ class GatedLayer(nn.Module):
         """Allocate the row caches and fold the masks and the conditioning in once."""
         p, kh = self.p, self.v_conv.kernel_size[0]
         f2, cin = self.v_conv.out_channels, self.v_conv.in_channels
-        n, H, W = ctx.n, ctx.height, ctx.width
+        n, W = ctx.n, ctx.width
 
         def zeros(*shape: int) -> Tensor:
             return torch.zeros(shape, device=ctx.device, dtype=ctx.dtype)
@@ -235,12 +237,14 @@ class GatedLayer(nn.Module):
         bv = _rows(bv, _bias(self.v_conv, f2, dt, dev), f2, dt)
         bh = _rows(bh, _bias(self.h_conv, f2, dt, dev) + _bias(self.v_to_h, f2, dt, dev), f2, dt)
         h_out = zeros(n, ctx.pad + W, f2 // 2)
+        v_in = zeros(n, W + 2 * p, kh, cin)
         return _GatedSteps(
-            v_in=zeros(H + kh - 1, W + 2 * p, n, cin),
+            v_in=v_in,
+            v_ring=rearrange(v_in, "n w s i -> n (s i) 1 w"),
             h_out=h_out,
-            h_bias_at=zeros(W, n, f2).unbind(0),
+            h_bias_at=zeros(n, W, f2).unbind(1),
             h_out_at=h_out.unbind(1),
-            w_v=rearrange(self.v_conv.masked_weight(), "o i kh k -> (kh k i) o").contiguous(),
+            w_v=ring_kernels(self.v_conv.masked_weight()),
             w_link=self.v_to_h.weight[:, :, 0, 0].t().to(dt).contiguous(),
             w_h=rearrange(self.h_conv.masked_weight(), "o i 1 k -> (k i) o").contiguous(),
             w_res=None if res is None else res.masked_weight()[:, :, 0, 0].t().contiguous(),
@@ -253,16 +257,15 @@ class GatedLayer(nn.Module):
 
     def step_row(self, state: _GatedSteps, r: int, v_in: Tensor) -> Tensor:
         """Vertical input row r [n, Cin, W] -> gated vertical output row r [n, F, W]: the
-        vertical convolution and the link as two matrix products over the row's windows."""
+        vertical convolution over the ring of input rows, and the link as a matrix product."""
         p, kh = self.p, self.v_conv.kernel_size[0]
         n, _, w = v_in.shape
-        state.v_in[r + kh - 1, p : p + w] = v_in.permute(2, 0, 1)
-        win = state.v_in[r : r + kh].unfold(1, 2 * p + 1, 1)  # [kh, W, n, Cin, k]
-        cols = win.permute(1, 2, 0, 4, 3).reshape(w * n, -1)  # [(W n), (kh k Cin)]
-        v_pre = (cols @ state.w_v).view(w, n, -1) + state.bv[r % len(state.bv)]  # [W, n, 2F]
-        h_bias = (v_pre.view(w * n, -1) @ state.w_link).view(w, n, -1)
-        state.h_bias_at = (h_bias + state.bh[r % len(state.bh)]).unbind(0)
-        return gate(v_pre.permute(1, 2, 0))  # [n, F, W] (a view of [W, n, F])
+        state.v_in[:, p : p + w, r % kh] = v_in.transpose(1, 2)  # row r takes row r - kh's slot
+        v_conv = F.conv2d(state.v_ring, state.w_v[r % kh])  # [n, 2F, 1, W], channels last
+        v_pre = v_conv[:, :, 0].transpose(1, 2) + state.bv[r % len(state.bv)]  # [n, W, 2F]
+        h_bias = (v_pre.reshape(n * w, -1) @ state.w_link).view(n, w, -1)
+        state.h_bias_at = (h_bias + state.bh[r % len(state.bh)]).unbind(1)
+        return gate(v_pre.transpose(1, 2))  # [n, F, W] (a view of [n, W, F])
 
     def step_element(
         self, state: _GatedSteps, r: int, c: int, h_row: Tensor, skips: Tensor

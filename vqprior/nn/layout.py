@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["channel_halves", "is_channels_last", "trains_channels_last"]
+__all__ = ["channel_halves", "is_channels_last", "ring_kernels", "trains_channels_last"]
 
 
 def is_channels_last(x: Tensor) -> bool:
@@ -46,3 +46,20 @@ def trains_channels_last(device_type: str, precision: str, prior: bool) -> bool:
     whole batch."""
     fp32 = precision.startswith("32")
     return device_type == "cuda" or precision.startswith("bf16") or (prior and fp32)
+
+
+def ring_kernels(weight: Tensor) -> tuple[Tensor, ...]:
+    """A kernel ``[o, i, kh, kw]`` whose output row ``r`` reads input rows ``r - kh + 1 .. r``,
+    for a ring of ``kh`` row slots that keeps those rows (input row ``t`` in slot ``t % kh``):
+    ``kh`` kernels ``[o, kh i, 1, kw]``, the one for ``r % kh`` first, channels ``(slot, i)``,
+    channels-last. A ring ``[n, w, kh, i]`` is then one channels-last ``[n, kh i, 1, w]`` map
+    (``rearrange(ring, "n w s i -> n (s i) 1 w")``), which a convolution reads in place, where
+    a slice of rows of a taller map is not channels-last contiguous and would be copied first.
+    """
+    kh = weight.shape[2]
+    rows = weight.unbind(2)  # kernel row t reads input row r - kh + 1 + t, which is in slot
+    kernels = []  # (r - kh + 1 + t) % kh: slot s holds kernel row (s - r - 1) % kh
+    for v in range(kh):
+        k = torch.cat([rows[(s - v - 1) % kh] for s in range(kh)], 1).unsqueeze(2)
+        kernels.append(k.contiguous(memory_format=torch.channels_last))
+    return tuple(kernels)

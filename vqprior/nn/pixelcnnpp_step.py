@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from vqprior.nn.layout import ring_kernels
 from vqprior.nn.pixelcnnpp_layers import (
     DownRightShiftedDeconv2d,
     DownShiftedDeconv2d,
@@ -53,18 +54,6 @@ def _flat_t(weight: Tensor) -> Tensor:
     return rearrange(weight, "o i kh kw -> (kw kh i) o").contiguous()
 
 
-def _pair_kernels(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """A kernel ``[o, i, 2, kw]`` over rows ``p - 1, p`` as kernels ``[o, 2 i, 1, kw]`` over a
-    :class:`_Map`'s two slots (channels ``(slot, i)``), for even ``p`` and for odd ``p`` (row
-    ``p`` lives in slot ``p % 2``); channels-last, as the map is read."""
-    above, here = weight.unbind(2)
-    pairs = (torch.cat([here, above], 1), torch.cat([above, here], 1))
-    return cast(
-        tuple[Tensor, Tensor],
-        tuple(k.unsqueeze(2).contiguous(memory_format=torch.channels_last) for k in pairs),
-    )
-
-
 class _Map:
     """A padded map filled by rows (the input and the ``u`` stream), channels last, that keeps
     two rows: real row ``p`` lives in slot ``p % 2`` of ``raw [n, w + 2, 2, ch]`` and of its
@@ -74,8 +63,8 @@ class _Map:
 
     A convolution over rows ``p - 1, p`` reads the whole buffer as one channels-last
     ``[n, 2 ch, 1, w + 2]`` map (:attr:`raw_pair`, :attr:`celu_pair`) with the kernels of
-    :func:`_pair_kernels`: no copy, where two rows sliced from a taller buffer are not
-    channels-last contiguous and the convolution would copy them first. Every real position
+    :func:`~vqprior.nn.layout.ring_kernels`, in place (two rows sliced from a taller buffer are
+    not channels-last contiguous, and the convolution would copy them first). Every real position
     is written before it is read. An upsampling writes two rows at once; the second waits
     (:meth:`put_ahead`) until its row starts (:meth:`start_row`), as its slot still holds the
     row above.
@@ -230,7 +219,7 @@ class _Block:
         w1, w2 = module.conv1.weight, module.conv2.weight
         by_rows = isinstance(x, _Map)
         none: tuple[Tensor, ...] = ()
-        self.k1, self.k2 = (_pair_kernels(w1), _pair_kernels(w2)) if by_rows else (none, none)
+        self.k1, self.k2 = (ring_kernels(w1), ring_kernels(w2)) if by_rows else (none, none)
         self.w1t, self.w2t = (w1, w2) if by_rows else (_flat_t(w1), _flat_t(w2))
         self.base: tuple[Tensor, ...] = ()  # the ul block's per-row conv1 terms, W x [n, C]
         self.celu_out = True  # whether a point's output needs its concat_elu (see _build)
@@ -336,7 +325,7 @@ class _DownStep:
         # even), the ul one flattened for a point
         self.convs = cast(tuple[nn.Conv2d, nn.Conv2d], convs)
         if convs is not None:
-            self.u_k = _pair_kernels(self.convs[0].weight)[0]
+            self.u_k = ring_kernels(self.convs[0].weight)[0]
             self.ul_t = _flat_t(self.convs[1].weight)
 
 
@@ -398,7 +387,7 @@ class PixelCNNPPSteps:
         u_init = net.u_init
         assert u_init.bias is not None
         both = torch.cat([u_init.weight, F.pad(above_k, (0, 0, 1, 0))])  # [2C, Cin + 1, 2, 3]
-        self._init_k = _pair_kernels(both)
+        self._init_k = ring_kernels(both)
         self._init_bias = torch.cat([u_init.bias, above.bias + left.bias])
         self._left_bottom_t = left.weight[:, :, 1, 0].t().contiguous()
         # the ul upsampling at one point as a matmul: [n, C] -> [n, C * 2 * 2] (bias per column)
