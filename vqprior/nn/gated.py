@@ -261,10 +261,18 @@ class GatedLayer(nn.Module):
         p, kh = self.p, self.v_conv.kernel_size[0]
         n, _, w = v_in.shape
         state.v_in[:, p : p + w, r % kh] = v_in.transpose(1, 2)  # row r takes row r - kh's slot
-        v_conv = F.conv2d(state.v_ring, state.w_v[r % kh])  # [n, 2F, 1, W], channels last
-        v_pre = v_conv[:, :, 0].transpose(1, 2) + state.bv[r % len(state.bv)]  # [n, W, 2F]
-        h_bias = (v_pre.reshape(n * w, -1) @ state.w_link).view(n, w, -1)
-        state.h_bias_at = (h_bias + state.bh[r % len(state.bh)]).unbind(1)
+        # the biases join the matrix products when they are one vector (no conditioning)
+        bv, bh = state.bv[r % len(state.bv)], state.bh[r % len(state.bh)]
+        flat_v, flat_h = bv.numel() == bv.shape[-1], bh.numel() == bh.shape[-1]
+        v_conv = F.conv2d(state.v_ring, state.w_v[r % kh], bv.view(-1) if flat_v else None)
+        v_pre = v_conv[:, :, 0].transpose(1, 2)  # [n, W, 2F] (channels-last: contiguous)
+        v_pre = v_pre if flat_v else v_pre + bv
+        rows = v_pre.reshape(n * w, -1)
+        if flat_h:
+            h_bias = torch.addmm(bh.view(-1), rows, state.w_link).view(n, w, -1)
+        else:
+            h_bias = (rows @ state.w_link).view(n, w, -1) + bh
+        state.h_bias_at = h_bias.unbind(1)
         return gate(v_pre.transpose(1, 2))  # [n, F, W] (a view of [n, W, F])
 
     def step_element(
