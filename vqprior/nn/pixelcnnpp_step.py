@@ -121,13 +121,6 @@ class _Map:
             self._ahead = None
 
 
-def _celu_of_spread(spread: Tensor, signs: Tensor, dst: Tensor) -> None:
-    """``concat_elu`` of a few points into ``dst [..., 2, ch]`` from ``spread [..., 2, ch]``,
-    their values repeated (an ``expand`` view) and ``signs [2, 1]``: two ops, where
-    :func:`concat_elu_into`'s five (one ``expm1`` per element, for whole rows) cost more."""
-    F.elu_(torch.mul(spread, signs, out=dst))
-
-
 class _Points:
     """A ``ul``-stream map, filled point by point along the current row ``p`` of its scale:
     rows ``p - 1`` and ``p`` side by side, ``raw [n, w + 2, 2, ch]`` and its ``concat_elu``
@@ -148,14 +141,14 @@ class _Points:
         self.windows = self._windows(self.celu)  # by padded column q: columns q, q + 1
         cur = self.celu[:, 1:-1, 1]  # [n, w, 2 ch]
         self.points = cur.unbind(1)  # [n, 2 ch] by real column
-        self.dsts = cur.unflatten(-1, (2, ch)).unbind(1)  # [n, 2, ch]: the halves apart
+        halves = cur.unflatten(-1, (2, ch))  # [n, w, 2, ch]: the halves apart
+        self.dsts = halves.unbind(1)
+        self.pos, self.neg = halves[:, :, 0].unbind(1), halves[:, :, 1].unbind(1)  # [n, ch]
         self.raw = self.next_raw = None
         if raw:
             self.raw = like.new_zeros(n, w + 2, 2, ch)
             self.next_raw = like.new_zeros(n, w + 2, ch)
-            rcur = self.raw[:, 1:-1, 1]
-            self.raw_points = rcur.unbind(1)  # [n, ch] by real column
-            self.spread = rcur[:, :, None].expand(n, w, 2, ch).unbind(1)  # [n, 2, ch]
+            self.raw_points = self.raw[:, 1:-1, 1].unbind(1)  # [n, ch] by real column
 
     @staticmethod
     def _windows(buf: Tensor) -> tuple[Tensor, ...]:
@@ -168,10 +161,14 @@ class _Points:
         assert self.raw is not None
         return self._windows(self.raw)
 
-    def celu_from_raw(self, q: int) -> None:
-        """``concat_elu`` at real column ``q`` of the current row from ``raw_points[q]``: see
-        :func:`_celu_of_spread`."""
-        _celu_of_spread(self.spread[q], self.signs, self.dsts[q])
+    def celu_at(self, q: int, value: Tensor | None = None) -> None:
+        """``concat_elu`` at real column ``q`` of the current row, of ``value [n, ch]`` (copied
+        into the first half) or of what the first half holds: three ops on views made once
+        (:func:`concat_elu_into`'s five, one ``expm1`` per element, suit whole rows)."""
+        if value is not None:
+            self.pos[q].copy_(value)
+        torch.neg(self.pos[q], out=self.neg[q])
+        F.elu_(self.dsts[q])
 
     def put(self, q: int, v: Tensor, row: int = 0) -> None:
         """Write ``v [n, ch, cols]`` at real columns ``q ..`` of the current row (``row=0``)
@@ -184,9 +181,8 @@ class _Points:
             (self.next_raw, self.next_celu) if row else (self.raw[:, :, 1], self.celu[:, :, 1])
         )
         raw[:, cols] = val
-        _celu_of_spread(
-            val[:, :, None].expand(-1, -1, 2, -1), self.signs, celu[:, cols].unflatten(-1, (2, -1))
-        )
+        spread = val[:, :, None].expand(-1, -1, 2, -1)  # [n, cols, 2, ch]
+        F.elu_(torch.mul(spread, self.signs, out=celu[:, cols].unflatten(-1, (2, -1))))
 
     def advance(self) -> None:
         """Move on a row: the current row becomes the one above, the next row current."""
@@ -230,10 +226,8 @@ class _Block:
         self.nin_ul_t = _aux_part(nin.weight, c, 1).flatten(1).t() if two_streams else None  # type: ignore[union-attr]
         # conv1's bias and the auxiliary input's, added once per row
         self.bias1 = None if nin is None or nin.bias is None else nin.bias + module.conv1.bias
-        # a point's conv1 output (and repeated, for its concat_elu) and conv2 output, halved
+        # a point's conv2 output, halved
         n = cast(int, x.n)
-        self.h = self.bias2.new_empty(n, c)
-        self.h_spread = self.h[:, None].expand(n, 2, c)
         self.ab = self.bias2.new_empty(n, 2 * c)
         self.a, self.b = cast(tuple[Tensor, Tensor], self.ab.chunk(2, dim=1))
 
@@ -268,13 +262,13 @@ class _Block:
         if skip is not None:
             assert self.nin_ul_t is not None
             term = torch.addmm(term, skip.points[q], self.nin_ul_t)
-        torch.addmm(term, x.windows[q], self.w1t, out=self.h)
-        _celu_of_spread(self.h_spread, c1.signs, c1.dsts[q])
+        torch.addmm(term, x.windows[q], self.w1t, out=c1.pos[q])
+        c1.celu_at(q)
         torch.addmm(self.bias2, c1.windows[q], self.w2t, out=self.ab)
         self.b.sigmoid_()
         value = torch.addcmul(x.raw_points[q], self.a, self.b, out=out.raw_points[q])
         if self.celu_out:  # read by a later block or a skip
-            _celu_of_spread(out.spread[q], out.signs, out.dsts[q])
+            out.celu_at(q, value)
         return value
 
 
@@ -524,7 +518,7 @@ class PixelCNNPPSteps:
             torch.addmm(
                 self._above_left[j], self._x_row[j - 1], self._left_bottom_t, out=init.raw_points[j]
             )
-        init.celu_from_raw(j)
+        init.celu_at(j, init.raw_points[j])
         scales = self._scales(i, j)
         for step in self.down[: self._down_until[len(scales)]]:
             self._down_point(step, j >> step.scale)
@@ -558,7 +552,7 @@ class PixelCNNPPSteps:
         win = self.dul[step.k - 1].raw_windows[2 * q]  # real columns 2q - 1, 2q
         out = self.dul[step.k]
         torch.addmm(bias, win, step.ul_t, out=out.raw_points[q])
-        out.celu_from_raw(q)
+        out.celu_at(q, out.raw_points[q])
 
     # --------------------------------------------------------------------- interface
     def output(self, r: int, c: int) -> Tensor:
