@@ -401,6 +401,7 @@ class MixtureRows:
         top = float(num_bins - 1)
         # 0-dim tensors, not Python numbers (the same values: each number would be wrapped in a
         # new tensor per op, ~1 us, and a step makes ~12 such ops a pixel)
+        self._works: dict[tuple[int, torch.dtype, torch.device], _MixtureWork] = {}
         self.k, self.top, self.neg_top, self.zero, self.one, self.two, self.lo, self.hi = constants(
             (top / 2.0, top, -top, 0.0, 1.0, 2.0, log_scale_min(num_bins), LOG_SCALE_MAX),
             dtype,
@@ -408,27 +409,55 @@ class MixtureRows:
         )
 
     def __call__(self, rows: Tensor, u_comp: Tensor, noise: Tensor) -> Tensor:
-        c = self.c
         comp = inverse_cdf_rows(rows[:, : self.m], u_comp, self.temperature, *self.trunc)
-        picked = rows.gather(1, self.columns + comp)  # [R, 2C + K]
-        scale = picked[:, c : 2 * c].clamp(self.lo, self.hi).exp_()
+        w = self._work(rows)
+        torch.gather(rows, 1, self.columns + comp, out=w.picked)  # [R, 2C + K]
+        scale = torch.clamp(w.log_scale, self.lo, self.hi, out=w.scale).exp_()
         if self.temperature != 1.0:
-            scale = scale * self.temperature
+            scale.mul_(self.temperature)
         # Channel by channel in bin units y = (x + 1) k, k = (N - 1) / 2: x_c = mean_c + scale_c
         # T noise_c + sum_e coeff_ce x_e becomes y_c = (mean_c + scale_c T noise_c + 1) k
         # + sum_e coeff_ce (bin_e - k), since x_e k = bin_e - k exactly for a grid value x_e;
         # the bin is round(y_c) clamped to the grid, computed in place in y's column.
-        y = torch.addcmul(picked[:, :c], scale, noise).add_(self.one).mul_(self.k)  # [R, C]
-        coeffs = torch.tanh(picked[:, 2 * c :])
+        torch.addcmul(w.mean, scale, noise, out=w.y).add_(self.one).mul_(self.k)
+        torch.tanh(w.coeff_params, out=w.coeffs)
+        for v, reach in w.channels:
+            v.round_().clamp_(self.zero, self.top)
+            if reach is not None:  # the channels this bin reaches (ch + 1 ..), its coefficients
+                later, coeffs = reach
+                later.addcmul_(coeffs, torch.sub(v, self.k, out=w.centred))
+        # (2 bin - (N - 1)) / (N - 1): exact numerator, correctly rounded value (as from_bins)
+        return torch.addcmul(self.neg_top, w.y, self.two).div_(self.top)
+
+    def _work(self, rows: Tensor) -> _MixtureWork:
+        """Buffers for ``R`` rows and their views, made at the first call with ``R`` (a view or
+        a new tensor costs about a microsecond, and a step makes ~20)."""
+        key = (rows.shape[0], rows.dtype, rows.device)
+        if key not in self._works:
+            self._works[key] = _MixtureWork(rows.shape[0], self.c, self.columns.numel(), rows)
+        return self._works[key]
+
+
+class _MixtureWork:
+    """:class:`MixtureRows`'s buffers for ``r`` rows: the picked component's parameters
+    ``[r, 2C + K]``, the scales, ``y [r, C]``, the coefficients ``[r, K]``, and per channel
+    the views: its column of ``y`` and (None for the last) the later columns with the
+    coefficients that reach them."""
+
+    def __init__(self, r: int, c: int, picked: int, like: Tensor) -> None:
+        self.picked = like.new_empty(r, picked)
+        self.mean, self.log_scale = self.picked[:, :c], self.picked[:, c : 2 * c]
+        self.coeff_params = self.picked[:, 2 * c :]
+        self.scale, self.y = like.new_empty(r, c), like.new_empty(r, c)
+        self.coeffs = like.new_empty(r, picked - 2 * c)
+        self.centred = like.new_empty(r, 1)
+        self.channels: list[tuple[Tensor, tuple[Tensor, Tensor] | None]] = []
         at = 0
         for ch in range(c):
-            v = y[:, ch : ch + 1].round_().clamp_(self.zero, self.top)
-            later = c - 1 - ch  # the channels this bin reaches: ch + 1 ..
-            if later:
-                y[:, ch + 1 :].addcmul_(coeffs[:, at : at + later], v - self.k)
-                at += later
-        # (2 bin - (N - 1)) / (N - 1): exact numerator, correctly rounded value (as from_bins)
-        return torch.addcmul(self.neg_top, y, self.two).div_(self.top)
+            later = c - 1 - ch
+            reach = (self.y[:, ch + 1 :], self.coeffs[:, at : at + later]) if later else None
+            self.channels.append((self.y[:, ch : ch + 1], reach))
+            at += later
 
 
 def draw_mixture_noise(
