@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import torch
 from torch import Tensor
 
+from vqprior.nn.precision import as_dtype
 from vqprior.nn.step import StepBackbone, StepContext, supports_steps
 
 if TYPE_CHECKING:
@@ -94,9 +95,6 @@ def model_step_write(
         cell[:, group] = values[:, group] if values.dim() == 2 else values
     if state.backbone is None:
         return
-    embed = model.embed
-    if embed is not None:
-        inp = embed(cell)
-    else:  # the pixel as written (all its channels, whatever the group)
-        inp = cell if cell.dtype == state.dtype else cell.to(state.dtype)
+    embed = model.embed  # else the pixel as written (all its channels, whatever the group)
+    inp = embed(cell) if embed is not None else as_dtype(cell, state.dtype)
     cast(StepBackbone, model.backbone).step_write(state.backbone, r, c, inp)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from vqprior.nn.attention import AttentionBlock
 from vqprior.nn.layout import channel_halves, is_channels_last, ring_kernels
 from vqprior.nn.masked import MaskedConv2d, causal_mask, channel_groups
-from vqprior.nn.precision import full_precision, wide_dtype
+from vqprior.nn.precision import as_dtype, full_precision, wide_dtype
 from vqprior.nn.step import LayerOut, StepBlock, StepContext
 
 Bias = Tensor | float
@@ -110,7 +110,7 @@ def last_1x1_step(conv: nn.Conv2d, dtype: torch.dtype) -> HeadStep:
 
     def step(x: Tensor) -> Tensor:
         with full_precision(x.device.type):
-            return torch.addmm(b, x.to(wide), w)
+            return torch.addmm(b, as_dtype(x, wide), w)
 
     return step
 

@@ -19,8 +19,13 @@ def wide_dtype(*dtypes: torch.dtype) -> torch.dtype:
 
 def upcast(t: Tensor) -> Tensor:
     """``t`` in :func:`wide_dtype` (float32, or unchanged if it is already float64)."""
-    wide = wide_dtype(t.dtype)
-    return t if t.dtype == wide else t.to(wide)  # no call at all on a sampler's hot path
+    return as_dtype(t, wide_dtype(t.dtype))
+
+
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``, with no call when it already is (a no-op ``Tensor.to`` costs a few
+    microseconds, and a sampler's step makes several per element)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def full_precision(device_type: str) -> contextlib.AbstractContextManager[object]:

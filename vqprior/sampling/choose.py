@@ -18,7 +18,7 @@ from torch import Tensor
 from vqprior.nn.categorical import categorical_sample
 from vqprior.nn.grid import from_bins
 from vqprior.nn.mixture import MixtureRows, logistic_noise, mixture_mode
-from vqprior.nn.precision import full_precision, upcast, wide_dtype
+from vqprior.nn.precision import as_dtype, full_precision, upcast, wide_dtype
 from vqprior.sampling.noise import Noise
 
 if TYPE_CHECKING:
@@ -103,8 +103,8 @@ class RowValues:
             with full_precision(rows.device.type):
                 work = upcast(rows)
                 lay = logistic_noise(noise.u_val, work.dtype) if logistic is None else logistic
-                vals = self.mix(work, noise.u_comp, lay.to(work.dtype))
-            return vals.to(self.out_dtype)
+                vals = self.mix(work, noise.u_comp, as_dtype(lay, work.dtype))
+            return as_dtype(vals, self.out_dtype)
         assert noise.u is not None
         if cfg.data == "codes":
             return categorical_sample(rows, noise.u[:, 0], temperature, **self.trunc)
