@@ -42,7 +42,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vqprior.config import ConfigError
-from vqprior.nn.precision import full_precision, wide_dtype
+from vqprior.nn.precision import as_dtype, full_precision, wide_dtype
 from vqprior.nn.step import LayerOut, StepContext
 
 __all__ = ["AttentionBlock", "attend", "position_encoding"]
@@ -62,7 +62,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool, float32: bool) 
     wide = wide_dtype(q.dtype)  # float64 stays float64
     with full_precision(q.device.type):
         return F.scaled_dot_product_attention(
-            q.to(wide), k.to(wide), v.to(wide), is_causal=is_causal
+            as_dtype(q, wide), as_dtype(k, wide), as_dtype(v, wide), is_causal=is_causal
         )
 
 
