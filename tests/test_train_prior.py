@@ -298,6 +298,23 @@ def test_two_stage_bits_per_dim_are_recomputed_from_the_models(tmp_path: Path) -
     )
 
 
+def test_pixel_priors_default_to_batch_8_codes_priors_to_32_and_a_set_batch_wins(
+    vae_dir: Path,
+) -> None:
+    """PIXEL_PRIOR_TRAIN_DEFAULTS over PRIOR_TRAIN_DEFAULTS for pixel priors only."""
+    from vqprior.train.stages import resolve_prior_stage
+
+    data = tiny("prior_codes.yaml")["data"]
+    batch = {
+        vae: resolve_prior_stage({"data": data, "vae": vae})[0].train.batch_size
+        for vae in (None, str(vae_dir))
+    }
+    assert batch == {None: 8, str(vae_dir): 32}
+    for vae in (None, str(vae_dir)):
+        raw = {"data": data, "vae": vae, "train": {"batch_size": 5}}
+        assert resolve_prior_stage(raw)[0].train.batch_size == 5
+
+
 def test_a_pixel_prior_without_an_architecture_defaults_to_pixelcnnpp_tiny() -> None:
     """PIXEL_PRIOR_MODEL_DEFAULTS apply to pixel priors whose config names no architecture and
     whose image sides are multiples of 4; any architecture field keeps the gated default."""

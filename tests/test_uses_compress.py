@@ -369,7 +369,9 @@ def test_a_failing_range_decoder_gives_the_clear_line(
     with pytest.raises(CompressedFileError) as err:
         decompress_bytes(moved, load_models(prior), "x.vqz")
     line = str(err.value)
-    assert "range decoder failed: Tried to decode" in line and f"cpu_capability {other} (here" in line
+    assert (
+        "range decoder failed: Tried to decode" in line and f"cpu_capability {other} (here" in line
+    )
 
 
 def test_format_1_files_decode_and_other_versions_are_refused(

@@ -37,7 +37,7 @@ class TrainConfig(Config):
     """Optimisation, validation, checkpointing and logging cadence of one training stage."""
 
     batch_size: int = 64
-    lr: float = 3e-4  # priors: 3e-3, batch 32, cosine (vqprior.train.stages.PRIOR_TRAIN_DEFAULTS)
+    lr: float = 3e-4  # priors: 3e-3, batch 32 (pixels: 8), cosine (vqprior.train.stages)
     weight_decay: float = 0.0
     lr_schedule: str = "constant"  # "constant" | "cosine" (decays to 0 at max_steps)
     warmup_steps: int = 0
