@@ -15,8 +15,10 @@ from vqprior.nn.mixture import (
     FLOOR_EPS,
     LOG_SCALE_MAX,
     DiscretizedLogisticMixture,
+    MixtureRows,
     draw_mixture_noise,
     log_scale_min,
+    logistic_noise,
     mixture_channel_log_probs,
     mixture_log_prob,
     mixture_mode,
@@ -618,6 +620,25 @@ def test_sample_is_deterministic_given_noise_and_draw_order() -> None:
     uc2, uv2 = draw_mixture_noise((4, c, 2, 3), torch.Generator().manual_seed(5))
     assert torch.equal(uc2, u_comp) and torch.equal(uv2, u_val) and uc2.dtype == torch.float32
     assert not torch.equal(a, head.sample(params, generator=torch.Generator().manual_seed(6)))
+
+
+def test_sample_of_params_that_require_grad_is_the_same_draw_without_a_graph() -> None:
+    """Sampling from a training forward's output (params requiring grad) works, and one
+    draw object called twice (its buffers reused) gives the same values as fresh calls."""
+    c, m, n = 3, 2, 256
+    params = random_params(3, c, m, 2, 2, seed=18)
+    u_comp, u_val = draw_mixture_noise((3, c, 2, 2), torch.Generator().manual_seed(8))
+    plain = mixture_sample(params, c, m, n, u_comp, u_val)
+    graded = mixture_sample(params.clone().requires_grad_(), c, m, n, u_comp, u_val)
+    assert torch.equal(graded, plain) and not graded.requires_grad
+    rows = params.movedim(1, -1).reshape(-1, params.shape[1])
+    draw = MixtureRows(c, m, n, rows.dtype, rows.device)
+    noise = logistic_noise(u_val.movedim(1, -1).reshape(-1, c), rows.dtype)
+    first = draw(rows, u_comp.reshape(-1), noise)
+    other = draw(rows.flip(0), u_comp.reshape(-1), noise)  # the same buffers, other values
+    assert torch.equal(draw(rows, u_comp.reshape(-1), noise), first)
+    assert torch.equal(first.view(3, 2, 2, c).movedim(-1, 1), plain)
+    assert not torch.equal(other, first)
 
 
 def test_sample_extreme_uniforms_and_bf16_params() -> None:

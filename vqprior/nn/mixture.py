@@ -399,9 +399,9 @@ class MixtureRows:
         params = [*range(2 * c), *(2 * c + i for i in by_earlier)]
         self.columns = torch.tensor([m + j * m for j in params], device=device)
         top = float(num_bins - 1)
+        self._works: dict[tuple[int, torch.dtype, torch.device], _MixtureWork] = {}
         # 0-dim tensors, not Python numbers (the same values: each number would be wrapped in a
         # new tensor per op, ~1 us, and a step makes ~12 such ops a pixel)
-        self._works: dict[tuple[int, torch.dtype, torch.device], _MixtureWork] = {}
         self.k, self.top, self.neg_top, self.zero, self.one, self.two, self.lo, self.hi = constants(
             (top / 2.0, top, -top, 0.0, 1.0, 2.0, log_scale_min(num_bins), LOG_SCALE_MAX),
             dtype,
@@ -409,6 +409,8 @@ class MixtureRows:
         )
 
     def __call__(self, rows: Tensor, u_comp: Tensor, noise: Tensor) -> Tensor:
+        if rows.requires_grad:  # a draw has no gradient, and it writes into its buffers
+            rows = rows.detach()
         comp = inverse_cdf_rows(rows[:, : self.m], u_comp, self.temperature, *self.trunc)
         w = self._work(rows)
         torch.gather(rows, 1, self.columns + comp, out=w.picked)  # [R, 2C + K]
