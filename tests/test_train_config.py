@@ -117,6 +117,29 @@ def test_default_precision_is_bf16_only_where_bf16_is_native(
     assert DeviceOptions(devices="0,1").trainer_devices() == "0,1"
 
 
+def test_a_run_is_on_the_cpu_when_asked_or_auto_finds_no_gpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DeviceOptions.on_cpu follows Lightning's auto (CUDA, then MPS, then the CPU), with
+    stand-in devices; a CPU-bf16 machine training on MPS gets no CPU bf16 default."""
+    import torch
+
+    from vqprior.train import config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(config, "native_cpu_bf16", lambda: True)
+    on_cpu = {a: DeviceOptions(accelerator=a).on_cpu() for a in ("auto", "cpu", "gpu", "mps")}
+    assert on_cpu == {"auto": True, "cpu": True, "gpu": False, "mps": False}
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert not DeviceOptions().on_cpu() and DeviceOptions(accelerator="cpu").on_cpu()
+    assert DeviceOptions().resolved_precision() == "32-true"  # auto trains on MPS here
+    assert DeviceOptions(accelerator="cpu").resolved_precision() == "bf16-mixed"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not DeviceOptions().on_cpu()
+
+
 def _write(path: Path, rows: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True)
     keys = sorted({k for r in rows for k in r})

@@ -298,21 +298,31 @@ def test_two_stage_bits_per_dim_are_recomputed_from_the_models(tmp_path: Path) -
     )
 
 
-def test_pixel_priors_default_to_batch_8_codes_priors_to_32_and_a_set_batch_wins(
-    vae_dir: Path,
+def test_pixel_priors_on_a_cpu_default_to_batch_8_else_32_and_a_set_batch_wins(
+    vae_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """PIXEL_PRIOR_TRAIN_DEFAULTS over PRIOR_TRAIN_DEFAULTS for pixel priors only."""
+    """PIXEL_PRIOR_CPU_TRAIN_DEFAULTS over PRIOR_TRAIN_DEFAULTS for pixel priors trained on a
+    CPU only: codes priors, and pixel priors on a GPU (a stand-in CUDA here), keep batch 32."""
+    from vqprior.train.config import DeviceOptions
     from vqprior.train.stages import resolve_prior_stage
 
     data = tiny("prior_codes.yaml")["data"]
-    batch = {
-        vae: resolve_prior_stage({"data": data, "vae": vae})[0].train.batch_size
-        for vae in (None, str(vae_dir))
-    }
-    assert batch == {None: 8, str(vae_dir): 32}
-    for vae in (None, str(vae_dir)):
-        raw = {"data": data, "vae": vae, "train": {"batch_size": 5}}
-        assert resolve_prior_stage(raw)[0].train.batch_size == 5
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+    def batch(vae: str | None, device: DeviceOptions | None = None, **train: int) -> int:
+        raw = {"data": data, "vae": vae, "train": train}
+        return resolve_prior_stage(raw, device)[0].train.batch_size
+
+    codes = str(vae_dir)
+    assert (batch(None), batch(codes)) == (8, 32)  # auto, no GPU: the CPU
+    gpu = DeviceOptions(accelerator="gpu")
+    assert (batch(None, gpu), batch(codes, gpu)) == (32, 32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # auto now picks CUDA
+    assert (batch(None), batch(None, DeviceOptions(accelerator="cpu"))) == (32, 8)
+    for vae in (None, codes):
+        for device in (None, gpu, DeviceOptions(accelerator="cpu")):
+            assert batch(vae, device, batch_size=5) == 5
 
 
 def test_a_pixel_prior_without_an_architecture_defaults_to_pixelcnnpp_tiny() -> None:

@@ -111,7 +111,7 @@ def _prepare(call: ddp.Call, device: DeviceOptions) -> None:
     if call["kind"] == "train-vae":
         common.prepare_run_dir(out, stages.resolve_vae_stage(call["cfg"])[0].to_dict())
         return
-    cfg, splits, vae, record = stages.resolve_prior_stage(call["cfg"])
+    cfg, splits, vae, record = stages.resolve_prior_stage(call["cfg"], device)
     common.prepare_run_dir(out, cfg.to_dict())
     if vae is None or record is None:
         return

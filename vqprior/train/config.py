@@ -127,9 +127,17 @@ class DeviceOptions(Config):
             return self.precision
         if self.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
             return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
-        if self.accelerator in ("cpu", "auto") and native_cpu_bf16():
+        if self.on_cpu() and native_cpu_bf16():
             return "bf16-mixed"
         return "32-true"
+
+    def on_cpu(self) -> bool:
+        """Whether training runs on the CPU: ``cpu``, or ``auto`` with no GPU (Lightning's
+        ``auto`` takes CUDA, then MPS, before the CPU). CPU-measured defaults apply there only
+        (precision above, :data:`~vqprior.train.stages.PIXEL_PRIOR_CPU_TRAIN_DEFAULTS`)."""
+        if self.accelerator != "auto":
+            return self.accelerator == "cpu"
+        return not (torch.cuda.is_available() or torch.backends.mps.is_available())
 
 
 def native_cpu_bf16() -> bool:

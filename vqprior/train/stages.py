@@ -197,12 +197,13 @@ PRIOR_TRAIN_DEFAULTS: dict[str, Any] = {
     "ema_decay": 0.0,  # the cosine decay already averages; an EMA lags it (+0.01 bits/dim)
 }
 
-# A pixel prior's training defaults over those: batch 8. On CIFAR-10 its step costs a quarter
-# of batch 32's (the images/s stay about the same on a CPU), so it makes ~4x the updates, and
-# in a few minutes updates count more than gradient noise: 4.31 held-out bits/dim against 5.10
-# for batch 32 in 300 s, 3.88 against the port's 4.36 in 900 s (docs/benchmarks.md). Codes
-# priors, not measured, keep batch 32.
-PIXEL_PRIOR_TRAIN_DEFAULTS: dict[str, Any] = {"batch_size": 8}
+# A pixel prior's training defaults over those when it trains on a CPU: batch 8. There its step
+# costs about a quarter of batch 32's (the images/s hardly change), so it makes ~4x the updates,
+# and in minutes updates count more than gradient noise: on CIFAR-10, 300 s, 4.31 held-out
+# bits/dim against 5.10 at batch 32 (fp32), 3.89 against 4.15 (bf16); 900 s, 3.60 against the
+# port's 4.16 (docs/benchmarks.md). On a GPU a small step costs about the same at any batch,
+# so batch 32 stays there (not measured); codes priors, not measured, keep 32 everywhere.
+PIXEL_PRIOR_CPU_TRAIN_DEFAULTS: dict[str, Any] = {"batch_size": 8}
 
 
 # A pixel prior's default model, when its config names no backbone nor any field of one: the
@@ -238,14 +239,22 @@ def pixel_prior_model(model: dict[str, Any], height: int, width: int) -> dict[st
     return {**PIXEL_PRIOR_MODEL_DEFAULTS, **model}
 
 
+def prior_train_defaults(pixels: bool, device: DeviceOptions) -> dict[str, Any]:
+    """A prior's training defaults: :data:`PRIOR_TRAIN_DEFAULTS`, for a pixel prior trained on
+    the CPU under :data:`PIXEL_PRIOR_CPU_TRAIN_DEFAULTS`."""
+    cpu_pixels = PIXEL_PRIOR_CPU_TRAIN_DEFAULTS if pixels and device.on_cpu() else {}
+    return {**PRIOR_TRAIN_DEFAULTS, **cpu_pixels}
+
+
 def resolve_prior_stage(
-    raw: dict[str, Any],
+    raw: dict[str, Any], device: DeviceOptions | None = None
 ) -> tuple[PriorStageConfig, ImageSplits, VQVAE | None, dict[str, Any] | None]:
-    """Check keys, load data (and the VAE), fill the data-dependent model fields."""
+    """Check keys, load data (and the VAE), fill the data-dependent model fields; the training
+    defaults are those of ``device`` (:func:`prior_train_defaults`)."""
     check_sections(raw, "prior")
     data = DataConfig.from_dict(raw.get("data"), prefix="data.")
     pixels = raw.get("vae") is None
-    defaults = {**PRIOR_TRAIN_DEFAULTS, **(PIXEL_PRIOR_TRAIN_DEFAULTS if pixels else {})}
+    defaults = prior_train_defaults(pixels, device or DeviceOptions())
     raw = {**raw, "train": {**defaults, **(raw.get("train") or {})}}
     TrainConfig.from_dict(raw.get("train"), prefix="train.")
     splits = load_image_splits(data, codes=raw.get("vae") is not None)
@@ -285,7 +294,7 @@ def train_prior(
     from ``<out>/codes`` when still valid, else they are encoded now.
     """
     started, device, out = time.time(), device or DeviceOptions(), Path(out_dir)
-    cfg, splits, vae, record = resolve_prior_stage(_with_seed(cfg_dict, seed))
+    cfg, splits, vae, record = resolve_prior_stage(_with_seed(cfg_dict, seed), device)
     check_run_dir(out, cfg.to_dict())
     with RunLock(out):
         codes = Path(codes_dir) if codes_dir else None
