@@ -298,11 +298,11 @@ def test_two_stage_bits_per_dim_are_recomputed_from_the_models(tmp_path: Path) -
     )
 
 
-def test_pixel_priors_on_a_cpu_default_to_batch_8_else_32_and_a_set_batch_wins(
+def test_priors_on_a_cpu_default_to_batch_8_else_32_and_a_set_batch_wins(
     vae_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """PIXEL_PRIOR_CPU_TRAIN_DEFAULTS over PRIOR_TRAIN_DEFAULTS for pixel priors trained on a
-    CPU only: codes priors, and pixel priors on a GPU (a stand-in CUDA here), keep batch 32."""
+    """PRIOR_CPU_TRAIN_DEFAULTS over PRIOR_TRAIN_DEFAULTS for priors (pixels and codes) trained
+    on a CPU only: on a GPU (a stand-in CUDA here) they keep batch 32."""
     from vqprior.train.config import DeviceOptions
     from vqprior.train.stages import resolve_prior_stage
 
@@ -315,11 +315,11 @@ def test_pixel_priors_on_a_cpu_default_to_batch_8_else_32_and_a_set_batch_wins(
         return resolve_prior_stage(raw, device)[0].train.batch_size
 
     codes = str(vae_dir)
-    assert (batch(None), batch(codes)) == (8, 32)  # auto, no GPU: the CPU
+    assert (batch(None), batch(codes)) == (8, 8)  # auto, no GPU: the CPU
     gpu = DeviceOptions(accelerator="gpu")
     assert (batch(None, gpu), batch(codes, gpu)) == (32, 32)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # auto now picks CUDA
-    assert (batch(None), batch(None, DeviceOptions(accelerator="cpu"))) == (32, 8)
+    assert (batch(codes), batch(codes, DeviceOptions(accelerator="cpu"))) == (32, 8)
     for vae in (None, codes):
         for device in (None, gpu, DeviceOptions(accelerator="cpu")):
             assert batch(vae, device, batch_size=5) == 5

@@ -74,12 +74,12 @@ def test_encoded_levels_are_stored_and_found_again(tmp_path: Path) -> None:
         assert (meta["level"], meta["grid"]) == ("bottom", "4x4")
     # stored codes are read back (the data's level does not matter: both levels share them)
     top_data = DataConfig(**{**DATA.to_dict(), "level": "top"})
-    found = level_codes(model, record(), splits, top_data, tmp_path, tmp_path / "codes", 8, "cpu")
+    found = level_codes(model, record(), splits, top_data, tmp_path, tmp_path / "codes", "cpu")
     for i in range(2):
         assert torch.equal(found[i]["train"][0], written[i]["train"][0])
     other = {**record(), "vae_hash": "h1"}
     with pytest.raises(CheckpointError, match="different VAE"):
-        level_codes(model, other, splits, top_data, tmp_path, tmp_path / "codes", 8, "cpu")
+        level_codes(model, other, splits, top_data, tmp_path, tmp_path / "codes", "cpu")
 
 
 @pytest.mark.parametrize("levels", [1, 2])
@@ -89,7 +89,7 @@ def test_one_encode_path_reuses_valid_codes_and_reencodes_stale_ones(
     torch.manual_seed(0)
     model = VQVAE(VQVAEConfig.from_dict({**TINY, "levels": levels, "downsample": 2})).eval()
     splits, cache = load_image_splits(DATA), tmp_path / "codes"
-    first = level_codes(model, record(), splits, DATA, tmp_path, None, 8, "cpu")  # encoded now
+    first = level_codes(model, record(), splits, DATA, tmp_path, None, "cpu")  # encoded now
     assert [tuple(c["train"][0].shape[1:]) for c in first] == model.level_shapes(8, 8)
     finest, _, _ = load_codes(cache / "train.safetensors")  # the finest level where one goes
     assert torch.equal(finest, first[-1]["train"][0])
@@ -97,7 +97,7 @@ def test_one_encode_path_reuses_valid_codes_and_reencodes_stale_ones(
     assert again is not None and torch.equal(again[0]["val"][0], first[0]["val"][0])
     other = {**record(), "vae_hash": "h1"}  # another VAE: the cache is stale, encoded again
     assert stored_codes(model, other, DATA, cache, strict=False) is None
-    level_codes(model, other, splits, DATA, tmp_path, None, 8, "cpu")
+    level_codes(model, other, splits, DATA, tmp_path, None, "cpu")
     files = [cache / "train.safetensors", *([cache / "top" / "train.safetensors"] * (levels - 1))]
     assert {load_codes(f)[2]["vae_hash"] for f in files} == {"h1"}
 

@@ -119,7 +119,7 @@ def _prepare(call: ddp.Call, device: DeviceOptions) -> None:
         common.write_json(out / codes.VAE_RECORD, record)
     if call["codes_dir"] is None:  # every level's codes in <out>/codes, as train_prior reads them
         dev = _data_device(device)
-        codes.level_codes(vae, record, splits, cfg.data, out, None, cfg.train.batch_size, dev)
+        codes.level_codes(vae, record, splits, cfg.data, out, None, dev)
 
 
 def _data_device(device: DeviceOptions) -> str | None:

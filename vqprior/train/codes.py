@@ -206,11 +206,11 @@ def level_codes(
     data_cfg: DataConfig,
     out: Path,
     codes_dir: Path | None,
-    batch_size: int,
     device: str | None,
 ) -> LevelCodes:
     """Every level's codes (top first): from ``codes_dir`` (refused unless this VAE and data
-    made them), else from ``<out>/codes`` when still valid, else encoded now into it."""
+    made them), else from ``<out>/codes`` when still valid, else encoded now into it (in
+    batches of :func:`encode_splits`'s default, whatever batch the prior trains with)."""
     if codes_dir is not None:
         found = stored_codes(vae, record, data_cfg, codes_dir, strict=True)
         assert found is not None
@@ -218,7 +218,7 @@ def level_codes(
     found = stored_codes(vae, record, data_cfg, out / "codes", strict=False)
     if found is not None:
         return found
-    return encode_splits(vae, record, splits, data_cfg, out / "codes", batch_size, device)
+    return encode_splits(vae, record, splits, data_cfg, out / "codes", device=device)
 
 
 def read_vae_record(model_dir: Path) -> dict[str, Any] | None:

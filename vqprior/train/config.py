@@ -134,7 +134,7 @@ class DeviceOptions(Config):
     def on_cpu(self) -> bool:
         """Whether training runs on the CPU: ``cpu``, or ``auto`` with no GPU (Lightning's
         ``auto`` takes CUDA, then MPS, before the CPU). CPU-measured defaults apply there only
-        (precision above, :data:`~vqprior.train.stages.PIXEL_PRIOR_CPU_TRAIN_DEFAULTS`)."""
+        (precision above, :data:`~vqprior.train.stages.PRIOR_CPU_TRAIN_DEFAULTS`)."""
         if self.accelerator != "auto":
             return self.accelerator == "cpu"
         return not (torch.cuda.is_available() or torch.backends.mps.is_available())

@@ -197,13 +197,13 @@ PRIOR_TRAIN_DEFAULTS: dict[str, Any] = {
     "ema_decay": 0.0,  # the cosine decay already averages; an EMA lags it (+0.01 bits/dim)
 }
 
-# A pixel prior's training defaults over those when it trains on a CPU: batch 8. There its step
-# costs about a quarter of batch 32's (the images/s hardly change), so it makes ~4x the updates,
-# and in minutes updates count more than gradient noise: on CIFAR-10, 300 s, 4.31 held-out
+# A prior's training defaults over those when it trains on a CPU: batch 8. There a step costs a
+# quarter to a third of batch 32's (the images/s hardly change), so it makes 3-4x the updates,
+# and in minutes updates count more than gradient noise: CIFAR-10 pixels, 300 s, 4.31 held-out
 # bits/dim against 5.10 at batch 32 (fp32), 3.89 against 4.15 (bf16); 900 s, 3.60 against the
-# port's 4.16 (docs/benchmarks.md). On a GPU a small step costs about the same at any batch,
-# so batch 32 stays there (not measured); codes priors, not measured, keep 32 everywhere.
-PIXEL_PRIOR_CPU_TRAIN_DEFAULTS: dict[str, Any] = {"batch_size": 8}
+# port's 4.16; codes 8x8, 300 s, 7.60 bits/code against 7.76 (docs/benchmarks.md). On a GPU a
+# small step costs about the same at any batch, so batch 32 stays there (not measured).
+PRIOR_CPU_TRAIN_DEFAULTS: dict[str, Any] = {"batch_size": 8}
 
 
 # A pixel prior's default model, when its config names no backbone nor any field of one: the
@@ -239,11 +239,10 @@ def pixel_prior_model(model: dict[str, Any], height: int, width: int) -> dict[st
     return {**PIXEL_PRIOR_MODEL_DEFAULTS, **model}
 
 
-def prior_train_defaults(pixels: bool, device: DeviceOptions) -> dict[str, Any]:
-    """A prior's training defaults: :data:`PRIOR_TRAIN_DEFAULTS`, for a pixel prior trained on
-    the CPU under :data:`PIXEL_PRIOR_CPU_TRAIN_DEFAULTS`."""
-    cpu_pixels = PIXEL_PRIOR_CPU_TRAIN_DEFAULTS if pixels and device.on_cpu() else {}
-    return {**PRIOR_TRAIN_DEFAULTS, **cpu_pixels}
+def prior_train_defaults(device: DeviceOptions) -> dict[str, Any]:
+    """A prior's training defaults: :data:`PRIOR_TRAIN_DEFAULTS`, on the CPU under
+    :data:`PRIOR_CPU_TRAIN_DEFAULTS`."""
+    return {**PRIOR_TRAIN_DEFAULTS, **(PRIOR_CPU_TRAIN_DEFAULTS if device.on_cpu() else {})}
 
 
 def resolve_prior_stage(
@@ -253,8 +252,7 @@ def resolve_prior_stage(
     defaults are those of ``device`` (:func:`prior_train_defaults`)."""
     check_sections(raw, "prior")
     data = DataConfig.from_dict(raw.get("data"), prefix="data.")
-    pixels = raw.get("vae") is None
-    defaults = prior_train_defaults(pixels, device or DeviceOptions())
+    defaults = prior_train_defaults(device or DeviceOptions())
     raw = {**raw, "train": {**defaults, **(raw.get("train") or {})}}
     TrainConfig.from_dict(raw.get("train"), prefix="train.")
     splits = load_image_splits(data, codes=raw.get("vae") is not None)
