@@ -90,6 +90,7 @@ def test_horizon_is_capped_by_max_steps_and_refits_the_lr(
         global_step=0,
         strategy=_Strategy(),
         lr_scheduler_configs=[SimpleNamespace(scheduler=sched)],
+        is_global_zero=True,
         should_stop=False,
     )
     for step in range(1, callbacks.FIT_AFTER + 2):  # the first step is not timed
@@ -103,6 +104,37 @@ def test_horizon_is_capped_by_max_steps_and_refits_the_lr(
     now[0] = 1e6  # the budget is spent: the next step stops the run
     clock.on_train_batch_end(trainer)  # type: ignore[arg-type]
     assert trainer.should_stop
+
+
+@pytest.mark.parametrize(("max_steps", "budget", "said"), [(30, 1e6, True), (10_000, 1.0, False)])
+def test_a_line_says_when_max_steps_will_end_the_run_before_its_budget(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    max_steps: int,
+    budget: float,
+    said: bool,
+) -> None:
+    """At 0.01 s a step, 1e6 s fit ~1e8 steps (max_steps=30 ends the run first: one line with
+    the time it will end); 1 s fits ~100 steps, well inside max_steps=10,000 (no line)."""
+    train = TrainConfig(max_steps=max_steps, max_time_s=budget)
+    now = [0.0]
+    monkeypatch.setattr(callbacks.time, "time", lambda: now[0])
+    clock = callbacks.TimeBudget(train, started=0.0)
+    trainer = SimpleNamespace(
+        global_step=0, strategy=_Strategy(), is_global_zero=True, should_stop=False
+    )
+    with caplog.at_level("INFO", logger="vqprior.train.progress"):
+        for step in range(1, callbacks.FIT_AFTER + 2):
+            trainer.global_step, now[0] = step, step * 0.01
+            clock.on_train_batch_end(trainer)  # type: ignore[arg-type]
+    lines = [r.getMessage() for r in caplog.records if "max_steps" in r.getMessage()]
+    if not said:
+        assert lines == []
+        return
+    (line,) = lines
+    # 9 steps left of 30 at 0.01 s each: the run ends at ~0.3 s of its 1e6 s
+    assert line.startswith("train.max_steps=30 will end this run after about 0 s of its 1000000 s")
+    assert "raise train.max_steps" in line
 
 
 def test_negative_budget_is_refused() -> None:

@@ -207,6 +207,7 @@ class LastValidation(Callback):
 
 FIT_AFTER = 20  # steps timed before a cosine schedule's horizon is fitted to a time budget
 VAL_SHARE = 0.1  # of a time budget, for validations (unless train.val_batches is set)
+STEPS_END_FIRST = 1.1  # steps that fit the budget over max_steps, above which a line says so
 MIN_VAL_BATCHES = 4
 
 
@@ -266,6 +267,8 @@ class TimeBudget(Callback):
                 self.horizon = int(trainer.strategy.broadcast(horizon, src=0))
                 for config in trainer.lr_scheduler_configs:
                     refit_schedule(config.scheduler, replace(self.train, max_steps=self.horizon))
+            if trainer.is_global_zero:
+                self._say_if_steps_end_first(step, self._steps_left(trainer))
         # the reserve counts once validation is planned (capped) or measured
         planned = step >= self.first_step + FIT_AFTER or self.val_s is not None
         stop = self.elapsed() + (self.reserve() if planned else 0.0) >= self.seconds
@@ -292,6 +295,23 @@ class TimeBudget(Callback):
             )
         module: Any = trainer.lightning_module  # a StageModule (vqprior.train.module)
         module.max_val_batches = self.val_batches = cap
+
+    def _say_if_steps_end_first(self, step: int, steps_left: int) -> None:
+        """One line on the progress logger when ``train.max_steps`` will end the run well
+        before its budget (a time budget does not lift it)."""
+        fit, cap = step + steps_left, self.train.max_steps
+        if fit <= STEPS_END_FIRST * cap or steps_left <= 0:
+            return
+        now = self.elapsed()
+        end = now + (self.seconds - now) * (cap - step) / steps_left
+        logging.getLogger("vqprior.train.progress").info(
+            "train.max_steps=%d will end this run after about %.0f s of its %.0f s budget "
+            "(about %d steps would fit): raise train.max_steps to use all of it",
+            cap,
+            end,
+            self.seconds,
+            fit,
+        )
 
     def _steps_left(self, trainer: L.Trainer) -> int:
         """Steps that fit in the time left, each paying its share of the periodic validations."""
