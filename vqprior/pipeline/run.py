@@ -118,13 +118,8 @@ def _prepare(call: ddp.Call, device: DeviceOptions) -> None:
     if not (out / codes.VAE_RECORD).is_file():
         common.write_json(out / codes.VAE_RECORD, record)
     if call["codes_dir"] is None:  # every level's codes in <out>/codes, as train_prior reads them
-        dev = _data_device(device)
+        dev = device.data_device()
         codes.level_codes(vae, record, splits, cfg.data, out, None, dev)
-
-
-def _data_device(device: DeviceOptions) -> str | None:
-    """The torch device of encode/generate/evaluate: cpu when asked, else cuda when available."""
-    return "cpu" if device.accelerator == "cpu" else None
 
 
 def _execute(
@@ -134,7 +129,7 @@ def _execute(
     from vqprior.train import codes, inference
 
     dirs = {k: str(pipe.out / v) for k, v in stage.refs.items()}
-    cfg, dev = stage.config, _data_device(device)
+    cfg, dev = stage.config, device.data_device()
     if stage.training:
         call = {
             "kind": stage.kind,

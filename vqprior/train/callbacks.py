@@ -262,13 +262,14 @@ class TimeBudget(Callback):
         if step == self.first_step + FIT_AFTER:
             if self.val_s is None and self.val_batches and not self.train.val_batches:
                 self._cap_validation(trainer)
+            left = self._steps_left(trainer)
             if self.train.lr_schedule == "cosine":
-                horizon = min(self.train.max_steps, step + max(1, self._steps_left(trainer)))
+                horizon = min(self.train.max_steps, step + max(1, left))
                 self.horizon = int(trainer.strategy.broadcast(horizon, src=0))
                 for config in trainer.lr_scheduler_configs:
                     refit_schedule(config.scheduler, replace(self.train, max_steps=self.horizon))
             if trainer.is_global_zero:
-                self._say_if_steps_end_first(step, self._steps_left(trainer))
+                self._say_if_steps_end_first(step, left)
         # the reserve counts once validation is planned (capped) or measured
         planned = step >= self.first_step + FIT_AFTER or self.val_s is not None
         stop = self.elapsed() + (self.reserve() if planned else 0.0) >= self.seconds

@@ -37,7 +37,7 @@ class TrainConfig(Config):
     """Optimisation, validation, checkpointing and logging cadence of one training stage."""
 
     batch_size: int = 64
-    lr: float = 3e-4  # priors: 3e-3, batch 32 (pixels: 8), cosine (vqprior.train.stages)
+    lr: float = 3e-4  # priors: 3e-3, batch 8 on a CPU (32 on a GPU), cosine (train.stages)
     weight_decay: float = 0.0
     lr_schedule: str = "constant"  # "constant" | "cosine" (decays to 0 at max_steps)
     warmup_steps: int = 0
@@ -130,6 +130,11 @@ class DeviceOptions(Config):
         if self.on_cpu() and native_cpu_bf16():
             return "bf16-mixed"
         return "32-true"
+
+    def data_device(self) -> str | None:
+        """The torch device of the work around training (encoding codes, generating,
+        evaluating): ``"cpu"`` when asked, else None (CUDA when available)."""
+        return "cpu" if self.accelerator == "cpu" else None
 
     def on_cpu(self) -> bool:
         """Whether training runs on the CPU: ``cpu``, or ``auto`` with no GPU (Lightning's

@@ -130,8 +130,7 @@ def level_prior_parts(
         )
         tops = condition_codes(dm, has_val, n) if i else None
     else:  # every level's codes in memory
-        dev = "cpu" if device.accelerator == "cpu" else None
-        codes = level_codes(vae, record, splits, cfg.data, out, codes_dir, dev)
+        codes = level_codes(vae, record, splits, cfg.data, out, codes_dir, device.data_device())
         dm, has_val = level_datamodule(codes, i, train.batch_size, train.num_workers, train.seed)
         tops = codes[i - 1]["val" if has_val else "train"][0][:n] if i else None
     nrow = grid_nrow(n, cfg.model.num_classes)
