@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from vqprior.config import ConfigError
@@ -223,3 +224,29 @@ def test_priors_default_to_the_schedule_chosen_per_second_and_the_vae_keeps_its_
     assert schedule == (8, "cosine", 50) and cfg.train.ema_decay == 0.0  # a pixel prior: batch 8
     assert resolve_prior_stage({"data": data, "train": {"lr": 5e-4}})[0].train.lr == 5e-4
     assert resolve_vae_stage({"data": data})[0].train.lr == 3e-4
+
+
+def test_a_run_dir_from_before_a_train_key_existed_is_the_same_run_at_its_old_value(
+    tmp_path: Path,
+) -> None:
+    from vqprior.train.rundir import ADDED_TRAIN_KEYS
+
+    now = TrainConfig().to_dict()
+    before = {k: v for k, v in now.items() if k not in ADDED_TRAIN_KEYS}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"train": before}))
+    assert not check_run_dir(tmp_path, {"train": {**before, **ADDED_TRAIN_KEYS}})
+    for key, old_value in ADDED_TRAIN_KEYS.items():  # the value those runs used, and no other
+        assert now[key] == old_value
+        with pytest.raises(ConfigError, match=f"train.{key}"):
+            check_run_dir(tmp_path, {"train": {**now, key: old_value / 2}})
+
+
+def test_adam_beta2_reaches_the_optimiser_and_is_range_checked() -> None:
+    from vqprior.train.module import configure_adamw
+
+    param = torch.nn.Parameter(torch.zeros(3))
+    opt = configure_adamw([param], TrainConfig(adam_beta2=0.95))["optimizer"]
+    assert opt.param_groups[0]["betas"] == (0.9, 0.95)
+    for bad in (1.0, -0.1):
+        with pytest.raises(ConfigError, match="adam_beta2"):
+            TrainConfig(adam_beta2=bad)

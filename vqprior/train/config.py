@@ -39,6 +39,7 @@ class TrainConfig(Config):
     batch_size: int = 64
     lr: float = 3e-4  # priors: 3e-3, batch 8 on a CPU (32 on a GPU), cosine (train.stages)
     weight_decay: float = 0.0
+    adam_beta2: float = 0.999  # AdamW's second-moment decay (its beta1 stays 0.9)
     lr_schedule: str = "constant"  # "constant" | "cosine" (decays to 0 at max_steps)
     warmup_steps: int = 0
     max_steps: int = 10_000
@@ -66,6 +67,8 @@ class TrainConfig(Config):
         check_range("num_sample_images", self.num_sample_images, 1)
         check_range("lr", self.lr, 0.0)
         check_range("weight_decay", self.weight_decay, 0.0)
+        if not 0.0 <= self.adam_beta2 < 1.0:
+            raise ConfigError(f"train.adam_beta2={self.adam_beta2!r} must lie in [0, 1)")
         check_range("grad_clip", self.grad_clip, 0.0)
         check_range("max_time_s", self.max_time_s, 0.0)
         check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))

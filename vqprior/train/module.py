@@ -82,6 +82,7 @@ def configure_adamw(params: Iterable[torch.nn.Parameter], train: TrainConfig) ->
     its own (possibly extended) config.
     """
     trainable = [p for p in params if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
+    betas = (0.9, train.adam_beta2)
+    opt = torch.optim.AdamW(trainable, lr=train.lr, betas=betas, weight_decay=train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

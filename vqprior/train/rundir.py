@@ -43,6 +43,9 @@ RUN_ENTRIES = frozenset(
 )
 # config keys a finished run may raise on a rerun to train longer (see check_run_dir)
 EXTENDABLE = ("train.max_steps",)
+# train keys added after runs were made, with the value those runs used without naming it: a
+# run dir whose config.yaml lacks one is the same run as a config holding that value
+ADDED_TRAIN_KEYS: dict[str, Any] = {"adam_beta2": 0.999}
 
 
 def _first_difference(old: Any, new: Any, prefix: str = "") -> tuple[str, Any, Any]:
@@ -63,6 +66,16 @@ def _plain(resolved: dict[str, Any]) -> Any:
     if isinstance(plain, dict) and isinstance(plain.get("train"), dict):
         plain["train"] = {k: v for k, v in plain["train"].items() if k not in PER_INVOCATION}
     return plain
+
+
+def _with_added_keys(old: Any, new: Any) -> Any:
+    """A run dir's config with the :data:`ADDED_TRAIN_KEYS` it lacks and ``new`` has, at
+    their old values."""
+    try:
+        added = {k: v for k, v in ADDED_TRAIN_KEYS.items() if k in new["train"]}
+        return {**old, "train": {**added, **old["train"]}}
+    except (KeyError, TypeError):
+        return old
 
 
 def _extended(old: Any, new: Any) -> bool:
@@ -87,7 +100,7 @@ def check_run_dir(out: Path, resolved: dict[str, Any]) -> bool:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: pass a directory for the run")
     if cfg_file.is_file():
-        old = _plain(_read_run_config(cfg_file))
+        old = _with_added_keys(_plain(_read_run_config(cfg_file)), resolved)
         if old == resolved:
             return False
         if _extended(old, resolved):
