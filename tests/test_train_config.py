@@ -222,8 +222,10 @@ def test_priors_default_to_the_schedule_chosen_per_second_and_the_vae_keeps_its_
     assert cfg.train.lr == PRIOR_TRAIN_DEFAULTS["lr"] == 3e-3
     schedule = (cfg.train.batch_size, cfg.train.lr_schedule, cfg.train.warmup_steps)
     assert schedule == (8, "cosine", 50) and cfg.train.ema_decay == 0.0  # a pixel prior: batch 8
+    assert cfg.train.adam_beta2 == PRIOR_TRAIN_DEFAULTS["adam_beta2"] == 0.95
     assert resolve_prior_stage({"data": data, "train": {"lr": 5e-4}})[0].train.lr == 5e-4
     assert resolve_vae_stage({"data": data})[0].train.lr == 3e-4
+    assert resolve_vae_stage({"data": data})[0].train.adam_beta2 == 0.999
 
 
 def test_a_run_dir_from_before_a_train_key_existed_is_the_same_run_at_its_old_value(
