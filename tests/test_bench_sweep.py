@@ -39,6 +39,13 @@ def test_arms_parse_typed_overrides_and_reject_unknown_keys(tmp_path) -> None:
     assert over == {"channels": 32, "lr": 1e-3, "precision": "bf16", "lr_schedule": "cosine"}
     with pytest.raises(ValueError, match="not key=value"):
         parse_arm("x:channels")
+    from vqprior.bench.sweep import _split
+
+    assert _split(parse_arm("b:adam_beta2=0.95,channels=8")[1]) == (
+        {"channels": 8},
+        {"adam_beta2": 0.95},
+        "fp32",
+    )
     with pytest.raises(ValueError, match="unknown arm key 'depth'"):
         main(["--data", "digits", "--arm", "x:depth=3", "--out", str(tmp_path / "s.json")])
     with pytest.raises(ValueError, match="precision must be"):

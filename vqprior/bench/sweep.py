@@ -12,7 +12,8 @@ at the step count the first 20 steps predict for the budget; bf16 arms run ``bf1
 An arm is ``name[:key=value,...]`` over :class:`~vqprior.models.pixelcnn.PixelCNNConfig`
 fields (``channels``, ``num_layers``, ``kernel_size``, ``backbone``, ...), the
 :class:`~vqprior.train.config.TrainConfig` fields ``lr``, ``lr_schedule``, ``warmup_steps``,
-``batch_size``, ``weight_decay``, ``ema_decay``, ``grad_clip``, and ``precision`` (fp32 | bf16).
+``batch_size``, ``weight_decay``, ``adam_beta2``, ``ema_decay``, ``grad_clip``, and
+``precision`` (fp32 | bf16).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ TRAIN_KEYS = (
     "warmup_steps",
     "batch_size",
     "weight_decay",
+    "adam_beta2",
     "ema_decay",
     "grad_clip",
 )
