@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning as L
 import pytest
+import yaml
 from click.testing import CliRunner, Result
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
@@ -197,6 +198,12 @@ def test_interrupted_stage_resumes_from_its_checkpoint(
     entry = manifest(run)["prior_pixels"]
     assert entry["status"] == "running"
     assert (run / "prior_pixels" / "checkpoints" / "last.ckpt").is_file()
+    # as a version before train.adam_beta2 wrote it (priors now default to 0.95, not 0.999): the
+    # stage still resumes, at the value its run recorded
+    cfg_file = run / "prior_pixels" / "config.yaml"
+    recorded = yaml.safe_load(cfg_file.read_text())
+    assert recorded["train"].pop("adam_beta2") == 0.95
+    cfg_file.write_text(yaml.safe_dump(recorded))
     monkeypatch.setattr(stages, "train_prior", original)
     result = pipeline(run, *sets)
     assert result.exit_code == 0, result.output

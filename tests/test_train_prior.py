@@ -325,6 +325,29 @@ def test_priors_on_a_cpu_default_to_batch_8_else_32_and_a_set_batch_wins(
             assert batch(vae, device, batch_size=5) == 5
 
 
+def test_a_prior_resumed_on_another_device_keeps_the_batch_it_was_made_with(
+    tmp_path: Path,
+) -> None:
+    """The batch default depends on the device (8 on a CPU, 32 on a GPU); a run dir's recorded
+    batch wins over it, a named batch over both (and is then compared by check_run_dir)."""
+    from vqprior.train.config import DeviceOptions
+    from vqprior.train.rundir import check_run_dir, prepare_run_dir
+    from vqprior.train.stages import resolve_prior_stage
+
+    raw = {"data": {"name": "digits", "limit": 32}, "vae": None}
+    cpu, gpu = DeviceOptions(accelerator="cpu"), DeviceOptions(accelerator="gpu")
+    made = resolve_prior_stage(raw, cpu, tmp_path / "run")[0]
+    assert made.train.batch_size == 8
+    prepare_run_dir(tmp_path / "run", made.to_dict())
+    again = resolve_prior_stage(raw, gpu, tmp_path / "run")[0]
+    assert again.train.batch_size == 8 and again == made
+    assert not check_run_dir(tmp_path / "run", again.to_dict())
+    assert resolve_prior_stage(raw, gpu, tmp_path / "new")[0].train.batch_size == 32
+    named = resolve_prior_stage({**raw, "train": {"batch_size": 32}}, gpu, tmp_path / "run")[0]
+    with pytest.raises(ConfigError, match="train.batch_size is 8 there, 32 now"):
+        check_run_dir(tmp_path / "run", named.to_dict())
+
+
 def test_a_pixel_prior_without_an_architecture_defaults_to_pixelcnnpp_tiny() -> None:
     """PIXEL_PRIOR_MODEL_DEFAULTS apply to pixel priors whose config names no architecture and
     whose image sides are multiples of 4; any architecture field keeps the gated default."""

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import errno
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner, Result
 
 import vqprior.io
@@ -79,6 +81,31 @@ def test_an_extension_that_changes_anything_else_is_refused(
         (line,) = error_lines(result)
         assert line.startswith("error: ") and "holds a different run" in line
     assert (out / "config.yaml").read_text() == before
+
+
+def test_a_rerun_keeps_what_its_run_recorded_where_the_config_names_nothing(
+    three_steps: tuple[Path, Result], tmp_path: Path
+) -> None:
+    """A run made under other defaults (an older version: another lr, no adam_beta2 key yet)
+    is still the same run: the keys the config does not name keep their recorded values (the
+    tiny config names lr, not grad_clip), and
+    a larger max_steps extends it. A named value is compared, and refused where it differs."""
+    out = tmp_path / "vae"
+    shutil.copytree(three_steps[0], out)
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    recorded["train"]["grad_clip"] = 0.5  # not TrainConfig's default
+    del recorded["train"]["adam_beta2"]
+    (out / "config.yaml").write_text(yaml.safe_dump(recorded))
+    longer = recorded["train"]["max_steps"] + 2  # 3, or 6 after the extension test
+    result = train_vae(out, f"train.max_steps={longer}")
+    assert result.exit_code == 0, result.output
+    assert state(out / "checkpoints" / "last.ckpt")["global_step"] == longer
+    train = yaml.safe_load((out / "config.yaml").read_text())["train"]
+    assert (train["grad_clip"], train["adam_beta2"], train["max_steps"]) == (0.5, 0.999, longer)
+    for named in ("train.grad_clip=1.0", "train.adam_beta2=0.95"):
+        result = train_vae(out, f"train.max_steps={longer}", named)
+        (line,) = error_lines(result)
+        assert result.exit_code == 2 and named.split("=")[0] in line, line
 
 
 def _full_disk(*args: Any, **kwargs: Any) -> None:

@@ -109,9 +109,9 @@ def _prepare(call: ddp.Call, device: DeviceOptions) -> None:
 
     out = Path(call["out"])
     if call["kind"] == "train-vae":
-        common.prepare_run_dir(out, stages.resolve_vae_stage(call["cfg"])[0].to_dict())
+        common.prepare_run_dir(out, stages.resolve_vae_stage(call["cfg"], out)[0].to_dict())
         return
-    cfg, splits, vae, record = stages.resolve_prior_stage(call["cfg"], device)
+    cfg, splits, vae, record = stages.resolve_prior_stage(call["cfg"], device, out)
     common.prepare_run_dir(out, cfg.to_dict())
     if vae is None or record is None:
         return

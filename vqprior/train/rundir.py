@@ -78,6 +78,20 @@ def _with_added_keys(old: Any, new: Any) -> Any:
         return old
 
 
+def recorded_train(out: Path | None) -> dict[str, Any]:
+    """The train settings the run dir ``out`` records in its ``config.yaml`` (with the
+    :data:`ADDED_TRAIN_KEYS` it lacks, at their old values); ``{}`` for a new run. A stage
+    resolves its train keys over these where its config names none, so a rerun resumes the run
+    as it was made: a default changed since (a new version, or a default of another device)
+    never makes it a different run. What the config names is compared (:func:`check_run_dir`)."""
+    cfg_file = None if out is None else Path(out) / "config.yaml"
+    if cfg_file is None or not cfg_file.is_file():
+        return {}
+    old = _read_run_config(cfg_file)
+    train = old.get("train") if isinstance(old, dict) else None
+    return {**ADDED_TRAIN_KEYS, **train} if isinstance(train, dict) else {}
+
+
 def _extended(old: Any, new: Any) -> bool:
     """True when ``new`` equals ``old`` but for a larger ``train.max_steps``."""
     try:

@@ -54,6 +54,7 @@ from vqprior.train.rundir import (
     check_run_dir,
     prepare_run_dir,
     read_json,
+    recorded_train,
     write_json,
     write_model_card,
 )
@@ -67,9 +68,14 @@ def _with_seed(cfg_dict: dict[str, Any], seed: int | None) -> dict[str, Any]:
     return apply_overrides(cfg_dict, [f"train.seed={seed}"]) if seed is not None else dict(cfg_dict)
 
 
-def resolve_vae_stage(raw: dict[str, Any]) -> tuple[VAEStageConfig, ImageSplits]:
-    """Check keys, load the data, fill ``model.in_channels``; the resolved config and splits."""
+def resolve_vae_stage(
+    raw: dict[str, Any], out: Path | None = None
+) -> tuple[VAEStageConfig, ImageSplits]:
+    """Check keys, load the data, fill ``model.in_channels``; the resolved config and splits.
+    Train keys ``raw`` does not name keep the values the run dir ``out`` records
+    (:func:`~vqprior.train.rundir.recorded_train`)."""
     check_sections(raw, "vae")
+    raw = {**raw, "train": {**recorded_train(out), **(raw.get("train") or {})}}
     data = DataConfig.from_dict(raw.get("data"), prefix="data.")
     check_vae_data(data)  # data.level belongs to a prior
     TrainConfig.from_dict(raw.get("train"), prefix="train.")  # fail fast, before loading data
@@ -117,7 +123,7 @@ def train_vae(
 ) -> dict[str, Any]:
     """Stage one: fit a VQ-VAE; rerunning with the same config resumes. Returns the summary."""
     started, device, out = time.time(), device or DeviceOptions(), Path(out_dir)
-    cfg, splits = resolve_vae_stage(_with_seed(cfg_dict, seed))
+    cfg, splits = resolve_vae_stage(_with_seed(cfg_dict, seed), out)
     check_run_dir(out, cfg.to_dict())  # before the lock: refused dirs get no .lock file
     with RunLock(out):
         return _fit_vae(cfg, splits, out, device, callbacks, started)
@@ -251,13 +257,14 @@ def prior_train_defaults(device: DeviceOptions) -> dict[str, Any]:
 
 
 def resolve_prior_stage(
-    raw: dict[str, Any], device: DeviceOptions | None = None
+    raw: dict[str, Any], device: DeviceOptions | None = None, out: Path | None = None
 ) -> tuple[PriorStageConfig, ImageSplits, VQVAE | None, dict[str, Any] | None]:
     """Check keys, load data (and the VAE), fill the data-dependent model fields; the training
-    defaults are those of ``device`` (:func:`prior_train_defaults`)."""
+    defaults are those of ``device`` (:func:`prior_train_defaults`), under the values the run
+    dir ``out`` records (:func:`~vqprior.train.rundir.recorded_train`) for a rerun."""
     check_sections(raw, "prior")
     data = DataConfig.from_dict(raw.get("data"), prefix="data.")
-    defaults = prior_train_defaults(device or DeviceOptions())
+    defaults = {**prior_train_defaults(device or DeviceOptions()), **recorded_train(out)}
     raw = {**raw, "train": {**defaults, **(raw.get("train") or {})}}
     TrainConfig.from_dict(raw.get("train"), prefix="train.")
     splits = load_image_splits(data, codes=raw.get("vae") is not None)
@@ -297,7 +304,7 @@ def train_prior(
     from ``<out>/codes`` when still valid, else they are encoded now.
     """
     started, device, out = time.time(), device or DeviceOptions(), Path(out_dir)
-    cfg, splits, vae, record = resolve_prior_stage(_with_seed(cfg_dict, seed), device)
+    cfg, splits, vae, record = resolve_prior_stage(_with_seed(cfg_dict, seed), device, out)
     check_run_dir(out, cfg.to_dict())
     with RunLock(out):
         codes = Path(codes_dir) if codes_dir else None
