@@ -228,6 +228,22 @@ def test_priors_default_to_the_schedule_chosen_per_second_and_the_vae_keeps_its_
     assert resolve_vae_stage({"data": data})[0].train.adam_beta2 == 0.999
 
 
+def test_recorded_train_is_what_a_run_dir_records_that_this_version_knows(tmp_path: Path) -> None:
+    from vqprior.train.rundir import ADDED_TRAIN_KEYS, recorded_train
+
+    assert recorded_train(None) == recorded_train(tmp_path / "new") == {}
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"train": {"lr": 0.1, "from_a_newer_version": 3}}))
+    assert recorded_train(tmp_path) == {**ADDED_TRAIN_KEYS, "lr": 0.1}  # the newer key: refused
+    with pytest.raises(ConfigError, match="from_a_newer_version is 3 there"):  # as a change
+        check_run_dir(tmp_path, {"train": {**ADDED_TRAIN_KEYS, "lr": 0.1}})
+    cfg.write_text("- not\n- a run's config\n")
+    assert recorded_train(tmp_path) == {}
+    cfg.write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="cannot read"):
+        recorded_train(tmp_path)
+
+
 def test_a_run_dir_from_before_a_train_key_existed_is_the_same_run_at_its_old_value(
     tmp_path: Path,
 ) -> None:

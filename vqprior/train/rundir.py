@@ -9,6 +9,7 @@ import csv
 import json
 import logging
 import shutil
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from vqprior.card import CARD_NAME, model_card
 from vqprior.config import ConfigError
 from vqprior.io import CONFIG_NAME, atomic_path, atomic_write_text
 from vqprior.ranks import is_rank_zero
-from vqprior.train.config import PER_INVOCATION
+from vqprior.train.config import PER_INVOCATION, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,10 @@ def recorded_train(out: Path | None) -> dict[str, Any]:
         return {}
     old = _read_run_config(cfg_file)
     train = old.get("train") if isinstance(old, dict) else None
-    return {**ADDED_TRAIN_KEYS, **train} if isinstance(train, dict) else {}
+    if not isinstance(train, dict):
+        return {}
+    known = {f.name for f in fields(TrainConfig)}  # a newer version's key: refused as a change
+    return {k: v for k, v in {**ADDED_TRAIN_KEYS, **train}.items() if k in known}
 
 
 def _extended(old: Any, new: Any) -> bool:
