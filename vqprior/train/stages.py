@@ -68,6 +68,15 @@ def _with_seed(cfg_dict: dict[str, Any], seed: int | None) -> dict[str, Any]:
     return apply_overrides(cfg_dict, [f"train.seed={seed}"]) if seed is not None else dict(cfg_dict)
 
 
+def _with_train_defaults(
+    raw: dict[str, Any], out: Path | None, defaults: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``raw`` with its train keys over those the run dir ``out`` records (a rerun: see
+    :func:`~vqprior.train.rundir.recorded_train`), over the stage's ``defaults``."""
+    train = {**(defaults or {}), **recorded_train(out), **(raw.get("train") or {})}
+    return {**raw, "train": train}
+
+
 def resolve_vae_stage(
     raw: dict[str, Any], out: Path | None = None
 ) -> tuple[VAEStageConfig, ImageSplits]:
@@ -75,7 +84,7 @@ def resolve_vae_stage(
     Train keys ``raw`` does not name keep the values the run dir ``out`` records
     (:func:`~vqprior.train.rundir.recorded_train`)."""
     check_sections(raw, "vae")
-    raw = {**raw, "train": {**recorded_train(out), **(raw.get("train") or {})}}
+    raw = _with_train_defaults(raw, out)
     data = DataConfig.from_dict(raw.get("data"), prefix="data.")
     check_vae_data(data)  # data.level belongs to a prior
     TrainConfig.from_dict(raw.get("train"), prefix="train.")  # fail fast, before loading data
@@ -264,8 +273,7 @@ def resolve_prior_stage(
     dir ``out`` records (:func:`~vqprior.train.rundir.recorded_train`) for a rerun."""
     check_sections(raw, "prior")
     data = DataConfig.from_dict(raw.get("data"), prefix="data.")
-    defaults = {**prior_train_defaults(device or DeviceOptions()), **recorded_train(out)}
-    raw = {**raw, "train": {**defaults, **(raw.get("train") or {})}}
+    raw = _with_train_defaults(raw, out, prior_train_defaults(device or DeviceOptions()))
     TrainConfig.from_dict(raw.get("train"), prefix="train.")
     splits = load_image_splits(data, codes=raw.get("vae") is not None)
     model = dict(raw.get("model") or {})
