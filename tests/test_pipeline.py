@@ -311,6 +311,21 @@ def test_bad_pipeline_files_name_the_stage(tmp_path: Path, stages_yaml: str, nee
     assert needle in str(err.value)
 
 
+def test_the_manifest_records_an_unset_max_steps_as_the_default_bound(tmp_path: Path) -> None:
+    """A stage without ``train.max_steps`` is recorded at the bound it has without a budget, so
+    naming a larger one later extends it and naming 10,000 changes nothing."""
+    from vqprior.pipeline.spec import max_steps
+    from vqprior.train.config import DEFAULT_MAX_STEPS
+
+    prior = f"{ROOT}/configs/tiny/prior_pixels.yaml"
+    pipe = load_pipeline(write(tmp_path, (
+        f"  unset: {{kind: train-prior, config: {prior}, train: {{max_steps: null}}}}\n"
+        f"  named: {{kind: train-prior, config: {prior}, train: {{max_steps: 7}}}}\n"
+        "  samples: {kind: generate, prior: named}\n"
+    )))  # fmt: skip
+    assert [max_steps(s) for s in pipe.stages] == [DEFAULT_MAX_STEPS, 7, None]
+
+
 @pytest.mark.parametrize("name", ["quickstart", "mnist", "cifar10"])
 def test_shipped_pipelines_are_valid(name: str) -> None:
     pipe = load_pipeline(ROOT / "pipelines" / f"{name}.yaml")

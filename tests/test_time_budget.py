@@ -14,7 +14,8 @@ from lightning.pytorch.callbacks import Callback
 
 from vqprior.config import ConfigError
 from vqprior.train import callbacks
-from vqprior.train.config import DeviceOptions, TrainConfig
+from vqprior.train import config as train_config
+from vqprior.train.config import DEFAULT_MAX_STEPS, UNBOUNDED, DeviceOptions, TrainConfig
 from vqprior.train.stages import train_prior
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
@@ -137,6 +138,64 @@ def test_a_line_says_when_max_steps_will_end_the_run_before_its_budget(
     assert "raise train.max_steps" in line
 
 
+def test_unset_max_steps_is_bounded_by_the_budget_or_by_the_default() -> None:
+    assert TrainConfig().max_steps is None and TrainConfig().steps == DEFAULT_MAX_STEPS == 10_000
+    assert TrainConfig(max_time_s=60.0).steps == UNBOUNDED  # the budget ends the run
+    assert TrainConfig(max_steps=30, max_time_s=60.0).steps == 30  # a named bound still holds
+    assert train_config.recorded_steps(None) == DEFAULT_MAX_STEPS
+    assert train_config.recorded_steps(None, 60.0) == UNBOUNDED
+    assert train_config.recorded_steps(7, 60.0) == 7
+    with pytest.raises(ConfigError, match="max_steps"):
+        TrainConfig(max_steps=0)
+
+
+def test_without_max_steps_the_horizon_is_the_budgets(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At 0.01 s a step a 1e6 s budget fits ~1e8 steps: with max_steps unset the cosine is
+    fitted to all of them (not to 10,000) and no line says a step bound ends the run first."""
+    import torch
+
+    train = TrainConfig(max_time_s=1e6, lr_schedule="cosine", lr=1.0)
+    now = [0.0]
+    monkeypatch.setattr(callbacks.time, "time", lambda: now[0])
+    clock = callbacks.TimeBudget(train, started=0.0)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    trainer = SimpleNamespace(
+        global_step=0,
+        strategy=_Strategy(),
+        lr_scheduler_configs=[SimpleNamespace(scheduler=sched)],
+        is_global_zero=True,
+        should_stop=False,
+    )
+    with caplog.at_level("INFO", logger="vqprior.train.progress"):
+        for step in range(1, callbacks.FIT_AFTER + 2):
+            trainer.global_step, now[0] = step, step * 0.01
+            clock.on_train_batch_end(trainer)  # type: ignore[arg-type]
+    assert clock.horizon is not None and 0.9e8 < clock.horizon < 1.1e8
+    assert not [r for r in caplog.records if "max_steps" in r.getMessage()]
+
+
+def test_a_budget_bounds_a_run_without_max_steps_end_to_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the default bound shrunk to 5 steps: a budgeted run without ``max_steps`` trains past
+    it until its budget ends; rerun without a budget it resumes at its step and trains no
+    further (the bound without a budget is the default again), and a fresh run without a budget
+    stops at the default."""
+    monkeypatch.setattr(train_config, "DEFAULT_MAX_STEPS", 5)
+    cfg = _cfg(max_time_s=3.0, lr_schedule="cosine")
+    del cfg["train"]["max_steps"]
+    summary = train_prior(cfg, tmp_path / "budget", CPU)
+    assert summary["global_step"] > 5 * 2
+    assert "max_steps: null" in (tmp_path / "budget" / "config.yaml").read_text()
+    unbudgeted = {**cfg, "train": {**cfg["train"], "max_time_s": 0.0}}
+    again = train_prior(unbudgeted, tmp_path / "budget", CPU)
+    assert again["global_step"] == summary["global_step"]
+    assert train_prior(unbudgeted, tmp_path / "fresh", CPU)["global_step"] == 5
+
+
 def test_negative_budget_is_refused() -> None:
     with pytest.raises(ConfigError, match="max_time_s"):
         TrainConfig(max_time_s=-1.0)
@@ -152,6 +211,26 @@ def test_progress_lines_count_down_the_budget(monkeypatch: pytest.MonkeyPatch) -
     progress.on_train_start(trainer, None)  # type: ignore[arg-type]
     trainer.global_step, now[0] = 10, 110.0  # 10 steps in 10 s: 9,990 s left by steps
     assert progress.line(trainer, now[0]).endswith("0:00:50 left")  # type: ignore[arg-type]
+    trainer.max_steps = UNBOUNDED  # no max_steps: the budget alone, and no step total
+    line = progress.line(trainer, now[0])  # type: ignore[arg-type]
+    assert line.startswith("step 10, ") and line.endswith("0:00:50 left")
+
+
+def test_progress_lines_without_a_step_bound_come_by_the_clock(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = [0.0]
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: now[0])
+    progress = callbacks.PlainProgress(8, every_s=30.0, deadline=1e9)
+    trainer = SimpleNamespace(global_step=0, max_steps=UNBOUNDED, callback_metrics={}, world_size=1)
+    progress.on_train_start(trainer, None)  # type: ignore[arg-type]
+    with caplog.at_level("INFO", logger=callbacks.PROGRESS_LOGGER):
+        for step in range(1, 101):  # a step a second: a line at 30, 60 and 90 s only
+            trainer.global_step, now[0] = step, float(step)
+            progress.on_train_batch_end(trainer, None, None, None, step)  # type: ignore[arg-type]
+    assert [r.getMessage().split(",")[0] for r in caplog.records] == [
+        "step 30", "step 60", "step 90"
+    ]  # fmt: skip
 
 
 def test_the_budget_keeps_time_for_the_last_validation(monkeypatch: pytest.MonkeyPatch) -> None:

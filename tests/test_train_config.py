@@ -214,6 +214,26 @@ def test_a_larger_max_steps_extends_a_run_and_nothing_else_does(tmp_path: Path) 
             check_run_dir(tmp_path, other)
 
 
+def test_an_unset_max_steps_compares_as_the_default_bound(tmp_path: Path) -> None:
+    """Unset (null) is the bound a run has without a budget, 10,000: a named larger bound
+    extends it, a smaller one is refused; a run with a named bound is extended by unsetting it
+    only when that bound was smaller than 10,000."""
+
+    def run(steps: int | None) -> dict:
+        return {"model": {"channels": 8}, "train": {"lr": 0.1, "max_steps": steps}}
+
+    prepare_run_dir(tmp_path / "a", run(None))
+    assert not check_run_dir(tmp_path / "a", run(None))
+    assert check_run_dir(tmp_path / "a", run(20_000))
+    with pytest.raises(ConfigError, match="max_steps is None there, 9000 now"):
+        check_run_dir(tmp_path / "a", run(9_000))
+    prepare_run_dir(tmp_path / "b", run(500))
+    assert check_run_dir(tmp_path / "b", run(None))
+    prepare_run_dir(tmp_path / "c", run(20_000))
+    with pytest.raises(ConfigError, match="holds a different run"):
+        check_run_dir(tmp_path / "c", run(None))
+
+
 def test_priors_default_to_the_schedule_chosen_per_second_and_the_vae_keeps_its_own() -> None:
     from vqprior.train.stages import PRIOR_TRAIN_DEFAULTS, resolve_prior_stage, resolve_vae_stage
 

@@ -171,7 +171,7 @@ def _data(run_config: Dict | None) -> str:
     if isinstance(train, Mapping):
         lines.append(
             f"- training: batch {train.get('batch_size')}, lr {train.get('lr')}, "
-            f"max_steps {train.get('max_steps')}, seed {train.get('seed')}"
+            f"max_steps {train.get('max_steps') or 'unset'}, seed {train.get('seed')}"
         )
     return "\n".join(lines)
 

@@ -24,9 +24,9 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorData
 from vqprior.data import DataConfig, load_image_splits
 from vqprior.models.pixelcnn import PixelCNN
 from vqprior.train.callbacks import TimeBudget
+from vqprior.train.config import UNBOUNDED
 from vqprior.train.prior import PriorModule
 
-UNBOUNDED = 10**9  # TrainConfig.max_steps until then: the budget, not a step count, ends a run
 LN2 = math.log(2.0)
 
 

@@ -37,7 +37,7 @@ import yaml
 
 from vqprior.config import Config, ConfigError, apply_overrides, check_choice, check_range
 from vqprior.data import DataConfig
-from vqprior.train.config import PER_INVOCATION, TrainConfig, check_sections
+from vqprior.train.config import PER_INVOCATION, TrainConfig, check_sections, recorded_steps
 
 KINDS = ("train-vae", "encode", "train-prior", "generate", "evaluate")
 TRAINING = ("train-vae", "train-prior")
@@ -307,10 +307,13 @@ def _check_codes(config: dict[str, Any], vae: str | None, codes: Stage) -> None:
 
 
 def max_steps(stage: Stage) -> int | None:
-    """A training stage's ``train.max_steps`` (None for other stages)."""
+    """A training stage's ``train.max_steps``, unset read as the bound it has without a budget
+    (:func:`~vqprior.train.config.recorded_steps`); None for other stages."""
     if not stage.training:
         return None
-    return TrainConfig.from_dict(stage.config.get("train"), prefix="train.").max_steps
+    return recorded_steps(
+        TrainConfig.from_dict(stage.config.get("train"), prefix="train.").max_steps
+    )
 
 
 def stage_key(stage: Stage, deps: dict[str, dict[str, Any]]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -17,6 +18,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 
 from vqprior.artifacts import save_image_grid
 from vqprior.io import atomic_torch_save
+from vqprior.train.config import UNBOUNDED
 from vqprior.train.errors import NonFiniteLossError
 from vqprior.train.module import lr_lambda
 
@@ -134,6 +136,8 @@ progress_log = logging.getLogger(PROGRESS_LOGGER)
 
 
 def _clock(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
     s = int(max(0.0, seconds))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
@@ -142,8 +146,9 @@ class PlainProgress(Callback):
     """A plain progress line through logging (``vqprior.train.progress``, INFO) for runs
     without a terminal (a batch job, a pipe): step, loss, images/s, time left.
 
-    A line every ``max_steps // 10`` steps or every ``every_s`` seconds, whichever comes first,
-    and one at the end. Rank zero only.
+    A line every ``max_steps // 10`` steps or every ``every_s`` seconds, whichever comes first
+    (only the seconds when a time budget alone bounds the run), and one at the end. Rank zero
+    only.
     """
 
     def __init__(
@@ -159,18 +164,18 @@ class PlainProgress(Callback):
         self._first_step = trainer.global_step
 
     def line(self, trainer: L.Trainer, now: float) -> str:
-        step, total = trainer.global_step, trainer.max_steps
+        step, total = trainer.global_step, _step_bound(trainer)
         loss = trainer.callback_metrics.get("train/loss")
         done, elapsed = step - self._first_step, max(now - self._start, 1e-9)
         speed = done * self.batch_size * trainer.world_size / elapsed
-        left = (total - step) * elapsed / done if done else float("nan")
+        left = (total - step) * elapsed / done if done and total else math.inf
         if self.deadline is not None and done:
             left = max(0.0, min(left, self.deadline - time.time()))
-        parts = [f"step {step}/{total} ({100 * step // max(total, 1)}%)"]
+        parts = [f"step {step}/{total} ({100 * step // total}%)" if total else f"step {step}"]
         if loss is not None:
             parts.append(f"loss {float(loss):.4g}")
         parts.append(f"{speed:.1f} img/s")
-        parts.append(f"{_clock(elapsed)} elapsed, {_clock(left) if done else '?'} left")
+        parts.append(f"{_clock(elapsed)} elapsed, {_clock(left)} left")
         return ", ".join(parts)
 
     @rank_zero_only
@@ -182,8 +187,9 @@ class PlainProgress(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        now, every = time.monotonic(), max(1, trainer.max_steps // 10)
-        if trainer.global_step % every == 0 or now - self._last >= self.every_s:
+        now, total = time.monotonic(), _step_bound(trainer)
+        every = max(1, total // 10) if total else 0  # 0: by the clock alone
+        if (every and trainer.global_step % every == 0) or now - self._last >= self.every_s:
             self._last = now
             progress_log.info("%s", self.line(trainer, now))
 
@@ -264,7 +270,7 @@ class TimeBudget(Callback):
                 self._cap_validation(trainer)
             left = self._steps_left(trainer)
             if self.train.lr_schedule == "cosine":
-                horizon = min(self.train.max_steps, step + max(1, left))
+                horizon = min(self.train.steps, step + max(1, left))
                 self.horizon = int(trainer.strategy.broadcast(horizon, src=0))
                 for config in trainer.lr_scheduler_configs:
                     refit_schedule(config.scheduler, replace(self.train, max_steps=self.horizon))
@@ -282,7 +288,7 @@ class TimeBudget(Callback):
         budget at the training pace (unless ``train.val_batches`` chose; rank zero's count)."""
         steps = trainer.global_step + (self.seconds - self.elapsed()) / max(self.pace, 1e-9)
         interval = _val_interval(trainer)
-        validations = 1 + (int(min(steps, self.train.max_steps)) // interval if interval else 0)
+        validations = 1 + (int(min(steps, self.train.steps)) // interval if interval else 0)
         cap = int(VAL_SHARE * self.seconds / (validations * max(self.pace, 1e-9)))
         cap = int(trainer.strategy.broadcast(max(MIN_VAL_BATCHES, cap), src=0))
         if cap >= self.val_batches:
@@ -300,14 +306,14 @@ class TimeBudget(Callback):
     def _say_if_steps_end_first(self, step: int, steps_left: int) -> None:
         """One line on the progress logger when ``train.max_steps`` will end the run well
         before its budget (a time budget does not lift it)."""
-        fit, cap = step + steps_left, self.train.max_steps
+        fit, cap = step + steps_left, self.train.steps
         if fit <= STEPS_END_FIRST * cap or steps_left <= 0:
             return
         now = self.elapsed()
         end = now + (self.seconds - now) * (cap - step) / steps_left
         logging.getLogger("vqprior.train.progress").info(
             "train.max_steps=%d will end this run after about %.0f s of its %.0f s budget "
-            "(about %d steps would fit): raise train.max_steps to use all of it",
+            "(about %d steps would fit): raise train.max_steps, or leave it unset, to use all of it",
             cap,
             end,
             self.seconds,
@@ -320,6 +326,12 @@ class TimeBudget(Callback):
         interval = _val_interval(trainer)
         per_val = self.reserve() / interval if interval else 0.0
         return int(left / max(self.pace + per_val, 1e-9))
+
+
+def _step_bound(trainer: L.Trainer) -> int:
+    """The trainer's ``max_steps``; 0 where a time budget alone bounds the run."""
+    total = int(trainer.max_steps)
+    return total if 0 < total < UNBOUNDED else 0
 
 
 def _val_interval(trainer: L.Trainer) -> int:

@@ -29,6 +29,8 @@ from vqprior.models.pixelcnn import PixelCNNConfig
 from vqprior.models.vqvae import VQVAEConfig
 
 AUTO = "auto"
+DEFAULT_MAX_STEPS = 10_000  # a stage's step bound when train.max_steps is unset and no budget is
+UNBOUNDED = 10**9  # the step bound of a budget without a train.max_steps: the budget ends the run
 STAGE_SECTIONS = {"vae": ("model", "data", "train"), "prior": ("model", "data", "train", "vae")}
 
 
@@ -40,9 +42,9 @@ class TrainConfig(Config):
     lr: float = 3e-4  # priors: 3e-3, batch 8 on a CPU (32 on a GPU), cosine (train.stages)
     weight_decay: float = 0.0
     adam_beta2: float = 0.999  # AdamW's second-moment decay (its beta1 stays 0.9)
-    lr_schedule: str = "constant"  # "constant" | "cosine" (decays to 0 at max_steps)
+    lr_schedule: str = "constant"  # "constant" | "cosine" (decays to 0 at the step bound)
     warmup_steps: int = 0
-    max_steps: int = 10_000
+    max_steps: int | None = None  # None: train.max_time_s bounds the run, else 10,000 steps
     max_time_s: float = (
         0.0  # > 0: stop after this many seconds of the stage (not the run's identity)
     )
@@ -59,8 +61,10 @@ class TrainConfig(Config):
     num_sample_images: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_steps", "val_every_n_steps", "ckpt_every_n_steps"):
+        for name in ("batch_size", "val_every_n_steps", "ckpt_every_n_steps"):
             check_range(name, getattr(self, name), 1)
+        if self.max_steps is not None:
+            check_range("max_steps", self.max_steps, 1)
         for name in ("warmup_steps", "keep_checkpoints", "num_workers", "image_every_n_steps"):
             check_range(name, getattr(self, name), 0)
         check_range("log_every_n_steps", self.log_every_n_steps, 1)
@@ -76,6 +80,22 @@ class TrainConfig(Config):
             raise ConfigError(f"train.ema_decay={self.ema_decay!r} must lie in [0, 1) (0 disables)")
         if self.val_batches is not None:
             check_range("val_batches", self.val_batches, 1)
+
+    @property
+    def steps(self) -> int:
+        """The step bound of this invocation, which everything that plans by steps reads (the
+        Trainer, the lr schedule, validation and progress cadence): ``max_steps``, or without
+        one :data:`UNBOUNDED` under a time budget (the budget ends the run and a cosine schedule
+        is fitted to it) and :data:`DEFAULT_MAX_STEPS` without."""
+        return recorded_steps(self.max_steps, self.max_time_s)
+
+
+def recorded_steps(max_steps: Any, max_time_s: float = 0.0) -> int:
+    """The step bound of a ``train.max_steps`` value as a run dir or manifest records it (None:
+    unset), under a budget of ``max_time_s`` seconds (0: none); see :attr:`TrainConfig.steps`."""
+    if max_steps is not None:
+        return int(max_steps)
+    return UNBOUNDED if max_time_s else DEFAULT_MAX_STEPS
 
 
 # train keys of one invocation, not of the run: a rerun may change them freely

@@ -17,8 +17,8 @@ from vqprior.train.config import TrainConfig
 def lr_lambda(train: TrainConfig) -> Any:
     """Multiplier of the base lr at a step: linear warmup, then constant or cosine to zero.
 
-    A function of (step, ``train.max_steps``) only: an extended run (a rerun with a larger
-    ``max_steps``) recomputes the schedule for the new ``max_steps``, so a cosine run goes on
+    A function of (step, the step bound ``train.steps``) only: an extended run (a rerun with a
+    larger ``max_steps``) recomputes the schedule for the new ``max_steps``, so a cosine run goes on
     from where the new, longer curve stands at the resumed step (the lr jumps up to it).
     """
 
@@ -27,7 +27,7 @@ def lr_lambda(train: TrainConfig) -> Any:
             return (step + 1) / train.warmup_steps
         if train.lr_schedule == "constant":
             return 1.0
-        span = max(1, train.max_steps - train.warmup_steps)
+        span = max(1, train.steps - train.warmup_steps)
         progress = min(1.0, (step - train.warmup_steps) / span)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 

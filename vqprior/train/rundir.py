@@ -19,7 +19,7 @@ from vqprior.card import CARD_NAME, model_card
 from vqprior.config import ConfigError
 from vqprior.io import CONFIG_NAME, atomic_path, atomic_write_text
 from vqprior.ranks import is_rank_zero
-from vqprior.train.config import PER_INVOCATION, TrainConfig
+from vqprior.train.config import PER_INVOCATION, TrainConfig, recorded_steps
 
 logger = logging.getLogger(__name__)
 
@@ -97,13 +97,15 @@ def recorded_train(out: Path | None) -> dict[str, Any]:
 
 
 def _extended(old: Any, new: Any) -> bool:
-    """True when ``new`` equals ``old`` but for a larger ``train.max_steps``."""
+    """True when ``new`` equals ``old`` but for a larger ``train.max_steps`` (unset counts as
+    the bound it has without a budget, :func:`recorded_steps`)."""
     try:
-        before, after = int(old["train"]["max_steps"]), int(new["train"]["max_steps"])
+        before, after = old["train"]["max_steps"], new["train"]["max_steps"]
+        larger = recorded_steps(after) > recorded_steps(before)
     except (KeyError, TypeError, ValueError):
         return False
     same_otherwise = {**old, "train": {**old["train"], "max_steps": after}} == new
-    return same_otherwise and after > before
+    return same_otherwise and larger
 
 
 def check_run_dir(out: Path, resolved: dict[str, Any]) -> bool:
@@ -156,7 +158,8 @@ def prepare_run_dir(out: Path, resolved: dict[str, Any]) -> Path | None:
     cfg_file = out / "config.yaml"
     if extended or not cfg_file.is_file():
         if extended:
-            logger.info("extending %s to train.max_steps=%s", out, resolved["train"]["max_steps"])
+            steps = recorded_steps(resolved["train"]["max_steps"])
+            logger.info("extending %s to train.max_steps=%s", out, steps)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cfg_file, yaml.safe_dump(_plain(resolved), sort_keys=False))
     remove_stale_temps(out, out / CKPT_DIR, out / "codes", out / MODEL_DIR)

@@ -77,7 +77,7 @@ def loggers(out: Path) -> list[Any]:
 def val_interval(train: TrainConfig) -> int:
     """Steps between validations: ``train.val_every_n_steps``, but at least ~10 per run so
     that a loss plot shows a curve."""
-    return max(1, min(train.val_every_n_steps, train.max_steps // 10))
+    return max(1, min(train.val_every_n_steps, train.steps // 10))
 
 
 def build_trainer(
@@ -95,7 +95,7 @@ def build_trainer(
     deadline = budget[0].started + train.max_time_s if budget else None
     return L.Trainer(
         default_root_dir=out,
-        max_steps=train.max_steps,
+        max_steps=train.steps,
         max_epochs=-1,
         accelerator=device.accelerator,
         devices=device.trainer_devices(),
