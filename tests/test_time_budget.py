@@ -74,14 +74,19 @@ class _Strategy:
         return decision
 
 
+@pytest.mark.parametrize(("max_steps", "horizon"), [(30, 30), (None, 10**8)])
 def test_horizon_is_capped_by_max_steps_and_refits_the_lr(
     monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    max_steps: int | None,
+    horizon: int,
 ) -> None:
-    """A budget far larger than max_steps needs: the horizon is max_steps and the lr follows
-    the cosine of that horizon from the current step on."""
+    """At 0.01 s a step a 1e6 s budget fits ~1e8 steps: the horizon is max_steps=30, or with
+    max_steps unset all ~1e8 (not 10,000, and no line says a step bound ends the run first),
+    and the lr follows the cosine of that horizon from the current step on."""
     import torch
 
-    train = TrainConfig(max_steps=30, max_time_s=1e6, lr_schedule="cosine", lr=1.0)
+    train = TrainConfig(max_steps=max_steps, max_time_s=1e6, lr_schedule="cosine", lr=1.0)
     now = [0.0]
     monkeypatch.setattr(callbacks.time, "time", lambda: now[0])
     clock = callbacks.TimeBudget(train, started=0.0)
@@ -94,13 +99,16 @@ def test_horizon_is_capped_by_max_steps_and_refits_the_lr(
         is_global_zero=True,
         should_stop=False,
     )
-    for step in range(1, callbacks.FIT_AFTER + 2):  # the first step is not timed
-        trainer.global_step, now[0] = step, step * 0.01
-        opt.step()
-        sched.step()
-        clock.on_train_batch_end(trainer)  # type: ignore[arg-type]
-    assert clock.horizon == 30 and not trainer.should_stop
-    expected = 0.5 * (1 + math.cos(math.pi * sched.last_epoch / 30))
+    with caplog.at_level("INFO", logger="vqprior.train.progress"):
+        for step in range(1, callbacks.FIT_AFTER + 2):  # the first step is not timed
+            trainer.global_step, now[0] = step, step * 0.01
+            opt.step()
+            sched.step()
+            clock.on_train_batch_end(trainer)  # type: ignore[arg-type]
+    assert clock.horizon == pytest.approx(horizon, rel=0.01) and not trainer.should_stop
+    said = [r for r in caplog.records if "max_steps" in r.getMessage()]
+    assert len(said) == (max_steps is not None)
+    expected = 0.5 * (1 + math.cos(math.pi * sched.last_epoch / clock.horizon))
     assert opt.param_groups[0]["lr"] == pytest.approx(expected)
     now[0] = 1e6  # the budget is spent: the next step stops the run
     clock.on_train_batch_end(trainer)  # type: ignore[arg-type]
@@ -147,34 +155,6 @@ def test_unset_max_steps_is_bounded_by_the_budget_or_by_the_default() -> None:
     assert train_config.recorded_steps(7, 60.0) == 7
     with pytest.raises(ConfigError, match="max_steps"):
         TrainConfig(max_steps=0)
-
-
-def test_without_max_steps_the_horizon_is_the_budgets(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """At 0.01 s a step a 1e6 s budget fits ~1e8 steps: with max_steps unset the cosine is
-    fitted to all of them (not to 10,000) and no line says a step bound ends the run first."""
-    import torch
-
-    train = TrainConfig(max_time_s=1e6, lr_schedule="cosine", lr=1.0)
-    now = [0.0]
-    monkeypatch.setattr(callbacks.time, "time", lambda: now[0])
-    clock = callbacks.TimeBudget(train, started=0.0)
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    trainer = SimpleNamespace(
-        global_step=0,
-        strategy=_Strategy(),
-        lr_scheduler_configs=[SimpleNamespace(scheduler=sched)],
-        is_global_zero=True,
-        should_stop=False,
-    )
-    with caplog.at_level("INFO", logger="vqprior.train.progress"):
-        for step in range(1, callbacks.FIT_AFTER + 2):
-            trainer.global_step, now[0] = step, step * 0.01
-            clock.on_train_batch_end(trainer)  # type: ignore[arg-type]
-    assert clock.horizon is not None and 0.9e8 < clock.horizon < 1.1e8
-    assert not [r for r in caplog.records if "max_steps" in r.getMessage()]
 
 
 def test_a_budget_bounds_a_run_without_max_steps_end_to_end(
