@@ -311,6 +311,25 @@ def test_bad_pipeline_files_name_the_stage(tmp_path: Path, stages_yaml: str, nee
     assert needle in str(err.value)
 
 
+def test_a_prior_stage_without_data_takes_its_vaes_and_matches_its_encode_stage(
+    tmp_path: Path,
+) -> None:
+    """The codes check compares the data the prior stage trains on (its VAE stage's, but for
+    the keys it names) with what the encode stage encoded."""
+    tiny = f"{ROOT}/configs/tiny"
+    prior = yaml.safe_load(Path(f"{tiny}/prior_codes.yaml").read_text())
+    del prior["data"]
+    (tmp_path / "prior.yaml").write_text(yaml.safe_dump(prior))
+    stages = (
+        f"  v: {{kind: train-vae, config: {tiny}/vae.yaml}}\n"
+        "  c: {kind: encode, vae: v}\n"
+        f"  p: {{kind: train-prior, config: {tmp_path}/prior.yaml, vae: v, codes: c}}\n"
+    )
+    load_pipeline(write(tmp_path, stages))  # the VAE's data: the same as the codes'
+    with pytest.raises(ConfigError, match="data.limit is 32 here but 64 in encode stage c"):
+        load_pipeline(write(tmp_path, stages.replace("codes: c}", "codes: c, data: {limit: 32}}")))
+
+
 def test_the_manifest_records_an_unset_max_steps_as_the_default_bound(tmp_path: Path) -> None:
     """A stage without ``train.max_steps`` is recorded at the bound it has without a budget, so
     naming a larger one later extends it and naming 10,000 changes nothing."""

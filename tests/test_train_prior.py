@@ -163,6 +163,27 @@ def test_train_prior_refuses_codes_of_another_vae(
         train_prior(cfg, tmp_path, CPU, codes_dir=codes_dir)
 
 
+def test_a_codes_prior_takes_its_vaes_data_but_for_the_keys_it_names(
+    vae_dir: Path, codes_dir: Path, tmp_path: Path
+) -> None:
+    """A codes prior that names no data trains on its VAE's (as ``vqprior encode`` encodes it):
+    the codes encoded from the VAE's data feed it as they are; a key it names wins."""
+    from vqprior.train.rundir import recorded_data
+    from vqprior.train.stages import resolve_prior_stage
+
+    recorded = yaml.safe_load((vae_dir / "config.yaml").read_text())["data"]
+    assert recorded_data(vae_dir) == recorded and recorded["limit"] == 64
+    assert recorded_data(vae_dir / "model") == {}  # an export records no data
+    prior = {k: v for k, v in tiny("prior_codes.yaml").items() if k != "data"}
+    cfg = resolve_prior_stage({**prior, "vae": str(vae_dir)})[0]
+    assert cfg.data.to_dict() == recorded
+    named = resolve_prior_stage({**prior, "vae": str(vae_dir), "data": {"limit": 32}})[0]
+    assert named.data.to_dict() == {**recorded, "limit": 32}
+    summary = train_prior({**prior, "vae": str(vae_dir)}, tmp_path, CPU, codes_dir=codes_dir)
+    assert summary["global_step"] == prior["train"]["max_steps"]
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["data"] == recorded
+
+
 def test_train_prior_reencodes_when_cached_codes_are_stale(
     vae_dir: Path, other_vae_dir: Path, codes_dir: Path, tmp_path: Path
 ) -> None:

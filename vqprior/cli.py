@@ -275,9 +275,10 @@ def encode_cmd(
     fmt: str,
 ) -> None:
     """Encode a dataset into code maps with a trained VAE (data defaults to the VAE run's)."""
-    if config_path is None and (Path(vae_dir) / "config.yaml").is_file():
-        config_path = str(Path(vae_dir) / "config.yaml")
-    data = _load_config(config_path, sets).get("data") or {}
+    from vqprior.train.rundir import recorded_data
+
+    named = _load_config(config_path, sets).get("data") or {}
+    data = {**recorded_data(vae_dir), **named}
     if fmt == "shards":
         from vqprior.streaming import encode_shards
 

@@ -283,20 +283,24 @@ def _training_stage(
         codes = _ref(spec, "codes", earlier, optional=True)
         refs = {k: v for k, v in (("vae", vae), ("codes", codes)) if v is not None}
         if codes is not None:
-            _check_codes(config, vae, next(s for s in earlier if s.name == codes))
+            by_name = {s.name: s for s in earlier}
+            _check_codes(config, by_name.get(vae or ""), by_name[codes])
     check_sections(config, "vae" if kind == "train-vae" else "prior")
     DataConfig.from_dict(config.get("data"), prefix="data.")
     TrainConfig.from_dict(config.get("train"), prefix="train.")
     return Stage(name, kind, config, refs, tuple(refs.values()))
 
 
-def _check_codes(config: dict[str, Any], vae: str | None, codes: Stage) -> None:
-    """An encode stage feeds a prior only when it encoded the same VAE's codes of the same data."""
-    if vae != codes.refs["vae"]:
+def _check_codes(config: dict[str, Any], vae: Stage | None, codes: Stage) -> None:
+    """An encode stage feeds a prior only when it encoded the same VAE's codes of the same data
+    (the prior's data: its VAE's, but for the keys it names, as the stage resolves it)."""
+    if vae is None or vae.name != codes.refs["vae"]:
         raise ConfigError(
-            f"codes: {codes.name} holds codes of VAE stage {codes.refs['vae']}, not of vae: {vae}"
+            f"codes: {codes.name} holds codes of VAE stage {codes.refs['vae']}, "
+            f"not of vae: {vae and vae.name}"
         )
-    mine = DataConfig.from_dict(config.get("data"), prefix="data.").to_dict()
+    named = {**(vae.config.get("data") or {}), **(config.get("data") or {})}
+    mine = DataConfig.from_dict(named, prefix="data.").to_dict()
     theirs = DataConfig.from_dict(codes.config["data"], prefix="data.").to_dict()
     for key, value in mine.items():
         if theirs[key] != value:

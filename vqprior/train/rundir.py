@@ -79,6 +79,16 @@ def _with_added_keys(old: Any, new: Any) -> Any:
         return old
 
 
+def recorded_data(vae_dir: str | Path) -> dict[str, Any]:
+    """The data section a train-vae run dir records in its ``config.yaml``: what the VAE was
+    trained on, under which a codes prior's data and ``vqprior encode``'s default (the keys
+    they name win). ``{}`` for an exported model dir, which records no data."""
+    cfg_file = Path(vae_dir) / "config.yaml"
+    old = _read_run_config(cfg_file) if cfg_file.is_file() else None
+    data = old.get("data") if isinstance(old, dict) else None
+    return dict(data) if isinstance(data, dict) else {}
+
+
 def recorded_train(out: Path | None) -> dict[str, Any]:
     """The train settings the run dir ``out`` records in its ``config.yaml`` (with the
     :data:`ADDED_TRAIN_KEYS` it lacks, at their old values); ``{}`` for a new run. A stage

@@ -54,6 +54,7 @@ from vqprior.train.rundir import (
     check_run_dir,
     prepare_run_dir,
     read_json,
+    recorded_data,
     recorded_train,
     write_json,
     write_model_card,
@@ -272,6 +273,8 @@ def resolve_prior_stage(
     defaults are those of ``device`` (:func:`prior_train_defaults`), under the values the run
     dir ``out`` records (:func:`~vqprior.train.rundir.recorded_train`) for a rerun."""
     check_sections(raw, "prior")
+    if raw.get("vae") is not None:  # the VAE's data, but for the keys the prior names
+        raw = {**raw, "data": {**recorded_data(raw["vae"]), **(raw.get("data") or {})}}
     data = DataConfig.from_dict(raw.get("data"), prefix="data.")
     raw = _with_train_defaults(raw, out, prior_train_defaults(device or DeviceOptions()))
     TrainConfig.from_dict(raw.get("train"), prefix="train.")
