@@ -304,8 +304,8 @@ class TimeBudget(Callback):
         module.max_val_batches = self.val_batches = cap
 
     def _say_if_steps_end_first(self, step: int, steps_left: int) -> None:
-        """One line on the progress logger when ``train.max_steps`` will end the run well
-        before its budget (a time budget does not lift it)."""
+        """One line on the progress logger when a ``train.max_steps`` the config names will end
+        the run well before its budget (unset, the budget alone bounds the run)."""
         fit, cap = step + steps_left, self.train.steps
         if fit <= STEPS_END_FIRST * cap or steps_left <= 0:
             return

@@ -29,8 +29,8 @@ from vqprior.models.pixelcnn import PixelCNNConfig
 from vqprior.models.vqvae import VQVAEConfig
 
 AUTO = "auto"
-DEFAULT_MAX_STEPS = 10_000  # a stage's step bound when train.max_steps is unset and no budget is
-UNBOUNDED = 10**9  # the step bound of a budget without a train.max_steps: the budget ends the run
+DEFAULT_MAX_STEPS = 10_000  # the step bound without train.max_steps and without a time budget
+UNBOUNDED = 10**9  # the step bound with a time budget and no train.max_steps: the budget ends it
 STAGE_SECTIONS = {"vae": ("model", "data", "train"), "prior": ("model", "data", "train", "vae")}
 
 
