@@ -346,6 +346,28 @@ def test_priors_on_a_cpu_default_to_batch_8_else_32_and_a_set_batch_wins(
             assert batch(vae, device, batch_size=5) == 5
 
 
+def test_a_codes_prior_defaults_to_its_own_lr_on_every_device(vae_dir: Path) -> None:
+    """CODES_PRIOR_TRAIN_DEFAULTS over PRIOR_TRAIN_DEFAULTS for codes priors only, under the
+    device's batch; a named lr wins."""
+    from vqprior.train.stages import (
+        CODES_PRIOR_TRAIN_DEFAULTS,
+        PRIOR_TRAIN_DEFAULTS,
+        resolve_prior_stage,
+    )
+
+    data = tiny("prior_codes.yaml")["data"]
+
+    def train(vae: str | None, device: DeviceOptions = CPU, **named: float) -> tuple:
+        cfg = resolve_prior_stage({"data": data, "vae": vae, "train": named}, device)[0]
+        return cfg.train.lr, cfg.train.batch_size
+
+    codes, gpu = str(vae_dir), DeviceOptions(accelerator="gpu")
+    assert CODES_PRIOR_TRAIN_DEFAULTS["lr"] == 1e-3 and PRIOR_TRAIN_DEFAULTS["lr"] == 3e-3
+    assert (train(codes), train(codes, gpu)) == ((1e-3, 8), (1e-3, 32))
+    assert (train(None), train(None, gpu)) == ((3e-3, 8), (3e-3, 32))
+    assert train(codes, lr=5e-4) == (5e-4, 8)
+
+
 def test_a_prior_resumed_on_another_device_keeps_the_batch_it_was_made_with(
     tmp_path: Path,
 ) -> None:

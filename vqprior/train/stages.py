@@ -226,6 +226,13 @@ PRIOR_TRAIN_DEFAULTS: dict[str, Any] = {
 # small step costs about the same at any batch, so batch 32 stays there (not measured).
 PRIOR_CPU_TRAIN_DEFAULTS: dict[str, Any] = {"batch_size": 8}
 
+# A codes prior's training defaults over PRIOR_TRAIN_DEFAULTS: lr 1e-3. Its steps cost ~1/8 of a
+# pixel prior's, so a budget holds 5-10x the steps, and over that many the peak lr of 3e-3 ends
+# worse: MNIST 7x7 codes (54,000 maps), held out, 300 s 3.099 bits/code against 3.159, 900 s
+# 2.951 and 2.942 against 3.199 and 3.203 (two seeds); on 1,600 CIFAR-10 maps, which overfit after ~1,000 steps, 3e-3 stays
+# 0.05 ahead (docs/benchmarks.md, "A time budget without a step bound").
+CODES_PRIOR_TRAIN_DEFAULTS: dict[str, Any] = {"lr": 1e-3}
+
 
 # A pixel prior's default model, when its config names no backbone nor any field of one: the
 # PixelCNN++ architecture at the port's tiny size (32 filters, 1 block per scale, 3 scales,
@@ -260,10 +267,14 @@ def pixel_prior_model(model: dict[str, Any], height: int, width: int) -> dict[st
     return {**PIXEL_PRIOR_MODEL_DEFAULTS, **model}
 
 
-def prior_train_defaults(device: DeviceOptions) -> dict[str, Any]:
-    """A prior's training defaults: :data:`PRIOR_TRAIN_DEFAULTS`, on the CPU under
-    :data:`PRIOR_CPU_TRAIN_DEFAULTS`."""
-    return {**PRIOR_TRAIN_DEFAULTS, **(PRIOR_CPU_TRAIN_DEFAULTS if device.on_cpu() else {})}
+def prior_train_defaults(device: DeviceOptions, codes: bool = False) -> dict[str, Any]:
+    """A prior's training defaults: :data:`PRIOR_TRAIN_DEFAULTS`, for a codes prior under
+    :data:`CODES_PRIOR_TRAIN_DEFAULTS`, on the CPU under :data:`PRIOR_CPU_TRAIN_DEFAULTS`."""
+    return {
+        **PRIOR_TRAIN_DEFAULTS,
+        **(CODES_PRIOR_TRAIN_DEFAULTS if codes else {}),
+        **(PRIOR_CPU_TRAIN_DEFAULTS if device.on_cpu() else {}),
+    }
 
 
 def resolve_prior_stage(
@@ -273,15 +284,16 @@ def resolve_prior_stage(
     defaults are those of ``device`` (:func:`prior_train_defaults`), under the values the run
     dir ``out`` records (:func:`~vqprior.train.rundir.recorded_train`) for a rerun."""
     check_sections(raw, "prior")
-    if raw.get("vae") is not None:  # the VAE's data, but for the keys the prior names
+    codes = raw.get("vae") is not None
+    if codes:  # the VAE's data, but for the keys the prior names
         raw = {**raw, "data": {**recorded_data(raw["vae"]), **(raw.get("data") or {})}}
     data = DataConfig.from_dict(raw.get("data"), prefix="data.")
-    raw = _with_train_defaults(raw, out, prior_train_defaults(device or DeviceOptions()))
+    raw = _with_train_defaults(raw, out, prior_train_defaults(device or DeviceOptions(), codes))
     TrainConfig.from_dict(raw.get("train"), prefix="train.")
-    splits = load_image_splits(data, codes=raw.get("vae") is not None)
+    splits = load_image_splits(data, codes=codes)
     model = dict(raw.get("model") or {})
     vae, record = None, None
-    if raw.get("vae") is not None:
+    if codes:
         vae, export = load_vae(str(raw["vae"]))
         check_vae_channels(vae, splits)
         record = vae_record(vae, export, (splits.channels, splits.height, splits.width))
