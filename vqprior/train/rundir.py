@@ -81,8 +81,8 @@ def _with_added_keys(old: Any, new: Any) -> Any:
 
 def recorded_data(vae_dir: str | Path) -> dict[str, Any]:
     """The data section a train-vae run dir records in its ``config.yaml``: what the VAE was
-    trained on, under which a codes prior's data and ``vqprior encode``'s default (the keys
-    they name win). ``{}`` for an exported model dir, which records no data."""
+    trained on, which a codes prior and ``vqprior encode`` default to (the data keys they
+    name win). ``{}`` for an exported model dir, which records no data."""
     cfg_file = Path(vae_dir) / "config.yaml"
     old = _read_run_config(cfg_file) if cfg_file.is_file() else None
     data = old.get("data") if isinstance(old, dict) else None

@@ -229,8 +229,8 @@ PRIOR_CPU_TRAIN_DEFAULTS: dict[str, Any] = {"batch_size": 8}
 # A codes prior's training defaults over PRIOR_TRAIN_DEFAULTS: lr 1e-3. Its steps cost ~1/8 of a
 # pixel prior's, so a budget holds 5-10x the steps, and over that many the peak lr of 3e-3 ends
 # worse: MNIST 7x7 codes (54,000 maps), held out, 300 s 3.099 bits/code against 3.159, 900 s
-# 2.951 and 2.942 against 3.199 and 3.203 (two seeds); on 1,600 CIFAR-10 maps, which overfit after ~1,000 steps, 3e-3 stays
-# 0.05 ahead (docs/benchmarks.md, "A time budget without a step bound").
+# 2.951 and 2.942 against 3.199 and 3.203 (two seeds); on 1,600 CIFAR-10 maps, which overfit
+# after ~1,000 steps, 3e-3 stays 0.05 ahead (docs/benchmarks.md, "A codes prior's lr").
 CODES_PRIOR_TRAIN_DEFAULTS: dict[str, Any] = {"lr": 1e-3}
 
 
