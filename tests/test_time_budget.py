@@ -168,7 +168,7 @@ def test_a_budget_bounds_a_run_without_max_steps_end_to_end(
     cfg = _cfg(max_time_s=3.0, lr_schedule="cosine")
     del cfg["train"]["max_steps"]
     summary = train_prior(cfg, tmp_path / "budget", CPU)
-    assert summary["global_step"] > 5 * 2
+    assert summary["global_step"] > 5  # past the bound it would have without a budget
     assert "max_steps: null" in (tmp_path / "budget" / "config.yaml").read_text()
     unbudgeted = {**cfg, "train": {**cfg["train"], "max_time_s": 0.0}}
     again = train_prior(unbudgeted, tmp_path / "budget", CPU)
