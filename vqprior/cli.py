@@ -277,8 +277,7 @@ def encode_cmd(
     """Encode a dataset into code maps with a trained VAE (data defaults to the VAE run's)."""
     from vqprior.train.rundir import recorded_data
 
-    named = _load_config(config_path, sets).get("data") or {}
-    data = {**recorded_data(vae_dir), **named}
+    data = recorded_data(vae_dir, _load_config(config_path, sets).get("data"))
     if fmt == "shards":
         from vqprior.streaming import encode_shards
 

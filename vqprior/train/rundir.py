@@ -79,14 +79,21 @@ def _with_added_keys(old: Any, new: Any) -> Any:
         return old
 
 
-def recorded_data(vae_dir: str | Path) -> dict[str, Any]:
-    """The data section a train-vae run dir records in its ``config.yaml``: what the VAE was
-    trained on, which a codes prior and ``vqprior encode`` default to (the data keys they
-    name win). ``{}`` for an exported model dir, which records no data."""
-    cfg_file = Path(vae_dir) / "config.yaml"
-    old = _read_run_config(cfg_file) if cfg_file.is_file() else None
-    data = old.get("data") if isinstance(old, dict) else None
-    return dict(data) if isinstance(data, dict) else {}
+def _recorded_section(run_dir: str | Path | None, section: str) -> dict[str, Any] | None:
+    """One section of the ``config.yaml`` a run dir records (None: no such file or section)."""
+    cfg_file = None if run_dir is None else Path(run_dir) / "config.yaml"
+    if cfg_file is None or not cfg_file.is_file():
+        return None
+    old = _read_run_config(cfg_file)
+    found = old.get(section) if isinstance(old, dict) else None
+    return dict(found) if isinstance(found, dict) else None
+
+
+def recorded_data(vae_dir: str | Path, named: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The data keys ``named`` over the data section a train-vae run dir records (what the VAE
+    was trained on): the data of a codes prior and of ``vqprior encode``. An exported model
+    dir records no data (``{}`` under ``named``)."""
+    return {**(_recorded_section(vae_dir, "data") or {}), **(named or {})}
 
 
 def recorded_train(out: Path | None) -> dict[str, Any]:
@@ -95,12 +102,8 @@ def recorded_train(out: Path | None) -> dict[str, Any]:
     resolves its train keys over these where its config names none, so a rerun resumes the run
     as it was made: a default changed since (a new version, or a default of another device)
     never makes it a different run. What the config names is compared (:func:`check_run_dir`)."""
-    cfg_file = None if out is None else Path(out) / "config.yaml"
-    if cfg_file is None or not cfg_file.is_file():
-        return {}
-    old = _read_run_config(cfg_file)
-    train = old.get("train") if isinstance(old, dict) else None
-    if not isinstance(train, dict):
+    train = _recorded_section(out, "train")
+    if train is None:
         return {}
     known = {f.name for f in fields(TrainConfig)}  # a newer version's key: refused as a change
     return {k: v for k, v in {**ADDED_TRAIN_KEYS, **train}.items() if k in known}

@@ -286,7 +286,7 @@ def resolve_prior_stage(
     check_sections(raw, "prior")
     codes = raw.get("vae") is not None
     if codes:  # the VAE's data, but for the keys the prior names
-        raw = {**raw, "data": {**recorded_data(raw["vae"]), **(raw.get("data") or {})}}
+        raw = {**raw, "data": recorded_data(raw["vae"], raw.get("data"))}
     data = DataConfig.from_dict(raw.get("data"), prefix="data.")
     raw = _with_train_defaults(raw, out, prior_train_defaults(device or DeviceOptions(), codes))
     TrainConfig.from_dict(raw.get("train"), prefix="train.")
